@@ -1,0 +1,175 @@
+"""The HandCLIP LightningDataModule: train/val (and test query/gallery) images of one hand type."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from handclip.data import layout
+from handclip.data.images import ImageDataset, ImageLoader, TensorImageDataset, batch_collate
+from handclip.errors import HandCLIPError
+from handclip.models.clip import preprocess_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TestImages:
+    """Every distinct test image of a hand type, and each Monte Carlo run as indices into them."""
+
+    paths: list[Path]
+    identities: list[str]
+    runs: list[dict]
+    """One dict per run: ``name``, ``query`` and ``gallery`` (lists of indices into ``paths``)."""
+
+
+class HandDataModule(pl.LightningDataModule):
+    """Images and identity labels of one hand type, with open_clip's own preprocessing.
+
+    Batches hold ``uint8`` crops (resize + center crop already applied); the model normalises them
+    on its device. With ``cache=True`` each split is decoded once into an on-disk cache.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        hand: str,
+        model_name: str,
+        pretrained: str | None = None,
+        batch_size: int = 64,
+        eval_batch_size: int = 256,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        cache: bool = True,
+        cache_dir: str | None = None,
+        cache_workers: int | None = None,
+        progress: bool = True,
+    ):
+        super().__init__()
+        layout.check_hand(hand)
+        if batch_size < 1 or eval_batch_size < 1:
+            raise HandCLIPError(f"batch sizes must be >= 1, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
+        if cache and not cache_dir:
+            raise HandCLIPError("data.cache=true needs data.cache_dir (a folder for decoded crops)")
+        self.root = Path(root)
+        self.hand = hand
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.cache = cache
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.cache_workers = cache_workers
+        self.progress = progress
+        self.preprocess = preprocess_config(model_name, pretrained)
+        self.loader = ImageLoader(self.preprocess)
+        self.classes: list[str] | None = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.train_gallery_set: Dataset | None = None
+
+    # -- listing -------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.classes is not None:
+            return
+        train = layout.list_split(self.root, self.hand, "train")
+        classes = layout.class_mapping(train)
+        if len(classes) < 2:
+            raise HandCLIPError(
+                f"{self.root / layout.hand_dir_name(self.hand) / 'train'} holds {len(classes)} identity; "
+                "training a classifier needs at least 2 training identities"
+            )
+        val = layout.drop_unknown_identities(layout.list_split(self.root, self.hand, "val"), classes, "val")
+        if not val:
+            raise HandCLIPError(f"no val image of {self.hand!r} belongs to a training identity")
+        index = {c: i for i, c in enumerate(classes)}
+        self.classes = classes
+        self.train_set = self._dataset([s.path for s in train], [index[s.identity] for s in train], "train")
+        self.val_set = self._dataset([s.path for s in val], [index[s.identity] for s in val], "val")
+        self.train_gallery_set = self.train_set
+        log.info("%s: %d classes, %d train and %d val images", self.hand, len(classes), len(train), len(val))
+
+    def _dataset(self, paths: list[Path], labels: list[int], desc: str) -> Dataset:
+        if not self.cache:
+            return ImageDataset(paths, labels, self.loader)
+        from handclip.data.cache import cached_crops
+
+        images = cached_crops(
+            paths, self.loader, self.cache_dir, num_workers=self.cache_workers, progress=self.progress,
+            desc=f"{self.hand}/{desc}",
+        )
+        return TensorImageDataset(images, labels)
+
+    @property
+    def num_classes(self) -> int:
+        if self.classes is None:
+            raise RuntimeError("call setup() first")
+        return len(self.classes)
+
+    # -- loaders -------------------------------------------------------------------------------
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        batched = isinstance(dataset, TensorImageDataset)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            # Cached crops are sliced in-process: a worker would only steal a core from the model.
+            num_workers=0 if batched else self.num_workers,
+            pin_memory=self.pin_memory,
+            collate_fn=batch_collate if batched else None,
+            persistent_workers=bool(self.num_workers) and not batched,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """[val images, training images]: the second is the gallery for ``val/rank1``."""
+        return [
+            self._loader(self.val_set, self.eval_batch_size, shuffle=False),
+            self._loader(self.train_gallery_set, self.eval_batch_size, shuffle=False),
+        ]
+
+    # -- test query/gallery runs ---------------------------------------------------------------
+    def test_images(self) -> TestImages:
+        """All images of the hand's query/gallery runs, each distinct file listed once.
+
+        ``query{i}`` and ``gallery{i}`` partition the same test images, so files are matched across
+        runs by ``<identity>/<file name>``: a test image is embedded once for all runs.
+        """
+        hand_layout = layout.discover_hand(self.root, self.hand)
+        if not hand_layout.runs:
+            raise HandCLIPError(
+                f"no test data for {self.hand!r}: {hand_layout.path} has no query{{i}}/gallery{{i}} "
+                f"(or query/gallery) folders; splits present: {', '.join(hand_layout.splits) or 'none'}"
+            )
+        keys: dict[tuple[str, str], int] = {}
+        paths: list[Path] = []
+        identities: list[str] = []
+
+        def indices(split: str) -> list[int]:
+            out = []
+            for sample in layout.list_split(self.root, self.hand, split):
+                key = (sample.identity, sample.path.name)
+                if key not in keys:
+                    keys[key] = len(paths)
+                    paths.append(sample.path)
+                    identities.append(sample.identity)
+                out.append(keys[key])
+            return out
+
+        runs = [
+            {"name": query, "query": indices(query), "gallery": indices(gallery), "gallery_name": gallery}
+            for query, gallery in hand_layout.runs
+        ]
+        return TestImages(paths=paths, identities=identities, runs=runs)
+
+    def image_dataloader(self, paths: list[Path], desc: str = "test") -> DataLoader:
+        """Loader over arbitrary image files (labels are their positions), large batches, in order."""
+        dataset = self._dataset(paths, list(range(len(paths))), desc)
+        return self._loader(dataset, self.eval_batch_size, shuffle=False)

@@ -1,0 +1,104 @@
+"""Build open_clip models and their preprocessing; register the tiny test architecture shipped here."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+from handclip.errors import HandCLIPError
+
+log = logging.getLogger(__name__)
+
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+#: Values of ``pretrained`` that mean "random weights".
+NO_WEIGHTS = (None, "", "none", "None", "random")
+
+
+def register_model_configs() -> None:
+    """Make the architectures in ``model_configs/`` (e.g. ``HandCLIP-Tiny``) known to open_clip."""
+    if "HandCLIP-Tiny" not in open_clip.list_models():
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+register_model_configs()
+
+
+def _model_config(model_name: str) -> dict:
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise HandCLIPError(
+            f"unknown open_clip model {model_name!r}; known models include "
+            f"ViT-B-32-quickgelu, ViT-B-32, HandCLIP-Tiny (see open_clip.list_models())"
+        )
+    return cfg
+
+
+def uses_pretrained_weights(pretrained: str | None) -> bool:
+    return pretrained not in NO_WEIGHTS
+
+
+def preprocess_config(model_name: str, pretrained: str | None) -> PreprocessCfg:
+    """The evaluation preprocessing open_clip uses for this model and weights, without building it."""
+    size = _model_config(model_name)["vision_cfg"].get("image_size", 224)
+    base = PreprocessCfg(size=size)
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained) if uses_pretrained_weights(pretrained) else {}
+    return PreprocessCfg(**merge_preprocess_dict(base, tag_cfg))
+
+
+def _check_pretrained(model_name: str, pretrained: str) -> None:
+    if open_clip.get_pretrained_cfg(model_name, pretrained):
+        return
+    if os.path.isfile(pretrained):
+        return
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    raise HandCLIPError(
+        f"pretrained weights {pretrained!r} for {model_name!r}: not a file and not a known tag "
+        f"(known tags: {', '.join(tags) or 'none'}). Pass an existing local checkpoint with "
+        "model.pretrained=/path/to/file, or model.pretrained=null for random weights."
+    )
+
+
+def create_clip(model_name: str, pretrained: str | None = None, cache_dir: str | None = None) -> torch.nn.Module:
+    """Create the full open_clip model (both towers), loading ``pretrained`` weights (a tag or a file)."""
+    _model_config(model_name)
+    if not uses_pretrained_weights(pretrained):
+        return open_clip.create_model(model_name, pretrained=None)
+    _check_pretrained(model_name, pretrained)
+    try:
+        return open_clip.create_model(model_name, pretrained=pretrained, cache_dir=cache_dir)
+    except RuntimeError as err:
+        raise HandCLIPError(
+            f"could not load pretrained weights {pretrained!r} for {model_name!r} ({err}). Without "
+            "internet, download the weights elsewhere and pass the file with "
+            "model.pretrained=/path/to/file (e.g. the OpenAI ViT-B/32 'open_clip_pytorch_model.bin' or "
+            "'.safetensors'), or set model.cache_dir=DIR to a folder that holds the open_clip/Hugging Face "
+            "download cache."
+        ) from None
+
+
+def freeze_text_tower(clip: torch.nn.Module) -> list[str]:
+    """Freeze every parameter outside the image tower (text tower, logit scale/bias); return their names."""
+    frozen = []
+    for name, param in clip.named_parameters():
+        if not name.startswith("visual."):
+            param.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
+def embedding_dim(clip: torch.nn.Module) -> int:
+    """Width of the image embedding (512 for ViT-B/32)."""
+    visual = clip.visual
+    if getattr(visual, "output_dim", None):
+        return int(visual.output_dim)
+    return int(visual.proj.shape[1])
+
+
+def preprocess_dict(cfg: PreprocessCfg) -> dict:
+    return asdict(cfg)

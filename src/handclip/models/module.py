@@ -1,0 +1,121 @@
+"""The HandCLIP LightningModule: CLIP's image tower plus a linear identity classifier."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from handclip.data.images import Normalizer
+from handclip.errors import HandCLIPError
+from handclip.models.clip import create_clip, embedding_dim, freeze_text_tower, preprocess_config
+
+
+class HandCLIPModule(pl.LightningModule):
+    """Fine-tunes only the image tower of an open_clip model with cross-entropy over identities.
+
+    The whole open_clip model (both towers) is built; the text tower and the logit scale are frozen,
+    never called and left out of the optimizer. Inputs are ``uint8`` crops from
+    :class:`handclip.data.datamodule.HandDataModule`, normalised here on the model's device.
+    """
+
+    def __init__(
+        self,
+        classes: list[str],
+        hand: str,
+        model_name: str = "ViT-B-32-quickgelu",
+        pretrained: str | None = "openai",
+        cache_dir: str | None = None,
+        lr: float = 1e-5,
+        weight_decay: float = 0.01,
+        compile: bool = False,
+    ):
+        super().__init__()
+        classes = [str(c) for c in classes]
+        if len(classes) < 2:
+            raise HandCLIPError(f"need at least 2 training identities, got {len(classes)}")
+        # Plain values only: checkpoints load with torch's weights_only unpickler.
+        self.save_hyperparameters(
+            {
+                "classes": classes,
+                "hand": str(hand),
+                "model_name": str(model_name),
+                "pretrained": None if pretrained is None else str(pretrained),
+                "cache_dir": None if cache_dir is None else str(cache_dir),
+                "lr": float(lr),
+                "weight_decay": float(weight_decay),
+                "compile": bool(compile),
+            }
+        )
+        self.clip = create_clip(model_name, pretrained, cache_dir)
+        self.frozen_parameter_names = freeze_text_tower(self.clip)
+        cfg = preprocess_config(model_name, pretrained)
+        self.normalize = Normalizer(cfg.mean, cfg.std)
+        self.head = nn.Linear(embedding_dim(self.clip), len(classes))
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.train_acc = MulticlassAccuracy(num_classes=len(classes), average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=len(classes), average="micro")
+        if compile:
+            self.clip.visual.compile()  # in place: state-dict keys stay those of open_clip
+        self._val_outputs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.hparams.classes)
+
+    # -- forward -------------------------------------------------------------------------------
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Image-tower embeddings (not normalised) of a batch of uint8 crops."""
+        return self.clip.visual(self.normalize(images))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Identity logits of a batch of uint8 crops."""
+        return self.head(self.embed(images))
+
+    # -- training ------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self.loss_fn(logits, labels)
+        if not torch.isfinite(loss):
+            raise HandCLIPError(
+                f"training loss became {loss.item()} at global step {self.global_step} "
+                f"(epoch {self.current_epoch}, batch {batch_idx}); stopping. Try a lower model.lr or "
+                "trainer.precision=32-true."
+            )
+        self.train_acc(logits, labels)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(labels))
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.clip.visual.parameters() if p.requires_grad] + list(self.head.parameters())
+        kwargs = {"fused": True} if self.device.type == "cuda" else {}
+        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, **kwargs)
+
+    # -- validation: loss and accuracy on val, rank-1 of val against the training images -------
+    def on_validation_epoch_start(self) -> None:
+        self._val_outputs = {0: [], 1: []}
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, labels = batch
+        embeddings = self.embed(images)
+        if dataloader_idx == 0:
+            logits = self.head(embeddings)
+            self.val_acc(logits, labels)
+            loss = self.loss_fn(logits.float(), labels)
+            self.log("val/loss", loss, prog_bar=True, batch_size=len(labels), add_dataloader_idx=False)
+            self.log("val/acc", self.val_acc, batch_size=len(labels), add_dataloader_idx=False)
+        self._val_outputs[dataloader_idx].append((embeddings.detach().float(), labels))
+
+    def on_validation_epoch_end(self) -> None:
+        from handclip.evaluation.metrics import compute_reid_metrics
+
+        if not self._val_outputs.get(0) or not self._val_outputs.get(1):
+            return
+        query, query_labels = (torch.cat(t) for t in zip(*self._val_outputs[0]))
+        gallery, gallery_labels = (torch.cat(t) for t in zip(*self._val_outputs[1]))
+        rank1 = compute_reid_metrics(query, query_labels, gallery, gallery_labels, ranks=(1,))["rank1"]
+        self.log("val/rank1", rank1, prog_bar=True, add_dataloader_idx=False)
+        self._val_outputs = {}
