@@ -1,0 +1,299 @@
+"""Decode-once cache of preprocessed ``uint8`` crops.
+
+Without augmentation, open_clip's eval preprocessing (resize + center crop) is a pure function of the image
+file, so each image is decoded once and its crop is stored on disk. Layout under ``cache_dir``::
+
+    v{FORMAT}-{settings hash}/        one directory per preprocessing settings (asdict(cfg) + format)
+        {path-list hash}.npy          uint8 array (N, 3, H, W), row i = loader(paths[i])
+        {path-list hash}.json         manifest: settings, shape, data size and one
+                                      [resolved path, size, mtime_ns] entry per row
+
+A manifest is valid only if it matches its ``.npy`` (shape, byte size, settings). A row is reused when its
+entry (resolved path, size, mtime_ns) is unchanged, from the cache of the same path list or, failing that,
+from any other cache with the same settings (so adding, removing or modifying one file re-decodes only what
+changed). Files are written to a temporary file in the same directory and renamed with :func:`os.replace`;
+the old manifest is removed before its ``.npy`` is replaced and the new manifest is written last, so an
+interrupted build never leaves a pair that is read as valid. Existing ``.npy`` files are never written in
+place, so tensors returned earlier (memory maps) stay intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Generator, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from handclip.data.images import ImageLoader
+from handclip.errors import HandCLIPError
+
+#: Bump when the storage layout or the meaning of a row changes: old caches are then ignored.
+FORMAT_VERSION = 1
+
+#: (resolved path, size in bytes, st_mtime_ns): a row is reused only if its file still has this key.
+Entry = tuple[str, int, int]
+
+
+class CacheWarning(UserWarning):
+    """A cache file was unreadable or inconsistent and is rebuilt."""
+
+
+def cached_crops(
+    paths: Sequence[Path],
+    loader: ImageLoader,
+    cache_dir: str | Path,
+    *,
+    num_workers: int | None = None,
+    progress: bool = True,
+    desc: str = "images",
+) -> torch.Tensor:
+    """Return the uint8 crops ``(N, 3, H, W)`` of ``paths`` (row i is ``loader(paths[i])``), via a disk cache.
+
+    Rows of files whose (resolved path, size, mtime) and preprocessing settings are unchanged are read from
+    the cache; the others are decoded with ``num_workers`` processes (default ``os.cpu_count()``; 0 or 1
+    decodes in this process). The result is a copy-on-write memory map of the cache file: it can be indexed
+    (also from DataLoader workers) without loading the whole array into memory.
+
+    Raises :class:`HandCLIPError` naming the file if an image is missing or cannot be decoded.
+    """
+    settings = _settings(loader)
+    row_shape = tuple(int(s) for s in loader.cfg.input_size)
+    entries = [_entry(p) for p in paths]
+    if not entries:
+        return torch.empty((0, *row_shape), dtype=torch.uint8)
+
+    digest = _digest({"format": FORMAT_VERSION, "settings": settings})
+    directory = Path(cache_dir) / f"v{FORMAT_VERSION}-{digest}"
+    directory.mkdir(parents=True, exist_ok=True)
+    key = _digest([e[0] for e in entries])
+    manifest_path = directory / f"{key}.json"
+
+    primary = _open_cache(manifest_path, settings, row_shape)
+    if primary is not None and primary[0] == entries:
+        return torch.from_numpy(primary[1])
+
+    # Which rows can be copied from existing caches (this path list first, then the others).
+    wanted = set(entries)
+    sources: dict[Entry, tuple[np.ndarray, int]] = {}
+    caches = [primary] if primary is not None else []
+    for cache in itertools.chain(caches, _other_caches(directory, manifest_path, settings, row_shape)):
+        for row, entry in enumerate(cache[0]):
+            if entry in wanted and entry not in sources:
+                sources[entry] = (cache[1], row)
+        if len(sources) == len(wanted):
+            break
+
+    _build(directory, key, entries, sources, loader, settings, row_shape, num_workers, progress, desc)
+    cache = _open_cache(manifest_path, settings, row_shape)
+    if cache is None or cache[0] != entries:  # pragma: no cover - only on a concurrent writer or a disk fault
+        raise RuntimeError(f"image cache {manifest_path} could not be read back after writing it")
+    return torch.from_numpy(cache[1])
+
+
+def cache_size_bytes(cache_dir: str | Path) -> int:
+    """Total size in bytes of the files under ``cache_dir`` (0 if it does not exist)."""
+    root = Path(cache_dir)
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
+
+
+# --------------------------------------------------------------------------------------------- keys
+
+
+def _settings(loader: ImageLoader) -> Any:
+    """The preprocessing settings as plain JSON values (tuples become lists, as after a JSON round trip)."""
+    return json.loads(json.dumps(dataclasses.asdict(loader.cfg), sort_keys=True))
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _entry(path: str | Path) -> Entry:
+    try:
+        resolved = Path(path).resolve()
+        st = resolved.stat()
+    except OSError as err:
+        raise HandCLIPError(f"cannot read image {str(path)!r}: {err}") from None
+    return str(resolved), st.st_size, st.st_mtime_ns
+
+
+# -------------------------------------------------------------------------------------------- reading
+
+
+def _open_cache(manifest_path: Path, settings: Any, row_shape: tuple[int, ...]) -> tuple[list[Entry], np.ndarray] | None:
+    """(entries, memory map) of a cache, or None if it is missing or invalid (invalid: warn + delete).
+
+    The map is private copy-on-write (``mmap_mode="c"``): writable, so torch accepts it without a warning,
+    while writes never reach the file.
+    """
+    if not manifest_path.exists():
+        return None
+    data_path = manifest_path.with_suffix(".npy")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError("manifest is not a JSON object")
+        if manifest.get("format") != FORMAT_VERSION or manifest.get("settings") != settings:
+            raise ValueError("manifest written for other preprocessing settings")
+        entries = [(str(p), int(s), int(m)) for p, s, m in manifest["entries"]]
+        shape = (len(entries), *row_shape)
+        if tuple(manifest["shape"]) != shape:
+            raise ValueError(f"manifest shape {manifest['shape']} != expected {list(shape)}")
+        size = data_path.stat().st_size
+        if size != manifest["data_bytes"]:
+            raise ValueError(f"{data_path.name} has {size} bytes, manifest says {manifest['data_bytes']}")
+        array = np.load(data_path, mmap_mode="c", allow_pickle=False)
+        if array.dtype != np.uint8 or array.shape != shape:
+            raise ValueError(f"{data_path.name} holds {array.dtype} {array.shape}, expected uint8 {shape}")
+    except (OSError, ValueError, TypeError, KeyError) as err:  # json.JSONDecodeError is a ValueError
+        warnings.warn(
+            f"image cache {manifest_path} / {data_path.name} is corrupt or incomplete ({err}); rebuilding it",
+            CacheWarning,
+            stacklevel=2,
+        )
+        _remove(manifest_path, data_path)
+        return None
+    return entries, array
+
+
+def _other_caches(
+    directory: Path, skip: Path, settings: Any, row_shape: tuple[int, ...]
+) -> Iterator[tuple[list[Entry], np.ndarray]]:
+    for manifest_path in sorted(directory.glob("*.json")):
+        if manifest_path != skip:
+            cache = _open_cache(manifest_path, settings, row_shape)
+            if cache is not None:
+                yield cache
+
+
+# ------------------------------------------------------------------------------------------- building
+
+_worker_loader: ImageLoader | None = None
+
+
+def _init_worker(loader: ImageLoader) -> None:
+    global _worker_loader
+    _worker_loader = loader
+
+
+def _decode_in_worker(path: str) -> np.ndarray:
+    assert _worker_loader is not None
+    return _worker_loader(path).numpy()  # plain array: pickled through the pipe, no shared-memory handles
+
+
+def _decode_all(
+    paths: list[str], loader: ImageLoader, num_workers: int | None, progress: bool, desc: str
+) -> Generator[np.ndarray, None, None]:
+    """Crops of ``paths`` in order, decoded in-process or by a process pool."""
+    workers = min((os.cpu_count() or 1) if num_workers is None else num_workers, len(paths))
+    bar = tqdm(total=len(paths), desc=f"decoding {desc}", unit="img", disable=not progress)
+    try:
+        if workers <= 1:
+            for path in paths:
+                yield loader(path).numpy()
+                bar.update()
+        else:
+            chunksize = max(1, min(64, len(paths) // (workers * 8)))
+            with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(loader,)) as pool:
+                for crop in pool.imap(_decode_in_worker, paths, chunksize=chunksize):
+                    yield crop
+                    bar.update()
+    finally:
+        bar.close()
+
+
+def _build(
+    directory: Path,
+    key: str,
+    entries: list[Entry],
+    sources: dict[Entry, tuple[np.ndarray, int]],
+    loader: ImageLoader,
+    settings: Any,
+    row_shape: tuple[int, ...],
+    num_workers: int | None,
+    progress: bool,
+    desc: str,
+) -> None:
+    """Write ``{key}.npy`` (reused + newly decoded rows) then ``{key}.json``, each atomically."""
+    rows_of: dict[Entry, list[int]] = {}
+    for row, entry in enumerate(entries):
+        rows_of.setdefault(entry, []).append(row)
+    missing = [entry for entry in rows_of if entry not in sources]
+
+    shape = (len(entries), *row_shape)
+    data_path = directory / f"{key}.npy"
+    manifest_path = directory / f"{key}.json"
+    data_tmp = _temp_path(directory, data_path.name)
+    try:
+        out = np.lib.format.open_memmap(data_tmp, mode="w+", dtype=np.uint8, shape=shape)
+        for entry, rows in rows_of.items():
+            if entry in sources:
+                array, src_row = sources[entry]
+                out[rows] = array[src_row]
+        crops = _decode_all([e[0] for e in missing], loader, num_workers, progress, desc)
+        with contextlib.closing(crops):  # stops the pool and the progress bar at once, also on errors
+            for entry, crop in zip(missing, crops):
+                if crop.dtype != np.uint8 or crop.shape != row_shape:
+                    raise RuntimeError(f"loader gave {crop.dtype} {crop.shape} for {entry[0]!r}, not uint8 {row_shape}")
+                out[rows_of[entry]] = crop
+        out.flush()
+        del out
+        _fsync(data_tmp)
+        manifest = {
+            "format": FORMAT_VERSION,
+            "settings": settings,
+            "shape": list(shape),
+            "data_bytes": data_tmp.stat().st_size,
+            "entries": [list(e) for e in entries],
+        }
+        # The old manifest goes first: at no time does a manifest describe a .npy it was not written for.
+        manifest_path.unlink(missing_ok=True)
+        os.replace(data_tmp, data_path)
+        _write_atomic(manifest_path, json.dumps(manifest).encode())
+    finally:
+        data_tmp.unlink(missing_ok=True)
+
+
+def _temp_path(directory: Path, name: str) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, payload: bytes) -> None:
+    tmp = _temp_path(path.parent, path.name)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _remove(*paths: Path) -> None:
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
