@@ -1,0 +1,66 @@
+"""The test protocol: every Monte Carlo run's query set ranked against its gallery, each image embedded once."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from handclip.data.datamodule import HandDataModule, TestImages
+from handclip.evaluation.embed import embed_loader
+from handclip.evaluation.metrics import compute_reid_metrics
+
+log = logging.getLogger(__name__)
+
+#: Figures summarised as mean and standard deviation over the runs.
+SUMMARY_KEYS = ("rank1", "rank5", "rank10", "mAP")
+
+
+def identity_labels(identities: Sequence[str]) -> torch.Tensor:
+    """Integer labels for identity names (same name, same label)."""
+    index: dict[str, int] = {}
+    return torch.tensor([index.setdefault(i, len(index)) for i in identities], dtype=torch.long)
+
+
+def score_runs(features: torch.Tensor, test: TestImages, ranks=(1, 5, 10), ap: str = "standard") -> list[dict]:
+    """Rank-k and mAP of every run from features of ``test.paths`` (row i = image i)."""
+    labels = identity_labels(test.identities).to(features.device)
+    results = []
+    for run in test.runs:
+        q = torch.as_tensor(run["query"], dtype=torch.long, device=features.device)
+        g = torch.as_tensor(run["gallery"], dtype=torch.long, device=features.device)
+        metrics = compute_reid_metrics(features[q], labels[q], features[g], labels[g], ranks=ranks, ap=ap)
+        metrics.update(run=run["name"], gallery=run["gallery_name"], gallery_size=len(run["gallery"]))
+        if metrics.get("num_invalid_queries"):
+            log.warning("%s: %d queries have no true match in %s (excluded)", run["name"],
+                        metrics["num_invalid_queries"], run["gallery_name"])
+        results.append(metrics)
+    return results
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Mean and (population) standard deviation over runs of each metric, plus sizes."""
+    summary: dict = {"num_runs": len(runs)}
+    for key in SUMMARY_KEYS:
+        values = [r[key] for r in runs if key in r]
+        if values:
+            mean = sum(values) / len(values)
+            summary[key] = {"mean": mean, "std": math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))}
+    for key in ("num_valid_queries", "num_invalid_queries", "gallery_size"):
+        values = [r[key] for r in runs if key in r]
+        if values:
+            summary[key] = sum(values) / len(values)
+    return summary
+
+
+def evaluate_hand(encoder: nn.Module, datamodule: HandDataModule, device: torch.device, ranks=(1, 5, 10),
+                  ap: str = "standard", progress: bool = True) -> dict:
+    """Embed the hand's test images once, score every run, summarise."""
+    test = datamodule.test_images()
+    loader = datamodule.image_dataloader(test.paths, desc="test")
+    features = embed_loader(encoder, loader, device, desc=f"{datamodule.hand}: embedding", progress=progress)
+    runs = score_runs(features, test, ranks=ranks, ap=ap)
+    return {"hand": datamodule.hand, "num_images": len(test.paths), "runs": runs, "summary": summarize(runs)}

@@ -1,0 +1,101 @@
+"""The comparison table: zero-shot CLIP vs fine-tuned HandCLIP for every hand type (md, csv, json)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+
+from handclip.data.layout import HAND_TYPES
+
+log = logging.getLogger(__name__)
+
+ZERO_SHOT = "zero-shot CLIP"
+FINE_TUNED = "HandCLIP (fine-tuned)"
+COLUMNS = ("hand", "model", "Rank-1 (%)", "Rank-5 (%)", "mAP (%)", "queries", "gallery", "ΔRank-1", "ΔmAP")
+
+
+def _pct(summary: dict, key: str) -> str:
+    if key not in summary:
+        return "-"
+    return f"{100 * summary[key]['mean']:.1f} ± {100 * summary[key]['std']:.1f}"
+
+
+def _delta(entry: dict, baseline: dict | None, key: str) -> str:
+    if entry["model"] != FINE_TUNED or not baseline or "summary" not in baseline or "summary" not in entry:
+        return ""
+    diff = 100 * (entry["summary"][key]["mean"] - baseline["summary"][key]["mean"])
+    return f"{diff:+.1f}"
+
+
+def table_rows(entries: list[dict]) -> list[dict]:
+    """One row per (hand, model), hands in canonical order, the baseline first."""
+    order = {h: i for i, h in enumerate(HAND_TYPES)}
+    models = {ZERO_SHOT: 0, FINE_TUNED: 1}
+    rows = []
+    for entry in sorted(entries, key=lambda e: (order.get(e["hand"], 99), models.get(e["model"], 9))):
+        baseline = next((e for e in entries if e["hand"] == entry["hand"] and e["model"] == ZERO_SHOT), None)
+        summary = entry.get("summary")
+        if summary is None:
+            rows.append(dict(zip(COLUMNS, (entry["hand"], entry["model"], entry.get("status", "-"), "", "", "", "", "", ""))))
+            continue
+        rows.append({
+            "hand": entry["hand"],
+            "model": entry["model"],
+            "Rank-1 (%)": _pct(summary, "rank1"),
+            "Rank-5 (%)": _pct(summary, "rank5"),
+            "mAP (%)": _pct(summary, "mAP"),
+            "queries": f"{summary['num_valid_queries']:g}",
+            "gallery": f"{summary['gallery_size']:g}",
+            "ΔRank-1": _delta(entry, baseline, "rank1"),
+            "ΔmAP": _delta(entry, baseline, "mAP"),
+        })
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(entries: list[dict]) -> str:
+    """Machine-readable figures: fractions, mean and std, one row per (hand, model)."""
+    out = io.StringIO()
+    fields = ["hand", "model", "status", "num_runs", "rank1_mean", "rank1_std", "rank5_mean", "rank5_std",
+              "rank10_mean", "rank10_std", "mAP_mean", "mAP_std", "num_queries", "gallery_size", "checkpoint"]
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for entry in entries:
+        s = entry.get("summary", {})
+        row = {"hand": entry["hand"], "model": entry["model"], "status": entry.get("status", "ok"),
+               "num_runs": s.get("num_runs", ""), "num_queries": s.get("num_valid_queries", ""),
+               "gallery_size": s.get("gallery_size", ""), "checkpoint": entry.get("checkpoint") or ""}
+        for key in ("rank1", "rank5", "rank10", "mAP"):
+            row[f"{key}_mean"] = s[key]["mean"] if key in s else ""
+            row[f"{key}_std"] = s[key]["std"] if key in s else ""
+        writer.writerow(row)
+    return out.getvalue()
+
+
+def write_report(entries: list[dict], out_dir: Path, config: dict, stem: str = "comparison") -> dict[str, Path]:
+    """Write ``<stem>.md``, ``.csv`` and ``.json`` (every per-run figure, checkpoints, config)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = table_rows(entries)
+    texts = {
+        "md": "# HandCLIP: zero-shot CLIP vs fine-tuned (mean ± std over Monte Carlo runs)\n\n" + markdown_table(rows),
+        "csv": csv_text(entries),
+        "json": json.dumps({"entries": entries, "config": config}, indent=2, default=str) + "\n",
+    }
+    paths = {}
+    for ext, text in texts.items():
+        path = out_dir / f"{stem}.{ext}"
+        if path.exists():
+            log.info("replacing %s with this evaluation's results", path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+        paths[ext] = path
+    return paths
