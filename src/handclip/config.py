@@ -20,11 +20,11 @@ if not OmegaConf.has_resolver("handclip_root"):
 
 
 def compose(config_name: str = "train", overrides: list[str] | None = None) -> DictConfig:
-    """Compose a config as the command line would (for tests and notebooks), with hydra.* resolved."""
+    """Compose a config as the command line would (for tests and notebooks)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=overrides or [], return_hydra_config=True)
+        return hydra_compose(config_name=config_name, overrides=overrides or [])
