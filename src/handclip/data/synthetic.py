@@ -17,6 +17,7 @@ Everything is seeded: the same seed gives byte-identical images and CSV, whateve
 
 from __future__ import annotations
 
+import io
 import math
 import multiprocessing
 import os
@@ -166,14 +167,14 @@ def _hand_shape(rng: np.random.Generator, base: HandShape | None = None) -> Hand
             creases=tuple(float(c + rng.normal(0, 0.01)) for c in base.creases),
             veins=base.veins,
         )
-    length_scale = rng.uniform(0.82, 1.2)
+    length_scale = rng.uniform(0.8, 1.25)
     width_scale = rng.uniform(0.82, 1.15)
     typical_len = (0.62, 0.78, 0.88, 0.82, 0.64)
     typical_wid = (0.29, 0.235, 0.245, 0.225, 0.19)
     return HandShape(
-        palm_height=float(rng.uniform(0.92, 1.28)),
+        palm_height=float(rng.uniform(0.9, 1.3)),
         wrist_width=float(rng.uniform(0.7, 0.86)),
-        lengths=tuple(float(t * length_scale * rng.uniform(0.88, 1.12)) for t in typical_len),
+        lengths=tuple(float(t * length_scale * rng.uniform(0.85, 1.15)) for t in typical_len),
         widths=tuple(float(t * width_scale * rng.uniform(0.93, 1.07)) for t in typical_wid),
         base_drop=(
             float(rng.uniform(0.0, 0.06)), 0.0, float(rng.uniform(0.0, 0.06)), float(rng.uniform(0.08, 0.18)),
@@ -196,17 +197,17 @@ def _marks(rng: np.random.Generator, dorsal: bool) -> tuple[Mark, ...]:
             part=-1 if on_palm else int(rng.integers(0, 5)),
             u=float(rng.uniform(-0.4, 0.4)),
             v=float(rng.uniform(0.12, 0.9) if on_palm else rng.uniform(0.15, 0.6)),
-            radius=float(rng.uniform(0.018, 0.04)),
+            radius=float(rng.uniform(0.022, 0.045)),
             darkness=float(rng.uniform(0.35, 0.6)),
             kind="mole",
         ))
-    if rng.random() < (0.75 if dorsal else 0.4):
+    if rng.random() < (1.0 if dorsal else 0.6):
         marks.append(Mark(
             part=-1,
             u=float(rng.uniform(-0.3, 0.3)),
             v=float(rng.uniform(0.2, 0.8)),
-            radius=float(rng.uniform(0.07, 0.14)),
-            darkness=float(rng.choice([rng.uniform(0.65, 0.8), rng.uniform(1.12, 1.22)])),
+            radius=float(rng.uniform(0.09, 0.17)),
+            darkness=float(rng.choice([rng.uniform(0.6, 0.75), rng.uniform(1.15, 1.25)])),
             kind="patch",
         ))
     return tuple(marks)
@@ -281,7 +282,7 @@ def _ellipse(centre: Array, d: Array, half_len: float, half_wid: float, n: int =
 
 
 def _curve(points: Sequence[Sequence[float]], n: int = 12) -> Array:
-    """A smooth open curve through control points (quadratic Bezier segments via Chaikin-like sampling)."""
+    """A smooth open curve: a quadratic Bezier for three control points, Chaikin-rounded otherwise."""
     pts = np.asarray(points, dtype=float)
     if len(pts) == 3:
         t = np.linspace(0, 1, n)[:, None]
@@ -342,7 +343,7 @@ def _random_pose(rng: np.random.Generator) -> Pose:
     spread = rng.uniform(0.0, 1.0)
     step = 4 + 9 * spread
     return Pose(
-        angle=float(rng.uniform(-32, 32)),
+        angle=float(rng.uniform(-25, 25)),
         scale=float(rng.uniform(0.78, 1.12)),
         shift=(float(rng.uniform(-0.09, 0.09)), float(rng.uniform(-0.07, 0.07))),
         finger_angles=tuple(float((i - 1.3) * step + rng.normal(0, 2.5)) for i in range(4)),
@@ -426,7 +427,9 @@ def _draw_arm(draw: ImageDraw.ImageDraw, f: _Frame, shape: HandShape, skin: Colo
         draw.polygon(f(sleeve), fill=pose.sleeve, outline=_scale(pose.sleeve, 0.7), width=f.px(0.012))
 
 
-def _draw_silhouette(draw: ImageDraw.ImageDraw, f: _Frame, shapes: Iterable[Array], colour: Colour, width: int) -> None:
+def _draw_silhouette(draw: ImageDraw.ImageDraw, f: _Frame, shapes: Iterable[Array], colour: Colour,
+                     width: int) -> None:
+    """The hand's outer contour: every part filled and stroked in ``colour``, later covered by skin."""
     for poly in shapes:
         draw.polygon(f(poly), fill=colour, outline=colour, width=width)
 
@@ -617,8 +620,6 @@ def render_image(ident: Identity, aspect: str, size: tuple[int, int], rng: np.ra
 
 def encode_jpeg(img: Image.Image, rng: np.random.Generator) -> bytes:
     """JPEG bytes at a random quality (deterministic for a given image and rng state)."""
-    import io
-
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=int(rng.integers(60, 96)), optimize=False)
     return buf.getvalue()
@@ -709,7 +710,9 @@ def _prepare_out(out_dir: Path, force: bool) -> None:
 
 
 def default_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+    """Usable CPUs (at most 8)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cpus))
 
 
 def generate_dataset(
@@ -744,7 +747,11 @@ def generate_dataset(
     partial.mkdir()
     render = _Renderer(identities, size, seed, partial)
     n_workers = default_workers() if workers is None else max(1, workers)
-    _run_jobs(render, jobs, n_workers, progress)
+    try:
+        _run_jobs(render, jobs, n_workers, progress)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     partial.rename(hands_dir)
     csv_path = out / "HandInfo.csv"
     csv_path.write_text(csv_text(identities, jobs), encoding="utf-8")

@@ -1,0 +1,67 @@
+"""Build the 11k Hands split folders (the published protocol) from the raw download.
+
+Usage::
+
+    python -m handclip.prepare --raw DIR --out DIR [--seed 0] [--runs 10] [--force]
+                               [--split threshold|half] [--thresholds dorsal_right=1050,...] [--cross-aspect]
+
+``--raw`` holds ``HandInfo.csv`` and ``Hands/``. ``--out`` gets one ``train_val_test_split_<hand>/``
+folder per hand type and ``split_info.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from handclip.data.protocol import DEFAULT_RUNS, DEFAULT_THRESHOLDS, SPLIT_MODES, parse_thresholds, prepare_dataset
+from handclip.errors import exit_on_error
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = ",".join(f"{k}={v}" for k, v in DEFAULT_THRESHOLDS.items())
+    parser = argparse.ArgumentParser(prog="python -m handclip.prepare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--raw", required=True, help="folder with HandInfo.csv and Hands/ (the 11k Hands download)")
+    parser.add_argument("--out", required=True, help="output data root for the split folders")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for val/gallery picks (default 0)")
+    parser.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="query/gallery runs (default 10)")
+    parser.add_argument("--split", choices=SPLIT_MODES, default="threshold",
+                        help="threshold: split identities by id (published protocol); half: first half of the "
+                             "sorted identities of each hand type train, the rest test")
+    parser.add_argument("--thresholds", default="", metavar="HAND=ID,...",
+                        help=f"override id thresholds for --split threshold (defaults {defaults})")
+    parser.add_argument("--cross-aspect", action="store_true",
+                        help="also write gallery{i}_all: the four hand types' galleries merged")
+    parser.add_argument("--force", action="store_true",
+                        help="replace a non-empty --out (only once the new one is built)")
+    return parser
+
+
+def _summary_lines(info: dict) -> list[str]:
+    lines = []
+    for hand, h in info["hands"].items():
+        c = h["counts"]
+        lines.append(
+            f"{hand:>13}: train_all {c['train_all']['identities']} ids / {c['train_all']['images']} images "
+            f"(train {c['train']['images']}, val {c['val']['images']}), test {c['test']['identities']} ids / "
+            f"{c['test']['images']} images, {info['runs']} query/gallery runs, "
+            f"{h['excluded_accessory_images']} accessory images excluded"
+        )
+    return lines + [f"note: {n}" for n in info["notes"]]
+
+
+@exit_on_error
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    thresholds = parse_thresholds(args.thresholds) if args.thresholds else None
+    info = prepare_dataset(args.raw, args.out, seed=args.seed, runs=args.runs, thresholds=thresholds,
+                           split=args.split, cross_aspect=args.cross_aspect, force=args.force)
+    print("\n".join(_summary_lines(info)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""The 11k Hands protocol builder: split rules, reproducibility, output safety, input errors."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from handclip import prepare
+from handclip.data import protocol
+from handclip.data.layout import HAND_TYPES, hand_dir_name
+from handclip.data.protocol import DEFAULT_THRESHOLDS, prepare_dataset
+from handclip.data.synthetic import generate_dataset
+from handclip.errors import HandCLIPError
+
+RUNS = 3
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("prep") / "raw"
+    generate_dataset(out, subjects=12, images_per_aspect=3, seed=1, size=(64, 48), workers=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def prepared(raw: Path, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("prepared") / "out"
+    return out, prepare_dataset(raw, out, seed=0, runs=RUNS)
+
+
+def _rows(raw_dir: Path) -> list[dict[str, str]]:
+    with open(raw_dir / "HandInfo.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _write_rows(raw_dir: Path, rows: list[dict[str, str]]) -> None:
+    with open(raw_dir / "HandInfo.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _copy_raw(raw: Path, dst: Path) -> Path:
+    shutil.copytree(raw, dst)
+    return dst
+
+
+def _split(out: Path, hand: str, split: str) -> dict[str, set[str]]:
+    root = out / hand_dir_name(hand) / split
+    return {d.name: {f.name for f in d.iterdir()} for d in root.iterdir()} if root.is_dir() else {}
+
+
+def _listing(out: Path) -> list[str]:
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+
+
+def _aspect(hand: str) -> str:
+    return hand.replace("_", " ")
+
+
+def test_accessory_images_excluded(raw: Path, prepared: tuple[Path, dict]) -> None:
+    out, info = prepared
+    accessory = {r["imageName"] for r in _rows(raw) if r["accessories"] == "1"}
+    assert accessory
+    written = {p.name for p in out.rglob("*.jpg")}
+    assert written and not (written & accessory)
+    assert info["excluded_accessory_images"] == len(accessory)
+
+
+def test_identities_follow_thresholds(raw: Path, prepared: tuple[Path, dict]) -> None:
+    out, _ = prepared
+    rows = [r for r in _rows(raw) if r["accessories"] == "0"]
+    for hand, threshold in DEFAULT_THRESHOLDS.items():
+        ids = {r["id"] for r in rows if r["aspectOfHand"] == _aspect(hand)}
+        train_all, test = set(_split(out, hand, "train_all")), set(_split(out, hand, "test"))
+        assert train_all == {i for i in ids if int(i) <= threshold}
+        assert test == {i for i in ids if int(i) > threshold}
+        assert train_all and test and not (train_all & test)
+
+
+def test_train_val_partition_train_all(prepared: tuple[Path, dict]) -> None:
+    out, info = prepared
+    for hand in HAND_TYPES:
+        train_all, train, val = (_split(out, hand, s) for s in ("train_all", "train", "val"))
+        single = set(info["hands"][hand]["single_image_train_identities"])
+        for identity, images in train_all.items():
+            assert train[identity] | val.get(identity, set()) == images
+            assert not (train[identity] & val.get(identity, set()))
+            assert len(val.get(identity, set())) == (0 if identity in single else 1)
+
+
+def test_query_gallery_partition_test(prepared: tuple[Path, dict]) -> None:
+    out, info = prepared
+    for hand in HAND_TYPES:
+        test = _split(out, hand, "test")
+        for run in range(RUNS):
+            query, gallery = _split(out, hand, f"query{run}"), _split(out, hand, f"gallery{run}")
+            assert set(gallery) == set(test)
+            for identity, images in test.items():
+                assert len(gallery[identity]) == 1
+                assert query.get(identity, set()) | gallery[identity] == images
+                assert not (query.get(identity, set()) & gallery[identity])
+        assert not (out / hand_dir_name(hand) / f"query{RUNS}").exists()
+        counts = info["hands"][hand]["counts"]
+        assert counts["gallery0"]["identities"] == counts["test"]["identities"] == len(test)
+
+
+def test_images_hard_linked(raw: Path, prepared: tuple[Path, dict]) -> None:
+    out, _ = prepared
+    image = next(out.rglob("*.jpg"))
+    assert os.path.samefile(image, raw / "Hands" / image.name)
+
+
+def test_copies_when_links_fail(raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_link(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(protocol.os, "link", no_link)
+    out = tmp_path / "out"
+    prepare_dataset(raw, out, runs=1)
+    image = next(out.rglob("*.jpg"))
+    assert not os.path.samefile(image, raw / "Hands" / image.name)
+    assert image.read_bytes() == (raw / "Hands" / image.name).read_bytes()
+
+
+def test_same_seed_same_split_other_seed_differs(raw: Path, prepared: tuple[Path, dict], tmp_path: Path) -> None:
+    out, _ = prepared
+    again, other = tmp_path / "again", tmp_path / "other"
+    prepare_dataset(raw, again, seed=0, runs=RUNS)
+    prepare_dataset(raw, other, seed=1, runs=RUNS)
+    assert _listing(again) == _listing(out)
+    assert (again / "split_info.json").read_bytes() == (out / "split_info.json").read_bytes()
+    assert _listing(other) != _listing(out)
+
+
+def test_split_half(raw: Path, tmp_path: Path) -> None:
+    info = prepare_dataset(raw, tmp_path / "half", split="half", runs=1)
+    assert info["split"] == "half" and info["thresholds"] is None
+    rows = [r for r in _rows(raw) if r["accessories"] == "0"]
+    for hand in HAND_TYPES:
+        ids = sorted({r["id"] for r in rows if r["aspectOfHand"] == _aspect(hand)}, key=int)
+        n_train = (len(ids) + 1) // 2
+        assert set(_split(tmp_path / "half", hand, "train_all")) == set(ids[:n_train])
+        assert set(_split(tmp_path / "half", hand, "test")) == set(ids[n_train:])
+
+
+def test_custom_thresholds(raw: Path, tmp_path: Path) -> None:
+    ids = sorted({int(r["id"]) for r in _rows(raw)})
+    cut = ids[2]
+    info = prepare_dataset(raw, tmp_path / "t", thresholds={"dorsal_r": cut}, runs=1)
+    assert info["thresholds"]["dorsal_right"] == cut
+    assert {int(i) for i in _split(tmp_path / "t", "dorsal_right", "train_all")} <= set(ids[:3])
+    with pytest.raises(HandCLIPError, match="unknown hand type"):
+        prepare_dataset(raw, tmp_path / "u", thresholds={"dorsal": 5})
+    with pytest.raises(HandCLIPError, match="no test identities"):
+        prepare_dataset(raw, tmp_path / "v", thresholds={"dorsal_right": 10**6})
+    assert not (tmp_path / "u").exists() and not (tmp_path / "v").exists()
+
+
+def test_single_image_identities_reported(raw: Path, tmp_path: Path) -> None:
+    src = _copy_raw(raw, tmp_path / "raw")
+    rows = _rows(src)
+    dorsal = [r for r in rows if r["aspectOfHand"] == "dorsal right"]
+    train_id = min(r["id"] for r in dorsal)
+    test_id = max(r["id"] for r in dorsal)
+    for identity in (train_id, test_id):
+        mine = [r for r in dorsal if r["id"] == identity]
+        for r in mine:
+            r["accessories"] = "1"
+        mine[0]["accessories"] = "0"
+    _write_rows(src, rows)
+    out = tmp_path / "out"
+    info = prepare_dataset(src, out, runs=2)
+    hand = info["hands"]["dorsal_right"]
+    assert train_id in hand["single_image_train_identities"]
+    assert test_id in hand["single_image_test_identities"]
+    assert any(train_id in note for note in info["notes"]) and any(test_id in note for note in info["notes"])
+    assert train_id not in _split(out, "dorsal_right", "val")
+    assert len(_split(out, "dorsal_right", "train")[train_id]) == 1
+    assert test_id not in _split(out, "dorsal_right", "query0")
+    assert len(_split(out, "dorsal_right", "gallery0")[test_id]) == 1
+
+
+def test_cross_aspect_galleries(raw: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cross"
+    prepare_dataset(raw, out, runs=2, cross_aspect=True)
+    for hand in HAND_TYPES:
+        merged = _split(out, hand, "gallery1_all")
+        expected = {
+            f"{identity}_{suffix}": images
+            for other, suffix in HAND_TYPES.items()
+            for identity, images in _split(out, other, "gallery1").items()
+        }
+        assert merged == expected
+        assert not (out / hand_dir_name(hand) / "gallery2_all").exists()
+
+
+def test_refuses_non_empty_out_and_force_replaces(raw: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(HandCLIPError, match="not empty.*--force"):
+        prepare_dataset(raw, out, runs=1)
+    assert (out / "old.txt").exists()
+    prepare_dataset(raw, out, runs=1, force=True)
+    assert not (out / "old.txt").exists()
+    assert (out / "split_info.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary siblings left
+
+
+def test_failure_keeps_old_output(raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+
+    def broken(*args, **kwargs):
+        raise HandCLIPError("the prepared split failed its self-check: simulated")
+
+    monkeypatch.setattr(protocol, "verify_output", broken)
+    with pytest.raises(HandCLIPError, match="self-check"):
+        prepare_dataset(raw, out, runs=1, force=True)
+    assert _listing(tmp_path) == ["out", "out/old.txt"]
+
+
+def test_refuses_out_containing_raw(raw: Path) -> None:
+    with pytest.raises(HandCLIPError, match="contains the raw data"):
+        prepare_dataset(raw, raw.parent, force=True)
+    assert (raw / "HandInfo.csv").is_file()
+
+
+def test_missing_csv(tmp_path: Path) -> None:
+    (tmp_path / "raw" / "Hands").mkdir(parents=True)
+    out = tmp_path / "new" / "out"
+    with pytest.raises(HandCLIPError, match="HandInfo.csv not found"):
+        prepare_dataset(tmp_path / "raw", out)
+    assert not (tmp_path / "new").exists()
+
+
+def test_missing_images(raw: Path, tmp_path: Path) -> None:
+    src = _copy_raw(raw, tmp_path / "raw")
+    rows = _rows(src)
+    for r in rows[3:10]:
+        (src / "Hands" / r["imageName"]).unlink()
+    out = tmp_path / "new" / "out"
+    with pytest.raises(HandCLIPError, match=r"7 image\(s\) .* missing .*" + rows[3]["imageName"] + r".*and 2 more"):
+        prepare_dataset(src, out)
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        ("id", "12a", "line 6: bad id '12a'"),
+        ("aspectOfHand", "dorsal middle", "line 6: unknown aspectOfHand 'dorsal middle'"),
+        ("accessories", "2", "line 6: accessories must be 0 or 1, got '2'"),
+    ],
+)
+def test_malformed_row(raw: Path, tmp_path: Path, column: str, value: str, message: str) -> None:
+    src = _copy_raw(raw, tmp_path / "raw")
+    rows = _rows(src)
+    rows[4][column] = value  # data row 5 = line 6 (line 1 is the header)
+    _write_rows(src, rows)
+    out = tmp_path / "new" / "out"
+    with pytest.raises(HandCLIPError, match=message):
+        prepare_dataset(src, out)
+    assert not (tmp_path / "new").exists()
+
+
+def test_short_row_and_missing_column(raw: Path, tmp_path: Path) -> None:
+    src = _copy_raw(raw, tmp_path / "raw")
+    lines = (src / "HandInfo.csv").read_text().splitlines()
+    (src / "HandInfo.csv").write_text("\n".join(lines[:3] + [lines[3].rsplit(",", 2)[0]] + lines[4:]) + "\n")
+    with pytest.raises(HandCLIPError, match="line 4: expected 9 columns, found 7"):
+        prepare_dataset(src, tmp_path / "out")
+    header = lines[0].replace("accessories,", "")
+    (src / "HandInfo.csv").write_text("\n".join([header] + lines[1:]) + "\n")
+    with pytest.raises(HandCLIPError, match="line 1: missing column.*accessories"):
+        prepare_dataset(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli(raw: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli"
+    assert prepare.main(["--raw", str(raw), "--out", str(out), "--runs", "2", "--seed", "3",
+                         "--thresholds", "dorsal_right=1050,palmar_l=1042"]) == 0
+    printed = capsys.readouterr().out
+    assert all(hand in printed for hand in HAND_TYPES)
+    info = json.loads((out / "split_info.json").read_text())
+    assert info["seed"] == 3 and info["runs"] == 2
+    for argv in (["--raw", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")],
+                 ["--raw", str(raw), "--out", str(out)],
+                 ["--raw", str(raw), "--out", str(tmp_path / "y"), "--thresholds", "dorsal_right=abc"]):
+        with pytest.raises(SystemExit) as exc:
+            prepare.main(argv)
+        assert exc.value.code == 2
+        assert "error:" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
