@@ -194,3 +194,26 @@ def test_eval_config_defaults():
     assert cfg.metrics.ap == "standard" and list(cfg.metrics.ranks) == [1, 5, 10]
     assert cfg.metrics.cross_aspect is False and cfg.all is False and cfg.ckpt_path is None
     assert set(HAND_TYPES) >= {cfg.hand.name}
+
+
+def test_cross_aspect_protocol(tmp_path):
+    """query{i} against gallery{i}_all: the same person's other aspects are not matches."""
+    from handclip.data.protocol import prepare_dataset
+    from handclip.data.synthetic import generate_dataset
+
+    generate_dataset(tmp_path / "raw", subjects=8, images_per_aspect=3, size=(96, 72), workers=1, progress=False)
+    prepare_dataset(tmp_path / "raw", tmp_path / "splits", runs=2, cross_aspect=True)
+    cfg = eval_cfg(tmp_path / "splits", tmp_path / "o", "hand=palmar_left", "metrics.cross_aspect=true")
+    (entry,) = evaluate(cfg)["entries"]
+    same, cross = entry["runs"], entry["cross_aspect"]["runs"]
+    assert len(same) == len(cross) == 2
+    for s, c in zip(same, cross):
+        assert c["gallery"] == s["gallery"] + "_all"
+        assert c["gallery_size"] > s["gallery_size"]  # the four aspects' galleries
+        assert c["num_valid_queries"] == s["num_valid_queries"]  # each query still has exactly its own match
+        assert c["rank1"] <= s["rank1"] + 1e-9  # more distractors can only push the true match down
+    md = (tmp_path / "o" / "eval" / "palmar_left_zeroshot.md").read_text()
+    assert "Cross-aspect" in md
+    with pytest.raises(HandCLIPError, match="gallery0_all.*--cross-aspect"):
+        prepare_dataset(tmp_path / "raw", tmp_path / "plain", runs=1)
+        evaluate(eval_cfg(tmp_path / "plain", tmp_path / "o", "hand=palmar_left", "metrics.cross_aspect=true"))

@@ -37,7 +37,7 @@ def trained_checkpoint(cfg: DictConfig, hand: str) -> Path:
 def _score(cfg: DictConfig, hand: str, encoder, model_name: str, pretrained, device) -> dict:
     datamodule = instantiate(cfg.data, hand=hand, model_name=model_name, pretrained=pretrained)
     return evaluate_hand(encoder, datamodule, device, ranks=tuple(cfg.metrics.ranks), ap=cfg.metrics.ap,
-                         progress=cfg.data.progress)
+                         cross_aspect=cfg.metrics.cross_aspect, progress=cfg.data.progress)
 
 
 def score_zero_shot(cfg: DictConfig, hand: str, device, encoder=None) -> dict:

@@ -136,11 +136,14 @@ class HandDataModule(pl.LightningDataModule):
         ]
 
     # -- test query/gallery runs ---------------------------------------------------------------
-    def test_images(self) -> TestImages:
+    def test_images(self, cross_aspect: bool = False) -> TestImages:
         """All images of the hand's query/gallery runs, each distinct file listed once.
 
         ``query{i}`` and ``gallery{i}`` partition the same test images, so files are matched across
-        runs by ``<identity>/<file name>``: a test image is embedded once for all runs.
+        runs by ``<identity>/<file name>``: a test image is embedded once for all runs. With
+        ``cross_aspect``, each ``query{i}`` is also ranked against ``gallery{i}_all`` (the four hand
+        types' galleries, identity folders ``<id>_<suffix>``): a query matches only its own aspect's
+        image of the same person, identities staying distinct per aspect.
         """
         hand_layout = layout.discover_hand(self.root, self.hand)
         if not hand_layout.runs:
@@ -148,6 +151,7 @@ class HandDataModule(pl.LightningDataModule):
                 f"no test data for {self.hand!r}: {hand_layout.path} has no query{{i}}/gallery{{i}} "
                 f"(or query/gallery) folders; splits present: {', '.join(hand_layout.splits) or 'none'}"
             )
+        own_suffix = "_" + layout.HAND_TYPES[self.hand]
         keys: dict[tuple[str, str], int] = {}
         paths: list[Path] = []
         identities: list[str] = []
@@ -155,11 +159,13 @@ class HandDataModule(pl.LightningDataModule):
         def indices(split: str) -> list[int]:
             out = []
             for sample in layout.list_split(self.root, self.hand, split):
-                key = (sample.identity, sample.path.name)
+                # <id>_<own suffix> in a cross-aspect gallery is the same person and image as <id> here
+                identity = sample.identity.removesuffix(own_suffix)
+                key = (identity, sample.path.name)
                 if key not in keys:
                     keys[key] = len(paths)
                     paths.append(sample.path)
-                    identities.append(sample.identity)
+                    identities.append(identity)
                 out.append(keys[key])
             return out
 
@@ -167,6 +173,18 @@ class HandDataModule(pl.LightningDataModule):
             {"name": query, "query": indices(query), "gallery": indices(gallery), "gallery_name": gallery}
             for query, gallery in hand_layout.runs
         ]
+        if cross_aspect:
+            missing = [f"{g}_all" for _, g in hand_layout.runs if f"{g}_all" not in hand_layout.splits]
+            if missing:
+                raise HandCLIPError(
+                    f"cross-aspect evaluation needs {', '.join(missing)} in {hand_layout.path}; create them with "
+                    "`python -m handclip.prepare ... --cross-aspect`, or set metrics.cross_aspect=false"
+                )
+            runs += [
+                {"name": query, "query": run["query"], "gallery": indices(f"{gallery}_all"),
+                 "gallery_name": f"{gallery}_all", "cross_aspect": True}
+                for (query, gallery), run in zip(hand_layout.runs, list(runs))
+            ]
         return TestImages(paths=paths, identities=identities, runs=runs)
 
     def image_dataloader(self, paths: list[Path], desc: str = "test") -> DataLoader:

@@ -57,10 +57,18 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def evaluate_hand(encoder: nn.Module, datamodule: HandDataModule, device: torch.device, ranks=(1, 5, 10),
-                  ap: str = "standard", progress: bool = True) -> dict:
-    """Embed the hand's test images once, score every run, summarise."""
-    test = datamodule.test_images()
+                  ap: str = "standard", cross_aspect: bool = False, progress: bool = True) -> dict:
+    """Embed the hand's test images once, score every run, summarise.
+
+    With ``cross_aspect`` the result also holds ``cross_aspect``: the runs against ``gallery{i}_all``.
+    """
+    test = datamodule.test_images(cross_aspect=cross_aspect)
     loader = datamodule.image_dataloader(test.paths, desc="test")
     features = embed_loader(encoder, loader, device, desc=f"{datamodule.hand}: embedding", progress=progress)
-    runs = score_runs(features, test, ranks=ranks, ap=ap)
-    return {"hand": datamodule.hand, "num_images": len(test.paths), "runs": runs, "summary": summarize(runs)}
+    scored = score_runs(features, test, ranks=ranks, ap=ap)
+    runs = [r for run, r in zip(test.runs, scored) if not run.get("cross_aspect")]
+    result = {"hand": datamodule.hand, "num_images": len(test.paths), "runs": runs, "summary": summarize(runs)}
+    if cross_aspect:
+        cross = [r for run, r in zip(test.runs, scored) if run.get("cross_aspect")]
+        result["cross_aspect"] = {"runs": cross, "summary": summarize(cross)}
+    return result

@@ -1,0 +1,191 @@
+"""The benchmark: a quick end-to-end run (JSON written, keys present, ratios from the measured figures),
+the full-run defaults, file naming (a quick run never replaces a full result) and the Hydra entry point."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from handclip.bench import (
+    device_slug,
+    evaluate_goals,
+    format_table,
+    resolve_device,
+    result_path,
+    run_benchmark,
+    size_label,
+    slugify,
+)
+from handclip.config import compose
+
+ROOT = Path(__file__).resolve().parents[1]
+TOP_LEVEL = ("device", "device_slug", "torch", "quick", "timestamp", "config", "host", "data", "train", "eval",
+             "memory", "goals", "total_s")
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One quick run (every part), with a pretend full result already in out_dir."""
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "results"
+    # One torch thread: the test then stays quick on a CPU shared with other jobs (see bench.threads).
+    cfg = compose("bench", ["bench.quick=true", "bench.threads=1", f"bench.out_dir={out}",
+                            f"bench.scratch_dir={tmp / 'scratch'}"])
+    slug = device_slug(resolve_device(cfg.bench.device))
+    full = out / f"{slug}.json"
+    out.mkdir()
+    full.write_text('{"pretend": "full run"}\n')
+    messages: list[str] = []
+    start = time.perf_counter()
+    result = run_benchmark(cfg, say=messages.append)
+    elapsed = time.perf_counter() - start
+    path = out / f"{slug}-quick.json"
+    return {"cfg": cfg, "result": result, "path": path, "full": full, "elapsed": elapsed, "messages": messages,
+            "json": json.loads(path.read_text()) if path.exists() else None}
+
+
+def test_quick_run_writes_its_own_file_and_keeps_the_full_result(quick):
+    assert quick["path"].is_file()
+    assert quick["result"]["path"] == str(quick["path"])
+    assert quick["full"].read_text() == '{"pretend": "full run"}\n'
+    assert quick["elapsed"] < 60
+
+
+def test_quick_json_has_the_required_keys(quick):
+    data = quick["json"]
+    for key in TOP_LEVEL:
+        assert key in data, key
+    assert data["quick"] is True
+    assert data["torch"] and data["device"] and data["timestamp"]
+    for key in ("uncached_images_per_s", "cached_images_per_s", "cached_speedup", "cache_build_s"):
+        assert positive(data["data"][key]), key
+    for key in ("images_per_s", "bare_images_per_s", "vs_bare_loop", "tflops", "images_per_s_end_to_end"):
+        assert positive(data["train"][key]), key
+    assert 0 <= data["train"]["data_fraction"] <= 1
+    assert data["train"]["model_name"] == "HandCLIP-Tiny"
+    assert positive(data["eval"]["embed_images_per_s"])
+    # the sizes used are recorded
+    assert data["config"]["data"]["images"] == data["data"]["images"]
+    assert data["config"]["eval"]["sizes"] == [500, 2000]
+    assert data["config"]["threads"] == 1 and data["host"]["torch_threads"] == 1
+    share = data["host"]["other_processes_cpu_share"]
+    assert share is None or 0 <= share <= 1
+    assert set(data["part_s"]) == {"data", "train", "eval"} and all(positive(v) for v in data["part_s"].values())
+
+
+def test_quick_ratios_are_computed_from_the_measured_figures(quick):
+    data = quick["json"]
+    d, t, e = data["data"], data["train"], data["eval"]
+    assert d["cached_speedup"] == pytest.approx(d["cached_images_per_s"] / d["uncached_images_per_s"])
+    assert d["uncached_images_per_s"] == pytest.approx(d["images"] / d["uncached_epoch"]["median_s"])
+    assert d["cached_images_per_s"] == pytest.approx(d["images"] / d["cached_epoch"]["median_s"])
+    assert t["vs_bare_loop"] == pytest.approx(t["images_per_s"] / t["bare_images_per_s"])
+    assert t["images_per_s"] == pytest.approx(t["batch_size"] / t["lightning_step"]["median_s"])
+    assert t["bare_images_per_s"] == pytest.approx(t["batch_size"] / t["bare_step"]["median_s"])
+    assert t["tflops"] == pytest.approx(t["images_per_s"] * t["gflops_per_image"] / 1e3)
+    assert len(t["lightning_step"]["times_s"]) == len(t["bare_step"]["times_s"]) == t["steps"]
+    for label in ("500", "2k"):
+        entry = e["metrics"][label]
+        for kind in ("similarity", "metrics", "argsort"):
+            assert positive(entry[kind]["median_s"]), (label, kind)
+            assert len(entry[kind]["times_s"]) == 2
+        assert entry["metrics_vs_matmul"] == pytest.approx(entry["metrics"]["median_s"] / entry["similarity"]["median_s"])
+        assert entry["speedup_vs_argsort"] == pytest.approx(entry["argsort"]["median_s"] / entry["metrics"]["median_s"])
+        assert entry["agrees_with_argsort"] is True
+        assert e[f"metrics_vs_matmul_{label}"] == entry["metrics_vs_matmul"]
+        assert 0 <= entry["rank1"] <= 1 and 0 < entry["mAP"] <= 1
+
+
+def test_quick_goals_and_memory(quick):
+    data = quick["json"]
+    goals = data["goals"]
+    assert set(goals) == {"data.cached_speedup", "train.vs_bare_loop", "eval.metrics_vs_matmul_2k",
+                          "eval.speedup_vs_argsort_2k", "eval.metrics_peak_mem_delta_mb_2k"}
+    for figure, goal in goals.items():
+        section, key = figure.split(".", 1)
+        assert goal["value"] == data[section][key]
+        assert goal["met"] == (goal["value"] >= goal["target"] if goal["op"] == ">=" else goal["value"] <= goal["target"])
+    assert goals["data.cached_speedup"]["target"] == 100
+    assert goals["train.vs_bare_loop"]["target"] == 0.9
+    for part in ("data", "train", "eval"):
+        assert data["memory"][part]
+        for block in data["memory"][part].values():
+            assert positive(block["peak_rss_mb"]) and block["peak_rss_delta_mb"] >= 0
+    # the printed table names every goal
+    table = format_table(data)
+    assert all(figure in table for figure in goals)
+    assert any("[3/3] eval" in m for m in quick["messages"])
+
+
+def test_full_run_defaults():
+    cfg = compose("bench")
+    b = cfg.bench
+    assert b.quick is False and b.device == "auto"
+    assert Path(b.out_dir) == ROOT / "benchmarks" / "results"
+    assert Path(b.scratch_dir) == ROOT / ".cache" / "bench"
+    assert list(b.data.image_size) == [1600, 1200]
+    assert b.train.model_name == "ViT-B-32-quickgelu" and b.train.gflops_per_image == 26.5
+    assert list(b.eval.sizes) == [1000, 10000, 30000] and b.eval.goal_size == 10000
+    assert {1000, 10000} <= set(b.eval.argsort_sizes)
+
+
+def test_names():
+    assert size_label(1000) == "1k" and size_label(30000) == "30k" and size_label(2500) == "2.5k"
+    assert size_label(500) == "500"
+    assert slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert slugify("cpu: Intel(R) Xeon(R) Processor (2 cores)") == "cpu-intel-xeon-processor-2-cores"
+    assert result_path(Path("r"), "x", quick=True) == Path("r/x-quick.json")
+    assert result_path(Path("r"), "x", quick=False) == Path("r/x.json")
+
+
+def test_goals_skip_parts_not_run():
+    result = {"data": {"cached_speedup": 150.0}}
+    goals = evaluate_goals(result, None)
+    assert list(goals) == ["data.cached_speedup"] and goals["data.cached_speedup"]["met"] is True
+
+
+def test_command_line_entry_point(tmp_path):
+    """python -m handclip.bench: writes the quick file, Hydra's folder stays under the scratch dir."""
+    out, scratch, cwd = tmp_path / "out", tmp_path / "scratch", tmp_path / "cwd"
+    cwd.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "handclip.bench", "bench.quick=true", "bench.threads=1", "bench.parts=[eval]",
+         f"bench.out_dir={out}", f"bench.scratch_dir={scratch}",
+         "bench.quick_settings.eval.sizes=[300]", "bench.quick_settings.eval.argsort_sizes=[300]",
+         "bench.quick_settings.eval.goal_size=300", "bench.quick_settings.eval.embed_images=8",
+         "bench.quick_settings.eval.embed_batch_size=8"],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    files = list(out.glob("*-quick.json"))
+    assert len(files) == 1
+    data = json.loads(files[0].read_text())
+    assert set(data["goals"]) == {"eval.metrics_vs_matmul_300", "eval.speedup_vs_argsort_300",
+                                  "eval.metrics_peak_mem_delta_mb_300"}
+    assert "goals:" in proc.stdout and "eval.speedup_vs_argsort_300" in proc.stdout
+    assert list(cwd.iterdir()) == []  # no outputs/ or multirun/ where it was started
+    assert (scratch / "hydra").is_dir()
+
+
+def test_command_line_rejects_an_unknown_part(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "handclip.bench", "bench.parts=[disk]", f"bench.out_dir={tmp_path}",
+         f"bench.scratch_dir={tmp_path / 's'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "unknown part" in proc.stderr
