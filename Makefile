@@ -22,7 +22,7 @@ test: install ## Run the test suite (CPU, offline, a few minutes)
 	$(PYTHON) -m pytest -q
 
 demo-data: install ## Synthetic hands (data/demo/raw) split by the 11k protocol (data/demo/splits)
-	$(PYTHON) -m handclip.synth --out $(DEMO_DIR)/raw --force
+	$(PYTHON) -m handclip.synth --out $(DEMO_DIR)/raw --subjects 40 --images-per-aspect 10 --force
 	$(PYTHON) -m handclip.prepare --raw $(DEMO_DIR)/raw --out $(DEMO_DIR)/splits --force
 
 clean-demo: ## Remove the demo's outputs (outputs/demo)
