@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import open_clip
@@ -98,7 +97,3 @@ def embedding_dim(clip: torch.nn.Module) -> int:
     if getattr(visual, "output_dim", None):
         return int(visual.output_dim)
     return int(visual.proj.shape[1])
-
-
-def preprocess_dict(cfg: PreprocessCfg) -> dict:
-    return asdict(cfg)
