@@ -48,7 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from handclip import CONFIG_DIR
 from handclip import config as _config  # noqa: F401  (registers the ${handclip_root:} resolver)
-from handclip.errors import HandCLIPError
+from handclip.errors import HandCLIPError, exit_on_error
 
 log = logging.getLogger(__name__)
 
@@ -982,13 +982,9 @@ def _run(s: dict, device: torch.device, started: float, say: Say) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="bench")
+@exit_on_error
 def main(cfg: DictConfig) -> None:
-    try:
-        run_benchmark(cfg)
-    except HandCLIPError as err:
-        log.debug("stopped: %s", err)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_benchmark(cfg)
 
 
 if __name__ == "__main__":

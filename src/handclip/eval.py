@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -20,7 +19,7 @@ from handclip import CONFIG_DIR
 from handclip import config as _config  # noqa: F401  (registers the ${handclip_root:} resolver)
 from handclip.checkpoints import load_module, read_checkpoint_meta
 from handclip.data.layout import available_hands, check_hand
-from handclip.errors import HandCLIPError
+from handclip.errors import HandCLIPError, exit_on_error
 from handclip.evaluation.embed import resolve_device
 from handclip.evaluation.protocol import evaluate_hand
 from handclip.evaluation.report import FINE_TUNED, ZERO_SHOT, markdown_table, table_rows, write_report
@@ -97,12 +96,9 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
+@exit_on_error
 def main(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    except HandCLIPError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    evaluate(cfg)
 
 
 if __name__ == "__main__":

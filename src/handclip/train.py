@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from handclip import CONFIG_DIR
 from handclip import config as _config  # noqa: F401  (registers the ${handclip_root:} resolver)
 from handclip.checkpoints import read_checkpoint_meta
 from handclip.data.layout import check_hand
-from handclip.errors import HandCLIPError
+from handclip.errors import HandCLIPError, exit_on_error
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +100,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+@exit_on_error
 def main(cfg: DictConfig) -> None:
-    try:
-        train(cfg)
-    except HandCLIPError as err:
-        log.debug("stopped: %s", err)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    train(cfg)
 
 
 if __name__ == "__main__":
