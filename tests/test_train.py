@@ -287,3 +287,28 @@ def test_cli_multirun_two_hands_and_clean_errors(data, tmp_path):
     assert again.returncode == 2
     assert "error:" in again.stderr and "already holds a run" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+def test_device_batches_cover_each_image_once_per_epoch():
+    from handclip.data.images import DeviceBatchLoader
+
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 2, 2)
+    loader = DeviceBatchLoader(images, torch.arange(10), batch_size=4, shuffle=True)
+    assert len(loader) == 3
+    torch.manual_seed(0)
+    first = [(x, y) for x, y in loader]
+    assert [len(y) for _, y in first] == [4, 4, 2]
+    seen = torch.cat([y for _, y in first])
+    assert sorted(seen.tolist()) == list(range(10)) and seen.tolist() != list(range(10))
+    assert all(torch.equal(x[:, 0, 0, 0].long(), y) for x, y in first)  # images stay with their labels
+    torch.manual_seed(0)
+    assert torch.equal(torch.cat([y for _, y in loader]), seen)  # the global seed decides the order
+    ordered = DeviceBatchLoader(images, torch.arange(10), batch_size=4, shuffle=False)
+    assert torch.cat([y for _, y in ordered]).tolist() == list(range(10))
+
+
+def test_training_from_device_batches(data, tmp_path):
+    cfg = tiny_cfg(data, tmp_path, "trainer.max_epochs=2", "data.device_batches=true")
+    train(cfg)
+    rows = read_metrics(Path(cfg.paths.output_dir))
+    assert len(column(rows, "val/rank1")) == 2 and len(column(rows, "train/loss_epoch")) == 2

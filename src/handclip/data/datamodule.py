@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
 from handclip.data import layout
-from handclip.data.images import ImageDataset, ImageLoader, TensorImageDataset, batch_collate
+from handclip.data.images import DeviceBatchLoader, ImageDataset, ImageLoader, TensorImageDataset, batch_collate
 from handclip.errors import HandCLIPError
 from handclip.models.clip import preprocess_config
 
@@ -47,12 +47,15 @@ class HandDataModule(pl.LightningDataModule):
         cache: bool = True,
         cache_dir: str | None = None,
         cache_workers: int | None = None,
+        device_batches: bool | str = "auto",
         progress: bool = True,
     ):
         super().__init__()
         layout.check_hand(hand)
         if batch_size < 1 or eval_batch_size < 1:
             raise HandCLIPError(f"batch sizes must be >= 1, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
+        if device_batches not in (True, False, "auto"):
+            raise HandCLIPError(f"data.device_batches must be true, false or auto, got {device_batches!r}")
         if cache and not cache_dir:
             raise HandCLIPError("data.cache=true needs data.cache_dir (a folder for decoded crops)")
         self.root = Path(root)
@@ -64,6 +67,8 @@ class HandDataModule(pl.LightningDataModule):
         self.cache = cache
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.cache_workers = cache_workers
+        self.device_batches = device_batches
+        self._on_device: dict[Dataset, tuple] = {}
         self.progress = progress
         self.preprocess = preprocess_config(model_name, pretrained)
         self.loader = ImageLoader(self.preprocess)
@@ -111,7 +116,31 @@ class HandDataModule(pl.LightningDataModule):
         return len(self.classes)
 
     # -- loaders -------------------------------------------------------------------------------
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _device(self):
+        trainer = getattr(self, "trainer", None)
+        return trainer.strategy.root_device if trainer is not None else None
+
+    def _use_device_batches(self, dataset: Dataset) -> bool:
+        """Cached crops go to the device when asked, or (auto) on CUDA when they take < 1/4 of free memory."""
+        if not isinstance(dataset, TensorImageDataset) or self.device_batches is False:
+            return False
+        if self.device_batches is True:
+            return True
+        device = self._device()
+        if device is None or device.type != "cuda":
+            return False
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(device)
+        return dataset.images.numel() < free // 4
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool):
+        if self._use_device_batches(dataset):
+            device = self._device() or "cpu"
+            if dataset not in self._on_device:  # train and the val/rank1 gallery share one copy
+                self._on_device[dataset] = (dataset.images.to(device), dataset.labels.to(device))
+            images, labels = self._on_device[dataset]
+            return DeviceBatchLoader(images, labels, batch_size, shuffle)
         batched = isinstance(dataset, TensorImageDataset)
         return DataLoader(
             dataset,
@@ -124,10 +153,10 @@ class HandDataModule(pl.LightningDataModule):
             persistent_workers=bool(self.num_workers) and not batched,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self):
         return self._loader(self.train_set, self.batch_size, shuffle=True)
 
-    def val_dataloader(self) -> list[DataLoader]:
+    def val_dataloader(self) -> list:
         """[val images, training images]: the second is the gallery for ``val/rank1``."""
         return [
             self._loader(self.val_set, self.eval_batch_size, shuffle=False),
@@ -186,7 +215,7 @@ class HandDataModule(pl.LightningDataModule):
             ]
         return TestImages(paths=paths, identities=identities, runs=runs)
 
-    def image_dataloader(self, paths: list[Path], desc: str = "test") -> DataLoader:
+    def image_dataloader(self, paths: list[Path], desc: str = "test"):
         """Loader over arbitrary image files (labels are their positions), large batches, in order."""
         dataset = self._dataset(paths, list(range(len(paths))), desc)
         return self._loader(dataset, self.eval_batch_size, shuffle=False)
