@@ -2,7 +2,8 @@
 PYTHON ?= python3
 # The torch build this project is tested with (x86_64; on this machine pip takes both from local disk).
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
-export HF_HUB_OFFLINE ?= 1
+# Tests, the demo and the benchmark use random weights: never wait on the Hugging Face hub for them.
+OFFLINE := HF_HUB_OFFLINE=1
 export PYTHONPATH := $(CURDIR)/src$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 DEMO_DIR := data/demo
@@ -19,7 +20,7 @@ install: ## Install HandCLIP (editable) and its test tools; quick when already i
 		|| $(PYTHON) -m pip install -e ".[test]" $(TORCH_PIN)
 
 test: install ## Run the test suite (CPU, offline, a few minutes)
-	$(PYTHON) -m pytest -q
+	$(OFFLINE) $(PYTHON) -m pytest -q
 
 demo-data: install ## Synthetic hands (data/demo/raw) split by the 11k protocol (data/demo/splits)
 	$(PYTHON) -m handclip.synth --out $(DEMO_DIR)/raw --subjects 40 --images-per-aspect 10 --force
@@ -29,8 +30,8 @@ clean-demo: ## Remove the demo's outputs (outputs/demo)
 	rm -rf outputs/demo
 
 demo: install clean-demo demo-data ## End to end on synthetic hands: data, train the tiny model on all 4 hand types, evaluate
-	$(PYTHON) -m handclip.train -m experiment=demo hand=$(HANDS)
-	$(PYTHON) -m handclip.eval experiment=demo all=true
+	$(OFFLINE) $(PYTHON) -m handclip.train -m experiment=demo hand=$(HANDS)
+	$(OFFLINE) $(PYTHON) -m handclip.eval experiment=demo all=true
 
 train: install ## Train all four hand types with the default recipe (ViT-B/32, data/11k)
 	$(PYTHON) -m handclip.train -m hand=$(HANDS) $(ARGS)
@@ -39,4 +40,4 @@ eval: install ## Zero-shot CLIP vs fine-tuned HandCLIP for every hand type -> ou
 	$(PYTHON) -m handclip.eval all=true $(ARGS)
 
 bench: install ## Speed/memory benchmark -> benchmarks/results/<device>.json
-	$(PYTHON) -m handclip.bench $(ARGS)
+	$(OFFLINE) $(PYTHON) -m handclip.bench $(ARGS)

@@ -217,3 +217,38 @@ def test_cross_aspect_protocol(tmp_path):
     with pytest.raises(HandCLIPError, match="gallery0_all.*--cross-aspect"):
         prepare_dataset(tmp_path / "raw", tmp_path / "plain", runs=1)
         evaluate(eval_cfg(tmp_path / "plain", tmp_path / "o", "hand=palmar_left", "metrics.cross_aspect=true"))
+
+
+def test_run_without_any_valid_query_is_reported_not_fatal(tmp_path):
+    data = make_layout(tmp_path / "d", n_test_ids=3, per_id=3, runs=2)
+    gallery = data / "train_val_test_split_dorsal_r" / "gallery1"
+    for ident in list(gallery.iterdir()):
+        (gallery / ident.name).rename(gallery / f"9{ident.name[1:]}")  # no query identity left in gallery1
+    dm = HandDataModule(str(data), "dorsal_right", "HandCLIP-Tiny", None, cache=False, progress=False)
+    result = evaluate_hand(zero_shot_encoder("HandCLIP-Tiny", None), dm, torch.device("cpu"), progress=False)
+    assert result["runs"][1]["num_valid_queries"] == 0 and "mAP" not in result["runs"][1]
+    assert result["summary"]["num_runs"] == 1 and result["summary"]["num_runs_without_valid_query"] == 1
+    gallery0 = data / "train_val_test_split_dorsal_r" / "gallery0"
+    for ident in list(gallery0.iterdir()):
+        (gallery0 / ident.name).rename(gallery0 / f"9{ident.name[1:]}")
+    with pytest.raises(HandCLIPError, match="no run has a query whose identity is in its gallery"):
+        evaluate_hand(zero_shot_encoder("HandCLIP-Tiny", None), dm, torch.device("cpu"), progress=False)
+
+
+def test_eval_cli_all_with_data_root_override(trained_root, tmp_path):
+    """`python -m handclip.eval all=true` as `make eval` runs it, the data given as data.root."""
+    import os
+    import subprocess
+    import sys
+
+    data, out = trained_root
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root / "src")}
+    result = subprocess.run(
+        [sys.executable, "-m", "handclip.eval", "all=true", "model=tiny", f"data.root={data}",
+         f"paths.output_root={out}", f"paths.cache_dir={out / 'cache'}", "data.progress=false"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| palmar_left | HandCLIP (fine-tuned) |" in result.stdout
+    rows = list(csv.DictReader(open(out / "eval" / "comparison.csv")))
+    assert len(rows) == 6 and {r["hand"] for r in rows} == {"dorsal_right", "dorsal_left", "palmar_left"}

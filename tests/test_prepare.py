@@ -203,21 +203,22 @@ def test_cross_aspect_galleries(raw: Path, tmp_path: Path) -> None:
 
 def test_refuses_non_empty_out_and_force_replaces(raw: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    old = out / "train_val_test_split_dorsal_r" / "old.txt"  # an earlier prepare output
+    old.parent.mkdir(parents=True)
+    old.write_text("old")
     with pytest.raises(HandCLIPError, match="not empty.*--force"):
         prepare_dataset(raw, out, runs=1)
-    assert (out / "old.txt").exists()
+    assert old.exists()
     prepare_dataset(raw, out, runs=1, force=True)
-    assert not (out / "old.txt").exists()
+    assert not old.exists()
     assert (out / "split_info.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary siblings left
 
 
 def test_failure_keeps_old_output(raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    (out / "train_val_test_split_dorsal_r").mkdir(parents=True)
+    (out / "train_val_test_split_dorsal_r" / "old.txt").write_text("old")
 
     def broken(*args, **kwargs):
         raise HandCLIPError("the prepared split failed its self-check: simulated")
@@ -225,7 +226,8 @@ def test_failure_keeps_old_output(raw: Path, tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(protocol, "verify_output", broken)
     with pytest.raises(HandCLIPError, match="self-check"):
         prepare_dataset(raw, out, runs=1, force=True)
-    assert _listing(tmp_path) == ["out", "out/old.txt"]
+    assert _listing(tmp_path) == ["out", "out/train_val_test_split_dorsal_r",
+                                  "out/train_val_test_split_dorsal_r/old.txt"]
 
 
 def test_refuses_out_containing_raw(raw: Path) -> None:
@@ -301,3 +303,12 @@ def test_cli(raw: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         assert exc.value.code == 2
         assert "error:" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_force_refuses_a_folder_that_is_not_a_prepare_output(tmp_path, raw):
+    out = tmp_path / "mixed"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(HandCLIPError, match="precious.txt"):
+        prepare_dataset(raw, out, runs=1, force=True)
+    assert (out / "precious.txt").read_text() == "keep me"

@@ -149,3 +149,22 @@ def test_contact_sheet(tmp_path: Path) -> None:
     png = contact_sheet(tmp_path / "sheet.png", identities=2, images_per_aspect=1, thumb=(48, 36))
     with Image.open(png) as img:
         assert img.width > 4 * 48 and img.height > 2 * 36
+
+
+def test_force_keeps_old_images_until_the_new_set_is_complete(tmp_path, monkeypatch):
+    import handclip.data.synthetic as synthetic
+
+    out = tmp_path / "raw"
+    synthetic.generate_dataset(out, subjects=2, images_per_aspect=2, size=(96, 72), workers=1)
+    before = sorted(p.name for p in (out / "Hands").iterdir())
+    csv_before = (out / "HandInfo.csv").read_text()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(synthetic, "_run_jobs", broken)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        synthetic.generate_dataset(out, subjects=3, images_per_aspect=2, size=(96, 72), workers=1, force=True)
+    assert sorted(p.name for p in (out / "Hands").iterdir()) == before
+    assert (out / "HandInfo.csv").read_text() == csv_before
+    assert not (out / ".Hands.partial").exists()

@@ -312,3 +312,36 @@ def test_training_from_device_batches(data, tmp_path):
     train(cfg)
     rows = read_metrics(Path(cfg.paths.output_dir))
     assert len(column(rows, "val/rank1")) == 2 and len(column(rows, "train/loss_epoch")) == 2
+
+
+def test_explicit_resume_into_another_run_is_refused(trained, data, tmp_path):
+    other = tiny_cfg(data, tmp_path, "trainer.max_epochs=1")
+    train(other)
+    other_dir = Path(other.paths.output_dir)
+    before = {p.name: p.stat().st_mtime_ns for p in (other_dir / "checkpoints").iterdir()}
+    last = trained["run_dir"] / "checkpoints" / "last.ckpt"
+    with pytest.raises(HandCLIPError, match="already holds another run.*mix"):
+        train(tiny_cfg(data, tmp_path, "trainer.max_epochs=9", f"ckpt_path={last}"))
+    assert before == {p.name: p.stat().st_mtime_ns for p in (other_dir / "checkpoints").iterdir()}
+
+
+def test_run_without_checkpoint_yet_is_not_mixed(data, tmp_path):
+    run_dir = Path(tiny_cfg(data, tmp_path).paths.output_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("from an interrupted run\n")
+    with pytest.raises(HandCLIPError, match="already holds a run \\(no checkpoint yet\\)"):
+        train(tiny_cfg(data, tmp_path))
+
+
+def test_resume_and_load_need_no_pretrained_download(trained, monkeypatch):
+    """Weights come from the checkpoint: a pretrained tag that cannot be fetched is never fetched."""
+    import handclip.models.module as module_mod
+
+    calls = []
+    real = module_mod.create_clip
+    monkeypatch.setattr(module_mod, "create_clip", lambda name, pretrained, cache_dir=None: (
+        calls.append(pretrained), real(name, pretrained, cache_dir))[1])
+    last = trained["run_dir"] / "checkpoints" / "last.ckpt"
+    HandCLIPModule.load_from_checkpoint(last, load_pretrained=False, weights_only=True)
+    load_module(last)
+    assert calls == [None, None]

@@ -25,7 +25,11 @@ def _load(path: Path) -> dict:
 
 def read_checkpoint_meta(path: str | Path) -> dict:
     """The saved hyperparameters of a HandCLIP checkpoint: classes, hand, model_name, pretrained..."""
-    meta = dict(_load(Path(path))["hyper_parameters"])
+    return _meta(_load(Path(path)), path)
+
+
+def _meta(ckpt: dict, path: str | Path) -> dict:
+    meta = dict(ckpt["hyper_parameters"])
     missing = {"classes", "hand", "model_name"} - set(meta)
     if missing:
         raise HandCLIPError(f"checkpoint {str(path)!r} lacks {', '.join(sorted(missing))}: not a HandCLIP checkpoint")
@@ -34,24 +38,18 @@ def read_checkpoint_meta(path: str | Path) -> dict:
 
 def load_module(path: str | Path, map_location: str | torch.device = "cpu"):
     """The fine-tuned HandCLIPModule of a checkpoint (architecture rebuilt without downloading weights)."""
-    from handclip.data.images import Normalizer
-    from handclip.models.clip import preprocess_config
     from handclip.models.module import HandCLIPModule
 
     path = Path(path)
-    meta = read_checkpoint_meta(path)
-    # The checkpoint holds every weight: build the architecture without loading pretrained ones.
+    ckpt = _load(path)
+    meta = _meta(ckpt, path)
+    # The checkpoint holds every weight: build the architecture without fetching pretrained ones.
     module = HandCLIPModule(
-        classes=meta["classes"], hand=meta["hand"], model_name=meta["model_name"], pretrained=None,
-        lr=meta.get("lr", 1e-5), weight_decay=meta.get("weight_decay", 0.01),
+        classes=meta["classes"], hand=meta["hand"], model_name=meta["model_name"], pretrained=meta.get("pretrained"),
+        lr=meta.get("lr", 1e-5), weight_decay=meta.get("weight_decay", 0.01), load_pretrained=False,
     )
-    state = _load(path)["state_dict"]
     try:
-        module.load_state_dict(state)
+        module.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
         raise HandCLIPError(f"checkpoint {str(path)!r} does not fit its own model description: {err}") from None
-    # Preprocess as for the weights it started from (their mean/std), which no longer need loading.
-    cfg = preprocess_config(meta["model_name"], meta.get("pretrained"))
-    module.normalize = Normalizer(cfg.mean, cfg.std)
-    module.hparams["pretrained"] = meta.get("pretrained")
     return module.to(map_location).eval()

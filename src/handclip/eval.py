@@ -66,15 +66,19 @@ def evaluate(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_root) / "eval"
     entries = []
     if cfg.all:
-        hands = available_hands(cfg.paths.data_dir)
+        hands = available_hands(cfg.data.root)
         if not hands:
-            raise HandCLIPError(f"no hand folders under {cfg.paths.data_dir}; prepare data or run `make demo`")
+            raise HandCLIPError(f"no hand folders under {cfg.data.root}; prepare data or run `make demo`")
         encoder = zero_shot_encoder(cfg.model.model_name, cfg.model.pretrained, cfg.model.cache_dir)
         for hand in hands:
             entries.append(score_zero_shot(cfg, hand, device, encoder))
             ckpt = trained_checkpoint(cfg, hand)
             if ckpt.is_file():
                 entries.append(score_checkpoint(cfg, hand, ckpt, device))
+                if entries[-1]["model_name"] != cfg.model.model_name:
+                    log.warning("%s: the checkpoint is a fine-tuned %s but the zero-shot baseline is %s "
+                                "(choose the baseline with model=...)", hand, entries[-1]["model_name"],
+                                cfg.model.model_name)
             else:
                 log.info("%s: no fine-tuned checkpoint at %s (baseline only)", hand, ckpt)
                 entries.append({"hand": hand, "model": FINE_TUNED, "checkpoint": str(ckpt),

@@ -27,20 +27,38 @@ from handclip.errors import HandCLIPError, exit_on_error
 log = logging.getLogger(__name__)
 
 
-def resolve_ckpt_path(cfg: DictConfig, checkpoint_dir: Path) -> Path | None:
+def holds_run(output_dir: Path) -> bool:
+    """True when a training run already wrote into ``output_dir`` (checkpoints, logs or its config)."""
+    checkpoints = output_dir / "checkpoints"
+    return (
+        (checkpoints.is_dir() and any(checkpoints.glob("*.ckpt")))
+        or (output_dir / "config.yaml").exists()
+        or (output_dir / "logs").is_dir()
+    )
+
+
+def resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> Path | None:
     """The checkpoint to resume from, or None for a fresh run; refuse to mix with an earlier run."""
-    existing = sorted(checkpoint_dir.glob("*.ckpt")) if checkpoint_dir.is_dir() else []
+    checkpoint_dir = output_dir / "checkpoints"
+    existing = holds_run(output_dir)
     if cfg.ckpt_path is None:
         if existing:
+            found = sorted(p.name for p in checkpoint_dir.glob("*.ckpt")) if checkpoint_dir.is_dir() else []
             raise HandCLIPError(
-                f"{checkpoint_dir} already holds a run ({', '.join(p.name for p in existing)}). Resume it with "
+                f"{output_dir} already holds a run ({', '.join(found) or 'no checkpoint yet'}). Resume it with "
                 "ckpt_path=last, start elsewhere with paths.output_root=DIR, or move that folder away."
             )
         return None
     path = checkpoint_dir / "last.ckpt" if str(cfg.ckpt_path) == "last" else Path(str(cfg.ckpt_path)).expanduser()
     if not path.is_file():
         raise HandCLIPError(f"checkpoint {str(path)!r} to resume from not found")
-    return path.resolve()
+    path = path.resolve()
+    if existing and path.parent != checkpoint_dir.resolve():
+        raise HandCLIPError(
+            f"{output_dir} already holds another run; resuming {path} there would mix the two runs. Resume a "
+            "checkpoint in its own run folder, or continue it in an empty one with paths.output_root=DIR."
+        )
+    return path
 
 
 def check_resume_compatible(ckpt_path: Path, model: pl.LightningModule) -> None:
@@ -75,14 +93,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Train one hand type as configured; return the final logged metrics."""
     check_hand(cfg.hand.name)
     output_dir = Path(cfg.paths.output_dir)
-    ckpt_path = resolve_ckpt_path(cfg, output_dir / "checkpoints")
+    ckpt_path = resolve_ckpt_path(cfg, output_dir)
     pl.seed_everything(cfg.seed, workers=True)
-    if torch.cuda.is_available():
-        torch.set_float32_matmul_precision("high")
+    if torch.cuda.is_available() and str(cfg.trainer.get("precision")) in ("bf16-mixed", "16-mixed"):
+        torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in fp32 (trainer=gpu)
 
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
-    model = instantiate(cfg.model, classes=datamodule.classes, hand=cfg.hand.name)
+    # A resumed run takes every weight from its checkpoint: no need to fetch the pretrained ones.
+    model = instantiate(cfg.model, classes=datamodule.classes, hand=cfg.hand.name,
+                        load_pretrained=ckpt_path is None)
     if ckpt_path is not None:
         check_resume_compatible(ckpt_path, model)
     config_path = save_config(cfg, output_dir, resumed=ckpt_path is not None)

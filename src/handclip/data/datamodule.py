@@ -88,9 +88,13 @@ class HandDataModule(pl.LightningDataModule):
                 f"{self.root / layout.hand_dir_name(self.hand) / 'train'} holds {len(classes)} identity; "
                 "training a classifier needs at least 2 training identities"
             )
-        val = layout.drop_unknown_identities(layout.list_split(self.root, self.hand, "val"), classes, "val")
+        val_all = layout.list_split(self.root, self.hand, "val")
+        val = layout.drop_unknown_identities(val_all, classes, "val")
         if not val:
-            raise HandCLIPError(f"no val image of {self.hand!r} belongs to a training identity")
+            raise HandCLIPError(
+                f"none of the {len(val_all)} images in {self.root / layout.hand_dir_name(self.hand) / 'val'} belongs "
+                "to a training identity (folder names must match those in train/)"
+            )
         index = {c: i for i, c in enumerate(classes)}
         self.classes = classes
         self.train_set = self._dataset([s.path for s in train], [index[s.identity] for s in train], "train")

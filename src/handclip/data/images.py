@@ -3,8 +3,9 @@
 open_clip's eval transform is ``Resize -> CenterCrop -> convert to RGB -> ToTensor -> Normalize``.
 HandCLIP runs the geometric half (everything before ``ToTensor``) on the CPU and keeps the result as a
 ``uint8`` ``3 x H x W`` crop (what the decode-once cache stores), and the arithmetic half
-(``/255`` then ``Normalize``) on the device, per batch. The two halves together give exactly the tensor
-open_clip's transform gives.
+(``/255`` then ``Normalize``) on the device, per batch. For RGB images the two halves together give
+exactly the tensor open_clip's transform gives; other modes are converted to RGB first (open_clip
+converts after resizing).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from handclip.data.layout import HAND_TYPES, hand_dir_name
+from handclip.data.layout import HAND_DIR_PREFIX, HAND_TYPES, hand_dir_name
 from handclip.errors import HandCLIPError
 
 log = logging.getLogger(__name__)
@@ -448,9 +448,16 @@ def _check_out(out: Path, raw: Path, force: bool) -> None:
     out_r, raw_r = out.resolve(), raw.resolve()
     if out_r == raw_r or out_r in raw_r.parents:
         raise HandCLIPError(f"output folder {str(out)!r} contains the raw data {str(raw)!r}; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise HandCLIPError(f"output folder {str(out)!r} is not empty; choose a new folder or pass --force to "
-                            "replace it")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise HandCLIPError(f"output folder {str(out)!r} is not empty; choose a new folder or pass --force to "
+                                "replace it")
+        foreign = [p.name for p in out.iterdir() if p.name != "split_info.json" and not p.name.startswith(HAND_DIR_PREFIX)]
+        if foreign:
+            raise HandCLIPError(
+                f"--force replaces only an earlier prepare output, but {str(out)!r} also holds "
+                f"{', '.join(sorted(foreign)[:5])}{' ...' if len(foreign) > 5 else ''}; choose another --out"
+            )
 
 
 def _make_parents(path: Path) -> Path | None:

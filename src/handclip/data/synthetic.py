@@ -695,7 +695,8 @@ def check_size(size: tuple[int, int]) -> tuple[int, int]:
 
 
 def _prepare_out(out_dir: Path, force: bool) -> None:
-    """Refuse a non-empty output without ``force``; with it, remove only what this tool writes."""
+    """Refuse a non-empty output without ``force`` (with it, only Hands/ and HandInfo.csv are replaced,
+    once the new ones are complete)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise HandCLIPError(f"output {str(out_dir)!r} exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()):
@@ -704,8 +705,6 @@ def _prepare_out(out_dir: Path, force: bool) -> None:
                 f"output folder {str(out_dir)!r} is not empty; choose an empty or new folder, or pass "
                 "--force to replace its Hands/ and HandInfo.csv"
             )
-        shutil.rmtree(out_dir / "Hands", ignore_errors=True)
-        (out_dir / "HandInfo.csv").unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -752,9 +751,17 @@ def generate_dataset(
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    partial.rename(hands_dir)
+    # Swap in the complete new set; the old one (with --force) is removed only now.
     csv_path = out / "HandInfo.csv"
-    csv_path.write_text(csv_text(identities, jobs), encoding="utf-8")
+    csv_tmp = out / ".HandInfo.csv.partial"
+    csv_tmp.write_text(csv_text(identities, jobs), encoding="utf-8")
+    old = out / ".Hands.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if hands_dir.exists():
+        hands_dir.rename(old)
+    partial.rename(hands_dir)
+    csv_tmp.replace(csv_path)
+    shutil.rmtree(old, ignore_errors=True)
     return SynthSummary(out, csv_path, len(identities), len(jobs), sum(j.accessory for j in jobs),
                         time.perf_counter() - start)
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from handclip.data.datamodule import HandDataModule, TestImages
+from handclip.errors import HandCLIPError
 from handclip.evaluation.embed import embed_loader
 from handclip.evaluation.metrics import compute_reid_metrics
 
@@ -26,31 +27,50 @@ def identity_labels(identities: Sequence[str]) -> torch.Tensor:
 
 
 def score_runs(features: torch.Tensor, test: TestImages, ranks=(1, 5, 10), ap: str = "standard") -> list[dict]:
-    """Rank-k and mAP of every run from features of ``test.paths`` (row i = image i)."""
+    """Rank-k and mAP of every run from features of ``test.paths`` (row i = image i).
+
+    A run none of whose queries has a true match in its gallery is reported with its counts and no
+    metrics (and left out of the summary) rather than stopping the evaluation.
+    """
+    if not torch.isfinite(features).all():
+        raise HandCLIPError("the model produced NaN or infinite embeddings for test images; "
+                            "the checkpoint is probably diverged")
     labels = identity_labels(test.identities).to(features.device)
     results = []
     for run in test.runs:
         q = torch.as_tensor(run["query"], dtype=torch.long, device=features.device)
         g = torch.as_tensor(run["gallery"], dtype=torch.long, device=features.device)
+        info = {"run": run["name"], "gallery": run["gallery_name"], "gallery_size": len(run["gallery"])}
+        valid = int(torch.isin(labels[q], labels[g]).sum())
+        if valid == 0:
+            log.warning("%s: none of its %d queries has a true match in %s; run left out", run["name"], len(q),
+                        run["gallery_name"])
+            results.append({**info, "num_queries": len(q), "num_valid_queries": 0, "num_invalid_queries": len(q)})
+            continue
         metrics = compute_reid_metrics(features[q], labels[q], features[g], labels[g], ranks=ranks, ap=ap)
-        metrics.update(run=run["name"], gallery=run["gallery_name"], gallery_size=len(run["gallery"]))
-        if metrics.get("num_invalid_queries"):
+        if metrics["num_invalid_queries"]:
             log.warning("%s: %d queries have no true match in %s (excluded)", run["name"],
                         metrics["num_invalid_queries"], run["gallery_name"])
-        results.append(metrics)
+        results.append({**metrics, **info})
+    if not any(r["num_valid_queries"] for r in results):
+        raise HandCLIPError("no run has a query whose identity is in its gallery: nothing to score "
+                            f"({', '.join(r['run'] + ' vs ' + r['gallery'] for r in results)})")
     return results
 
 
 def summarize(runs: list[dict]) -> dict:
-    """Mean and (population) standard deviation over runs of each metric, plus sizes."""
-    summary: dict = {"num_runs": len(runs)}
+    """Mean and (population) standard deviation over the scored runs of each metric, plus sizes."""
+    scored = [r for r in runs if "mAP" in r]
+    summary: dict = {"num_runs": len(scored)}
+    if len(scored) < len(runs):
+        summary["num_runs_without_valid_query"] = len(runs) - len(scored)
     for key in SUMMARY_KEYS:
-        values = [r[key] for r in runs if key in r]
+        values = [r[key] for r in scored if key in r]
         if values:
             mean = sum(values) / len(values)
             summary[key] = {"mean": mean, "std": math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))}
     for key in ("num_valid_queries", "num_invalid_queries", "gallery_size"):
-        values = [r[key] for r in runs if key in r]
+        values = [r[key] for r in scored if key in r]
         if values:
             summary[key] = sum(values) / len(values)
     return summary

@@ -30,7 +30,11 @@ class HandCLIPModule(pl.LightningModule):
         lr: float = 1e-5,
         weight_decay: float = 0.01,
         compile: bool = False,
+        load_pretrained: bool = True,
     ):
+        """``load_pretrained=False`` builds the architecture without fetching ``pretrained`` (whose
+        preprocessing is still used): for weights that come from a checkpoint, e.g.
+        ``HandCLIPModule.load_from_checkpoint(path, load_pretrained=False)``."""
         super().__init__()
         classes = [str(c) for c in classes]
         if len(classes) < 2:
@@ -48,7 +52,7 @@ class HandCLIPModule(pl.LightningModule):
                 "compile": bool(compile),
             }
         )
-        self.clip = create_clip(model_name, pretrained, cache_dir)
+        self.clip = create_clip(model_name, pretrained if load_pretrained else None, cache_dir)
         self.frozen_parameter_names = freeze_text_tower(self.clip)
         cfg = preprocess_config(model_name, pretrained)
         self.normalize = Normalizer(cfg.mean, cfg.std)
