@@ -36,8 +36,8 @@ def test_fine_tuned_beats_zero_shot_on_unseen_identities(demo_run):
     gain_r1 = tuned["summary"]["rank1"]["mean"] - zero["summary"]["rank1"]["mean"]
     gain_r5 = tuned["summary"]["rank5"]["mean"] - zero["summary"]["rank5"]["mean"]
     gain_map = tuned["summary"]["mAP"]["mean"] - zero["summary"]["mAP"]["mean"]
-    assert gain_r1 >= 0.03, f"Rank-1 gain {gain_r1:.3f}"
-    assert gain_r5 >= 0.08, f"Rank-5 gain {gain_r5:.3f}"
+    assert gain_r1 >= 0.04, f"Rank-1 gain {gain_r1:.3f}"
+    assert gain_r5 >= 0.05, f"Rank-5 gain {gain_r5:.3f}"
     assert gain_map >= 0.04, f"mAP gain {gain_map:.3f}"
     # paired over the Monte Carlo runs: the fine-tuned model wins Rank-1 in most of them
     wins = sum(t["rank1"] > z["rank1"] for t, z in zip(tuned["runs"], zero["runs"]))
@@ -49,5 +49,5 @@ def test_demo_training_logs_rising_val_rank1(demo_run):
     with open(base / "out" / "train" / "dorsal_right" / "logs" / "version_0" / "metrics.csv") as f:
         rank1 = [float(r["val/rank1"]) for r in csv.DictReader(f) if r.get("val/rank1")]
     assert len(rank1) == 30
-    assert max(rank1) >= rank1[0] + 0.1
+    assert max(rank1) >= rank1[0] + 0.2 and rank1[-1] >= rank1[0] + 0.15
     assert Path(base / "out" / "eval" / "dorsal_right_finetuned.md").is_file()

@@ -343,8 +343,8 @@ def _random_pose(rng: np.random.Generator) -> Pose:
     spread = rng.uniform(0.0, 1.0)
     step = 4 + 9 * spread
     return Pose(
-        angle=float(rng.uniform(-25, 25)),
-        scale=float(rng.uniform(0.78, 1.12)),
+        angle=float(rng.uniform(-12, 12)),
+        scale=float(rng.uniform(0.9, 1.05)),
         shift=(float(rng.uniform(-0.09, 0.09)), float(rng.uniform(-0.07, 0.07))),
         finger_angles=tuple(float((i - 1.3) * step + rng.normal(0, 2.5)) for i in range(4)),
         thumb_angle=float(-rng.uniform(28, 62)),
@@ -585,7 +585,7 @@ def _apply_camera(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     ramp = (np.linspace(-0.5, 0.5, h, dtype=np.float32)[:, None] * np.float32(math.sin(phi))
             + np.linspace(-0.5, 0.5, w, dtype=np.float32)[None, :] * np.float32(math.cos(phi)))
     light = 1.0 + np.float32(rng.uniform(0.0, 0.55)) * ramp
-    gains = (np.exp(rng.normal(0, 0.13, size=3)) * rng.uniform(0.58, 1.2)).astype(np.float32)
+    gains = (np.exp(rng.normal(0, 0.05, size=3)) * rng.uniform(0.8, 1.1)).astype(np.float32)
     arr *= light[..., None]
     arr *= gains
     np.clip(arr, 0, 255, out=arr)
