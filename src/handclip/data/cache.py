@@ -24,8 +24,9 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import multiprocessing
 import os
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 import tempfile
 import warnings
 from pathlib import Path
@@ -187,15 +188,20 @@ def _init_worker(loader: ImageLoader) -> None:
     _worker_loader = loader
 
 
-def _decode_in_worker(path: str) -> np.ndarray:
+def _decode_chunk_in_worker(paths: list[str]) -> list[np.ndarray]:
     assert _worker_loader is not None
-    return _worker_loader(path).numpy()  # plain array: pickled through the pipe, no shared-memory handles
+    # plain arrays: pickled through the pipe, no shared-memory handles
+    return [_worker_loader(path).numpy() for path in paths]
 
 
 def _decode_all(
     paths: list[str], loader: ImageLoader, num_workers: int | None, progress: bool, desc: str
 ) -> Generator[np.ndarray, None, None]:
-    """Crops of ``paths`` in order, decoded in-process or by a process pool."""
+    """Crops of ``paths`` in order, decoded in-process or by a process pool.
+
+    Only a few chunks are in flight at a time, so an error (or the consumer stopping) cancels the
+    rest cleanly: a ``multiprocessing.Pool`` terminated with a full task pipe can hang for ever.
+    """
     workers = min((os.cpu_count() or 1) if num_workers is None else num_workers, len(paths))
     bar = tqdm(total=len(paths), desc=f"decoding {desc}", unit="img", disable=not progress)
     try:
@@ -204,11 +210,23 @@ def _decode_all(
                 yield loader(path).numpy()
                 bar.update()
         else:
-            chunksize = max(1, min(64, len(paths) // (workers * 8)))
-            with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(loader,)) as pool:
-                for crop in pool.imap(_decode_in_worker, paths, chunksize=chunksize):
-                    yield crop
-                    bar.update()
+            size = max(1, min(64, len(paths) // (workers * 8)))
+            chunks = iter([paths[i:i + size] for i in range(0, len(paths), size)])
+            with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(loader,)) as pool:
+                pending = deque(pool.submit(_decode_chunk_in_worker, c) for c in itertools.islice(chunks, 2 * workers))
+                try:
+                    while pending:
+                        crops = pending.popleft().result()
+                        following = next(chunks, None)
+                        if following is not None:
+                            pending.append(pool.submit(_decode_chunk_in_worker, following))
+                        for crop in crops:
+                            yield crop
+                            bar.update()
+                except BaseException:
+                    for future in pending:
+                        future.cancel()
+                    raise
     finally:
         bar.close()
 
