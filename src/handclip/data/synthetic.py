@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import math
-import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 import os
 import shutil
 import time
@@ -775,10 +775,16 @@ def _run_jobs(render: _Renderer, jobs: Sequence[ImageJob], workers: int,
             if progress:
                 progress(done, total)
         return
-    with multiprocessing.get_context().Pool(workers) as pool:
-        for done, _ in enumerate(pool.imap_unordered(render, jobs, chunksize=8), 1):
-            if progress:
-                progress(done, total)
+    # An executor (not multiprocessing.Pool, whose terminate can hang on a full task pipe) so that an
+    # error or Ctrl-C stops cleanly; pending work is cancelled.
+    with ProcessPoolExecutor(workers) as pool:
+        try:
+            for done, _ in enumerate(pool.map(render, jobs, chunksize=8), 1):
+                if progress:
+                    progress(done, total)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 # --------------------------------------------------------------------------------------------------
