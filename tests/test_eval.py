@@ -252,3 +252,11 @@ def test_eval_cli_all_with_data_root_override(trained_root, tmp_path):
     assert "| palmar_left | HandCLIP (fine-tuned) |" in result.stdout
     rows = list(csv.DictReader(open(out / "eval" / "comparison.csv")))
     assert len(rows) == 6 and {r["hand"] for r in rows} == {"dorsal_right", "dorsal_left", "palmar_left"}
+
+
+def test_table_row_for_a_protocol_without_scored_runs():
+    from handclip.evaluation.report import table_rows
+
+    (row,) = table_rows([{"hand": "dorsal_right", "model": "zero-shot CLIP",
+                          "summary": summarize([{"run": "query0", "num_valid_queries": 0}])}])
+    assert row["Rank-1 (%)"] == row["mAP (%)"] == row["queries"] == row["gallery"] == "-"

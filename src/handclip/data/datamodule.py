@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from handclip.data import layout
@@ -133,8 +134,6 @@ class HandDataModule(pl.LightningDataModule):
         device = self._device()
         if device is None or device.type != "cuda":
             return False
-        import torch
-
         free, _ = torch.cuda.mem_get_info(device)
         return dataset.images.numel() < free // 4
 

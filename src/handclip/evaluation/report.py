@@ -47,8 +47,9 @@ def table_rows(entries: list[dict]) -> list[dict]:
             "Rank-1 (%)": _pct(summary, "rank1"),
             "Rank-5 (%)": _pct(summary, "rank5"),
             "mAP (%)": _pct(summary, "mAP"),
-            "queries": f"{summary['num_valid_queries']:g}",
-            "gallery": f"{summary['gallery_size']:g}",
+            # a protocol whose every run lacked a valid query has no sizes (nor scores): "-"
+            "queries": f"{summary['num_valid_queries']:g}" if "num_valid_queries" in summary else "-",
+            "gallery": f"{summary['gallery_size']:g}" if "gallery_size" in summary else "-",
             "ΔRank-1": _delta(entry, baseline, "rank1"),
             "ΔmAP": _delta(entry, baseline, "mAP"),
         })
