@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, run_module
 
 from handclip.bench import (
     device_slug,
@@ -25,7 +22,6 @@ from handclip.bench import (
 )
 from handclip.config import compose
 
-ROOT = Path(__file__).resolve().parents[1]
 TOP_LEVEL = ("device", "device_slug", "torch", "quick", "timestamp", "config", "host", "data", "train", "eval",
              "memory", "goals", "total_s")
 
@@ -47,11 +43,9 @@ def quick(tmp_path_factory):
     out.mkdir()
     full.write_text('{"pretend": "full run"}\n')
     messages: list[str] = []
-    start = time.perf_counter()
     result = run_benchmark(cfg, say=messages.append)
-    elapsed = time.perf_counter() - start
     path = out / f"{slug}-quick.json"
-    return {"cfg": cfg, "result": result, "path": path, "full": full, "elapsed": elapsed, "messages": messages,
+    return {"cfg": cfg, "result": result, "path": path, "full": full, "messages": messages,
             "json": json.loads(path.read_text()) if path.exists() else None}
 
 
@@ -59,7 +53,6 @@ def test_quick_run_writes_its_own_file_and_keeps_the_full_result(quick):
     assert quick["path"].is_file()
     assert quick["result"]["path"] == str(quick["path"])
     assert quick["full"].read_text() == '{"pretend": "full run"}\n'
-    assert quick["elapsed"] < 60
 
 
 def test_quick_json_has_the_required_keys(quick):
@@ -115,7 +108,6 @@ def test_quick_goals_and_memory(quick):
     for figure, goal in goals.items():
         section, key = figure.split(".", 1)
         assert goal["value"] == data[section][key]
-        assert goal["met"] == (goal["value"] >= goal["target"] if goal["op"] == ">=" else goal["value"] <= goal["target"])
     assert goals["data.cached_speedup"]["target"] == 100
     assert goals["train.vs_bare_loop"]["target"] == 0.9
     for part in ("data", "train", "eval"):
@@ -155,19 +147,38 @@ def test_goals_skip_parts_not_run():
     assert list(goals) == ["data.cached_speedup"] and goals["data.cached_speedup"]["met"] is True
 
 
+@pytest.mark.parametrize(("figure", "value", "met"), [
+    ("data.cached_speedup", 100.0, True), ("data.cached_speedup", 99.9, False),  # at least 100
+    ("train.vs_bare_loop", 0.9, True), ("train.vs_bare_loop", 0.89, False),  # at least 0.9
+    ("eval.metrics_vs_matmul_10k", 2.0, True), ("eval.metrics_vs_matmul_10k", 2.01, False),  # at most 2
+    ("eval.speedup_vs_argsort_10k", 10.0, True), ("eval.speedup_vs_argsort_10k", 9.99, False),  # at least 10
+])
+def test_goal_targets_and_directions(figure, value, met):
+    section, key = figure.split(".")
+    goals = evaluate_goals({section: {key: value}}, None)
+    assert goals[figure]["met"] is met and goals[figure]["value"] == value
+
+
+def test_memory_goal_at_the_largest_size():
+    settings = {"goal_size": 1000, "sizes": [1000, 30000]}
+    result = {"eval": {"metrics": {"30k": {"full_similarity_matrix_mb": 3433.0}},
+                       "metrics_peak_mem_delta_mb_30k": 1024.0}}
+    assert evaluate_goals(result, settings)["eval.metrics_peak_mem_delta_mb_30k"]["met"] is True
+    result["eval"]["metrics_peak_mem_delta_mb_30k"] = 1500.0
+    assert evaluate_goals(result, settings)["eval.metrics_peak_mem_delta_mb_30k"]["met"] is False
+
+
+@pytest.mark.slow
 def test_command_line_entry_point(tmp_path):
     """python -m handclip.bench: writes the quick file, Hydra's folder stays under the scratch dir."""
     out, scratch, cwd = tmp_path / "out", tmp_path / "scratch", tmp_path / "cwd"
     cwd.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "handclip.bench", "bench.quick=true", "bench.threads=1", "bench.parts=[eval]",
-         f"bench.out_dir={out}", f"bench.scratch_dir={scratch}",
-         "bench.quick_settings.eval.sizes=[300]", "bench.quick_settings.eval.argsort_sizes=[300]",
-         "bench.quick_settings.eval.goal_size=300", "bench.quick_settings.eval.embed_images=8",
-         "bench.quick_settings.eval.embed_batch_size=8"],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
+    proc = run_module(
+        "handclip.bench", "bench.quick=true", "bench.threads=1", "bench.parts=[eval]",
+        f"bench.out_dir={out}", f"bench.scratch_dir={scratch}",
+        "bench.quick_settings.eval.sizes=[300]", "bench.quick_settings.eval.argsort_sizes=[300]",
+        "bench.quick_settings.eval.goal_size=300", "bench.quick_settings.eval.embed_images=8",
+        "bench.quick_settings.eval.embed_batch_size=8", cwd=cwd, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     files = list(out.glob("*-quick.json"))
@@ -181,11 +192,7 @@ def test_command_line_entry_point(tmp_path):
 
 
 def test_command_line_rejects_an_unknown_part(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "handclip.bench", "bench.parts=[disk]", f"bench.out_dir={tmp_path}",
-         f"bench.scratch_dir={tmp_path / 's'}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
-    )
+    proc = run_module("handclip.bench", "bench.parts=[disk]", f"bench.out_dir={tmp_path}",
+                      f"bench.scratch_dir={tmp_path / 's'}", cwd=tmp_path, timeout=300)
     assert proc.returncode == 2
     assert "unknown part" in proc.stderr

@@ -240,3 +240,32 @@ def test_unreadable_image_raises_handclip_error(images, tmp_path, num_workers):
 def test_empty_list(tmp_path):
     crops = cached_crops([], ImageLoader(CFG), tmp_path / "cache", progress=False)
     assert crops.shape == (0, 3, 64, 64) and crops.dtype == torch.uint8
+
+
+def test_same_mtime_but_other_size_is_redecoded(images, tmp_path):
+    """A file replaced by one of another size keeps its cache row only if size and mtime both match."""
+    cache = tmp_path / "cache"
+    cached_crops(images, ImageLoader(CFG), cache, num_workers=0, progress=False)
+    target = images[5]
+    st = target.stat()
+    _save(target, "RGB", (120, 80), 77, "PNG")  # other content, other size
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # the old modification time
+    assert target.stat().st_size != st.st_size and target.stat().st_mtime_ns == st.st_mtime_ns
+
+    loader = CountingLoader(CFG)
+    crops = cached_crops(images, loader, cache, num_workers=0, progress=False)
+    assert loader.decoded == [target.name]
+    assert torch.equal(crops, _expected(images, ImageLoader(CFG)))
+
+
+def test_same_size_but_other_mtime_is_redecoded(images, tmp_path):
+    cache = tmp_path / "cache"
+    cached_crops(images, ImageLoader(CFG), cache, num_workers=0, progress=False)
+    target = images[0]
+    data = bytearray(target.read_bytes())
+    st = target.stat()
+    target.write_bytes(bytes(data))  # same bytes and size, new mtime
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10**9))
+    loader = CountingLoader(CFG)
+    cached_crops(images, loader, cache, num_workers=0, progress=False)
+    assert loader.decoded == [target.name]

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_layout
+from conftest import eval_cfg, make_layout, read_csv, run_module
+from reference import brute_force_metrics
 
 from handclip.config import compose
 from handclip.data.datamodule import HandDataModule
@@ -20,13 +20,6 @@ from handclip.evaluation.metrics import compute_reid_metrics
 from handclip.evaluation.protocol import evaluate_hand, summarize
 from handclip.models.encoder import zero_shot_encoder
 from handclip.train import train
-
-
-def eval_cfg(data: Path, out: Path, *extra: str):
-    return compose("eval", [
-        "experiment=demo", f"paths.data_dir={data}", f"paths.output_root={out}", f"paths.cache_dir={out / 'cache'}",
-        "data.progress=false", "data.cache_workers=0", *extra,
-    ])
 
 
 class CountingEncoder(torch.nn.Module):
@@ -114,7 +107,7 @@ def test_eval_all_writes_the_comparison(trained_root, capsys):
     result = evaluate(eval_cfg(data, out, "all=true"))
     files = {p.suffix: p for p in result["files"].values()}
     assert set(files) == {".md", ".csv", ".json"} and all(p.parent == out / "eval" for p in files.values())
-    rows = list(csv.DictReader(open(files[".csv"])))
+    rows = read_csv(files[".csv"])
     assert [(r["hand"], r["model"], r["status"]) for r in rows] == [
         ("dorsal_right", "zero-shot CLIP", "ok"), ("dorsal_right", "HandCLIP (fine-tuned)", "ok"),
         ("dorsal_left", "zero-shot CLIP", "ok"), ("dorsal_left", "HandCLIP (fine-tuned)", "no checkpoint"),
@@ -129,6 +122,14 @@ def test_eval_all_writes_the_comparison(trained_root, capsys):
     assert md.count("\n| ") == 1 + 6 and "ΔRank-1" in md and "no checkpoint" in md
     printed = capsys.readouterr().out
     assert "| dorsal_right | HandCLIP (fine-tuned) |" in printed
+    # the deltas are fine-tuned minus zero-shot, in points, for every hand with both
+    by = {(e["hand"], e["model"]): e for e in result["entries"]}
+    lines = {tuple(cell.strip() for cell in line.strip("|").split("|")[:2]): line for line in md.splitlines()}
+    for hand in ("dorsal_right", "palmar_left"):
+        zero, tuned = by[(hand, "zero-shot CLIP")]["summary"], by[(hand, "HandCLIP (fine-tuned)")]["summary"]
+        cells = [c.strip() for c in lines[(hand, "HandCLIP (fine-tuned)")].strip("|").split("|")]
+        assert cells[-2] == f"{100 * (tuned['rank1']['mean'] - zero['rank1']['mean']):+.1f}"
+        assert cells[-1] == f"{100 * (tuned['mAP']['mean'] - zero['mAP']['mean']):+.1f}"
 
 
 def test_eval_one_checkpoint_and_hand_mismatch(trained_root):
@@ -143,18 +144,56 @@ def test_eval_one_checkpoint_and_hand_mismatch(trained_root):
     assert allowed["entries"][0]["trained_on"] == "dorsal_right" and allowed["entries"][0]["hand"] == "dorsal_left"
 
 
-def test_eval_zero_shot_only(trained_root):
+def brute_force_runs(data: Path, hand: str, encoder, ap: str = "standard") -> list[dict]:
+    """Every run's figures from embeddings of its own query/gallery folders, by the brute-force reference."""
+    from handclip.data import layout
+
+    dm = HandDataModule(str(data), hand, "HandCLIP-Tiny", None, cache=False, progress=False)
+    runs = []
+    for query, gallery in layout.discover_hand(data, hand).runs:
+        feats, labels = {}, {}
+        for split in (query, gallery):
+            samples = layout.list_split(data, hand, split)
+            with torch.no_grad():
+                feats[split] = torch.cat([encoder.embed(dm.loader(s.path).unsqueeze(0)) for s in samples])
+            labels[split] = [int(s.identity) for s in samples]
+        runs.append(brute_force_metrics(feats[query], labels[query], feats[gallery], labels[gallery], ap=ap))
+    return runs
+
+
+@pytest.fixture
+def built_encoders(monkeypatch) -> list:
+    """The zero-shot encoders that handclip.eval builds (random weights: the reference must use the same)."""
+    import handclip.eval as eval_mod
+
+    built = []
+    real = eval_mod.zero_shot_encoder
+    monkeypatch.setattr(eval_mod, "zero_shot_encoder", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    return built
+
+
+def test_eval_zero_shot_only(trained_root, built_encoders):
     data, out = trained_root
     (entry,) = evaluate(eval_cfg(data, out, "hand=dorsal_left"))["entries"]
-    assert entry["model"] == "zero-shot CLIP" and entry["summary"]["rank1"]["mean"] >= 0
+    assert entry["model"] == "zero-shot CLIP"
+    expected = brute_force_runs(data, "dorsal_left", built_encoders[0])
+    assert [r["rank1"] for r in entry["runs"]] == pytest.approx([r["rank1"] for r in expected], abs=1e-9)
+    assert [r["mAP"] for r in entry["runs"]] == pytest.approx([r["mAP"] for r in expected], abs=1e-6)
+    mean = sum(r["rank1"] for r in expected) / len(expected)
+    assert entry["summary"]["rank1"]["mean"] == pytest.approx(mean, abs=1e-9)
 
 
-def test_trapezoid_option(trained_root):
+def test_trapezoid_option(trained_root, built_encoders):
+    """metrics.ap=trapezoid reaches the metric: per-run mAP equals the trapezoid reference, not the standard one."""
     data, out = trained_root
     std = evaluate(eval_cfg(data, out, "hand=dorsal_left"))["entries"][0]["runs"]
     trap = evaluate(eval_cfg(data, out, "hand=dorsal_left", "metrics.ap=trapezoid"))["entries"][0]["runs"]
     assert [r["rank1"] for r in std] == [r["rank1"] for r in trap]
+    expected = brute_force_runs(data, "dorsal_left", built_encoders[1], ap="trapezoid")
+    assert [r["mAP"] for r in trap] == pytest.approx([r["mAP"] for r in expected], abs=1e-6)
+    assert any(r["rank1"] < 1 for r in std), "needs a query whose match is not first"
     assert all(t["mAP"] <= s["mAP"] + 1e-12 for s, t in zip(std, trap))
+    assert any(t["mAP"] < s["mAP"] - 1e-6 for s, t in zip(std, trap))
 
 
 def test_checkpoint_missing_or_corrupt(trained_root, tmp_path):
@@ -235,23 +274,31 @@ def test_run_without_any_valid_query_is_reported_not_fatal(tmp_path):
         evaluate_hand(zero_shot_encoder("HandCLIP-Tiny", None), dm, torch.device("cpu"), progress=False)
 
 
+@pytest.mark.slow
 def test_eval_cli_all_with_data_root_override(trained_root, tmp_path):
     """`python -m handclip.eval all=true` as `make eval` runs it, the data given as data.root."""
-    import os
-    import subprocess
-    import sys
-
     data, out = trained_root
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root / "src")}
-    result = subprocess.run(
-        [sys.executable, "-m", "handclip.eval", "all=true", "model=tiny", f"data.root={data}",
-         f"paths.output_root={out}", f"paths.cache_dir={out / 'cache'}", "data.progress=false"],
-        env=env, capture_output=True, text=True, timeout=300)
+    result = run_module("handclip.eval", "all=true", "model=tiny", f"data.root={data}", f"paths.output_root={out}",
+                        f"paths.cache_dir={out / 'cache'}", "data.progress=false")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| palmar_left | HandCLIP (fine-tuned) |" in result.stdout
-    rows = list(csv.DictReader(open(out / "eval" / "comparison.csv")))
+    rows = read_csv(out / "eval" / "comparison.csv")
     assert len(rows) == 6 and {r["hand"] for r in rows} == {"dorsal_right", "dorsal_left", "palmar_left"}
+
+
+def test_table_deltas_are_fine_tuned_minus_zero_shot():
+    from handclip.evaluation.report import table_rows
+
+    def entry(model, rank1, mAP):
+        return {"hand": "palmar_right", "model": model, "summary": {
+            "rank1": {"mean": rank1, "std": 0.0}, "mAP": {"mean": mAP, "std": 0.0}, "num_valid_queries": 5,
+            "gallery_size": 3}}
+
+    rows = table_rows([entry("HandCLIP (fine-tuned)", 0.5, 0.25), entry("zero-shot CLIP", 0.2, 0.35)])
+    assert [r["model"] for r in rows] == ["zero-shot CLIP", "HandCLIP (fine-tuned)"]
+    assert rows[0]["ΔRank-1"] == rows[0]["ΔmAP"] == ""
+    assert (rows[1]["ΔRank-1"], rows[1]["ΔmAP"]) == ("+30.0", "-10.0")
+    assert (rows[1]["Rank-1 (%)"], rows[0]["mAP (%)"]) == ("50.0 ± 0.0", "35.0 ± 0.0")
 
 
 def test_table_row_for_a_protocol_without_scored_runs():

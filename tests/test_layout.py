@@ -96,7 +96,7 @@ def test_missing_split_names_it(tmp_path: Path):
 def test_split_without_images(tmp_path: Path):
     root = make_layout(tmp_path)
     train = root / "train_val_test_split_dorsal_r" / "train"
-    for p in train.rglob("*.jpg"):
+    for p in [p for p in train.rglob("*") if p.is_file()]:
         p.unlink()
     (train / "0000000" / "notes.txt").write_text("not an image")
     with pytest.raises(HandCLIPError, match=r"train' holds no images"):

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 from handclip.config import compose
 from handclip.data.protocol import prepare_dataset
 from handclip.data.synthetic import generate_dataset

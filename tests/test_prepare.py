@@ -312,3 +312,141 @@ def test_force_refuses_a_folder_that_is_not_a_prepare_output(tmp_path, raw):
     with pytest.raises(HandCLIPError, match="precious.txt"):
         prepare_dataset(raw, out, runs=1, force=True)
     assert (out / "precious.txt").read_text() == "keep me"
+
+
+# -- the published protocol, written out: ids on both sides of every threshold --------------------
+#: 11k Hands (Afifi 2019): identities with id <= threshold train, the others test.
+PUBLISHED = {
+    "dorsal_right": {"train_all": {"0001049", "0001050"}, "test": {"0001051", "0001052"}},  # threshold 1050
+    "dorsal_left": {"train_all": {"0001036", "0001037"}, "test": {"0001038", "0001039"}},  # 1037
+    "palmar_right": {"train_all": {"0001050", "0001051"}, "test": {"0001052", "0001053"}},  # 1051
+    "palmar_left": {"train_all": {"0001041", "0001042"}, "test": {"0001043", "0001044"}},  # 1042
+}
+#: How many photos each (hand, id) gets in the hand-made raw folder below.
+TWO_IMAGES = ("dorsal_right", "0001049")  # a training identity with exactly two usable photos
+FIVE_IMAGES = 5
+
+
+def _boundary_raw(root: Path) -> Path:
+    """A raw 11k folder written by hand: for each hand, ids threshold-1 and threshold (train) and
+    threshold+1, threshold+2 (test), five photos each, except TWO_IMAGES which has two."""
+    hands_dir = root / "Hands"
+    hands_dir.mkdir(parents=True)
+    photo = hands_dir / "_source.jpg"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (120, 80, 60)).save(photo)
+    lines = ["id,age,gender,skinColor,accessories,nailPolish,aspectOfHand,imageName,irregularities"]
+    n = 0
+    for hand, sides in PUBLISHED.items():
+        for identity in sorted(sides["train_all"] | sides["test"]):
+            for _ in range(2 if (hand, identity) == TWO_IMAGES else FIVE_IMAGES):
+                name = f"Hand_{n:07d}.jpg"
+                shutil.copyfile(photo, hands_dir / name)
+                lines.append(f'"{identity}",30,male,fair,0,0,{hand.replace("_", " ")},{name},0')
+                n += 1
+    photo.unlink()
+    (root / "HandInfo.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def boundary(tmp_path_factory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("boundary")
+    raw = _boundary_raw(base / "raw")
+    out = base / "out"
+    prepare_dataset(raw, out, seed=0, runs=2)
+    return raw, out
+
+
+def test_published_thresholds_on_both_sides_of_each_boundary(boundary) -> None:
+    _, out = boundary
+    for hand, sides in PUBLISHED.items():
+        assert set(_split(out, hand, "train_all")) == sides["train_all"], hand
+        assert set(_split(out, hand, "test")) == sides["test"], hand
+
+
+def test_two_image_identity_gets_one_val_image(boundary) -> None:
+    _, out = boundary
+    hand, identity = TWO_IMAGES
+    assert len(_split(out, hand, "val")[identity]) == 1
+    assert len(_split(out, hand, "train")[identity]) == 1
+    info = json.loads((out / "split_info.json").read_text())
+    assert info["hands"][hand]["single_image_train_identities"] == []
+    for hand in PUBLISHED:  # every training identity has a val image and the rest in train
+        val, train = _split(out, hand, "val"), _split(out, hand, "train")
+        assert set(val) == PUBLISHED[hand]["train_all"]
+        assert all(len(val[i]) == 1 and len(train[i]) == (1 if (hand, i) == TWO_IMAGES else 4) for i in val)
+
+
+def test_val_image_is_drawn_at_random_by_the_seed(boundary, tmp_path) -> None:
+    """Over seeds, every training identity's val image is sometimes not its first photo, and seeds differ."""
+    raw, _ = boundary
+    picks: dict[tuple[str, str], set[str]] = {}
+    firsts: dict[tuple[str, str], str] = {}
+    for seed in range(6):
+        out = tmp_path / f"s{seed}"
+        prepare_dataset(raw, out, seed=seed, runs=1)
+        for hand in PUBLISHED:
+            for identity, images in _split(out, hand, "val").items():
+                picks.setdefault((hand, identity), set()).update(images)
+                firsts[(hand, identity)] = min(_split(out, hand, "train_all")[identity])
+    assert all(len(chosen) >= 2 for key, chosen in picks.items() if key != TWO_IMAGES)
+    assert any(firsts[key] not in chosen for key, chosen in picks.items())
+    assert picks[TWO_IMAGES] == set(_split(tmp_path / "s0", *TWO_IMAGES[:1], "train_all")[TWO_IMAGES[1]])
+
+
+def test_gallery_image_is_drawn_at_random_per_run(boundary) -> None:
+    _, out = boundary
+    for hand, sides in PUBLISHED.items():
+        for identity in sides["test"]:
+            galleries = {next(iter(_split(out, hand, f"gallery{r}")[identity])) for r in range(2)}
+            test = _split(out, hand, "test")[identity]
+            assert galleries <= test and len(test) == FIVE_IMAGES
+
+
+def test_self_check_catches_a_bad_split(raw: Path, tmp_path: Path) -> None:
+    """verify_output rejects written files that differ from the plan, and plans that break the protocol."""
+    records = protocol.read_hand_info(raw)
+    plans = protocol.plan_dataset(records, seed=0, runs=2)
+    out = tmp_path / "ok"
+    protocol.write_plans(plans, raw / "Hands", out)
+    protocol.verify_output(out, plans, 2)  # a correct split passes
+
+    hand_dir = out / hand_dir_name("dorsal_right")
+    stray = next((hand_dir / "val").rglob("*.jpg"))
+    shutil.move(stray, hand_dir / "train" / stray.parent.name / stray.name)
+    with pytest.raises(HandCLIPError, match="self-check.*planned file"):
+        protocol.verify_output(out, plans, 2)
+
+    import copy
+
+    def broken(change) -> None:
+        bad = copy.deepcopy(plans)
+        change(bad["palmar_left"].splits)
+        root = tmp_path / f"bad{len(list(tmp_path.iterdir()))}"
+        protocol.write_plans(bad, raw / "Hands", root)
+        with pytest.raises(HandCLIPError, match="self-check"):
+            protocol.verify_output(root, bad, 2)
+
+    test_id = next(iter(plans["palmar_left"].splits["test"]))
+    train_id = next(iter(plans["palmar_left"].splits["train_all"]))
+    broken(lambda s: s["train_all"].update({test_id: s["test"][test_id]}))  # an identity on both sides
+    broken(lambda s: s["val"][train_id].append(s["train"][train_id].pop()))  # two val images
+    broken(lambda s: s["gallery1"][test_id].append(s["query1"][test_id].pop()))  # two gallery images
+    broken(lambda s: s["query0"].pop(test_id))  # query images lost
+
+
+def test_prepare_runs_the_self_check(raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that goes wrong is caught before the output is moved into place."""
+    real = protocol.write_plans
+
+    def dropping(plans, images_dir, root):
+        linker = real(plans, images_dir, root)
+        next(root.rglob("*.jpg")).unlink()
+        return linker
+
+    monkeypatch.setattr(protocol, "write_plans", dropping)
+    with pytest.raises(HandCLIPError, match="self-check"):
+        prepare_dataset(raw, tmp_path / "out", runs=1)
+    assert not (tmp_path / "out").exists()

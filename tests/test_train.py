@@ -1,17 +1,14 @@
-"""Training: configs, the module's recipe, checkpoints and logs, resuming, multirun, and user errors."""
+"""Training: configs, the module's recipe, learning, checkpoints and logs, resuming, multirun, and user errors."""
 
 from __future__ import annotations
 
-import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_layout
+from conftest import FIVE_METRICS, column, make_layout, read_metrics, run_module, tiny_cfg
 from hydra.errors import MissingConfigException
+from reference import brute_force_rank1
 
 from handclip.checkpoints import load_module, read_checkpoint_meta
 from handclip.config import compose
@@ -21,30 +18,16 @@ from handclip.models.clip import create_clip
 from handclip.models.module import HandCLIPModule
 from handclip.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
-FIVE_METRICS = ("train/loss_epoch", "train/acc", "val/loss", "val/acc", "val/rank1")
-
-
-def tiny_cfg(data: Path, out: Path, *extra: str, hand: str = "dorsal_right"):
-    return compose("train", [
-        "experiment=demo", f"hand={hand}", f"paths.data_dir={data}", f"paths.output_root={out}",
-        f"paths.cache_dir={out / 'cache'}", "data.progress=false", "data.cache_workers=0",
-        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", *extra,
-    ])
-
-
-def read_metrics(run_dir: Path, version: int = 0) -> list[dict]:
-    with open(run_dir / "logs" / f"version_{version}" / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def column(rows: list[dict], key: str) -> list[float]:
-    return [float(r[key]) for r in rows if r.get(key)]
+#: The training identities of the layouts below, as their folder names.
+CLASSES = [f"{i:07d}" for i in range(6)]
+#: A recipe on which the tiny model learns the layout's identity patterns within a few epochs.
+LEARNING = ("seed=7", "trainer.deterministic=true", "model.lr=1e-3", "data.batch_size=8")
+EPOCHS = 8
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return make_layout(tmp_path_factory.mktemp("layout"), hands=tuple(HAND_TYPES), n_train_ids=5, per_id=4)
+    return make_layout(tmp_path_factory.mktemp("layout"), hands=tuple(HAND_TYPES), n_train_ids=6, per_id=5)
 
 
 # -- configs -----------------------------------------------------------------------------------
@@ -61,16 +44,28 @@ def test_configs_compose_for_every_hand_and_experiment(name, hand, experiment):
 
 
 def test_default_recipe_is_the_mission():
+    """The brief's fixed defaults, written out here (not read back from the code)."""
     cfg = compose("train")
     assert cfg.model.model_name == "ViT-B-32-quickgelu" and cfg.model.pretrained == "openai"
     assert cfg.model.lr == 1e-5 and cfg.model.weight_decay == 0.01
     assert cfg.trainer.max_epochs == 50
+    assert cfg.trainer.precision == "32-true"
+    assert cfg.trainer.check_val_every_n_epoch == 1
+    assert cfg.data.batch_size == 64
     assert cfg.data.num_workers == 0 and cfg.data.cache is True
+    assert cfg.model.compile is False
     targets = [c["_target_"] for c in cfg.callbacks.values() if c]
-    assert not any("EarlyStopping" in t for t in targets)
+    assert not any("EarlyStopping" in t or "LearningRateMonitor" in t for t in targets)
     monitors = {c.get("filename"): c.get("monitor") for c in cfg.callbacks.values() if c}
     assert monitors == {"best": "val/rank1", "last": None}
     assert cfg.callbacks.best_checkpoint.mode == "max"
+
+
+def test_the_optimizer_has_no_scheduler():
+    module = HandCLIPModule(classes=["a", "b"], hand="dorsal_right", model_name="HandCLIP-Tiny", pretrained=None)
+    configured = module.configure_optimizers()
+    # A bare optimizer: no lr_scheduler entry, no (optimizers, schedulers) pair, no dict.
+    assert isinstance(configured, torch.optim.AdamW)
 
 
 def test_unknown_hand_lists_valid_ones():
@@ -103,6 +98,20 @@ def test_forward_gives_logits_over_identities(module):
     assert module.embed(images).shape == (2, 64)
 
 
+def test_a_training_step_moves_the_image_tower(module):
+    """One optimizer step on the cross-entropy changes every trainable image-tower tensor that gets a gradient."""
+    step = HandCLIPModule(classes=["a", "b", "c"], hand="dorsal_right", model_name="HandCLIP-Tiny", pretrained=None)
+    before = {n: p.detach().clone() for n, p in step.clip.visual.named_parameters()}
+    optimizer = step.configure_optimizers()
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    step.loss_fn(step(images), torch.tensor([0, 1, 2, 0])).backward()
+    with_grad = {n for n, p in step.clip.visual.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert "conv1.weight" in with_grad and "proj" in with_grad
+    optimizer.step()
+    changed = {n for n, p in step.clip.visual.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert with_grad <= changed
+
+
 def test_vit_b32_embedding_is_512_wide():
     clip = create_clip("ViT-B-32-quickgelu", None)
     assert clip.visual.output_dim == 512
@@ -116,33 +125,30 @@ def test_val_rank1_matches_brute_force(module, monkeypatch):
     monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.__setitem__(name, value))
     module._val_outputs = {0: [(query[:13], qlab[:13]), (query[13:], qlab[13:])], 1: [(gallery, glab)]}
     module.on_validation_epoch_end()
-    hits = 0
-    for i in range(len(query)):
-        sims = [
-            sum(a * b for a, b in zip(query[i].tolist(), gallery[j].tolist()))
-            / (query[i].norm().item() * gallery[j].norm().item())
-            for j in range(len(gallery))
-        ]
-        best = max(range(len(gallery)), key=lambda j: (sims[j], -j))
-        hits += int(glab[best] == qlab[i])
-    assert logged["val/rank1"] == pytest.approx(hits / len(query))
+    assert float(logged["val/rank1"]) == pytest.approx(brute_force_rank1(query, qlab, gallery, glab))
 
 
 # -- training runs -----------------------------------------------------------------------------
 def test_fast_dev_run(data, tmp_path):
-    train(tiny_cfg(data, tmp_path, "+trainer.fast_dev_run=true"))
+    """One training and one validation batch, the five metrics, and no checkpoint (Lightning's dry run)."""
+    cfg = tiny_cfg(data, tmp_path, "+trainer.fast_dev_run=true")
+    metrics = train(cfg)
+    assert {"train/loss_epoch", "val/loss", "val/rank1"} <= set(metrics)
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+    assert 0.0 <= metrics["val/rank1"] <= 1.0
+    assert not list(Path(cfg.paths.output_dir).rglob("*.ckpt"))
 
 
 @pytest.fixture(scope="module")
 def trained(data, tmp_path_factory):
-    """A 3-epoch run whose text tower is recorded when fit starts."""
+    """An 8-epoch run on identity-bearing images; the initial weights are recorded when fit starts."""
     out = tmp_path_factory.mktemp("run")
-    cfg = tiny_cfg(data, out, "trainer.max_epochs=3", "seed=7", "trainer.deterministic=true")
-    text_before = {}
+    cfg = tiny_cfg(data, out, f"trainer.max_epochs={EPOCHS}", *LEARNING)
+    before = {}
     original = HandCLIPModule.configure_optimizers
 
     def recording(self):  # called once when fit starts, before any training step
-        text_before.update({n: p.detach().clone() for n, p in self.clip.named_parameters() if not n.startswith("visual.")})
+        before.update({n: p.detach().clone() for n, p in self.clip.named_parameters()})
         return original(self)
 
     HandCLIPModule.configure_optimizers = recording
@@ -150,7 +156,7 @@ def trained(data, tmp_path_factory):
         metrics = train(cfg)
     finally:
         HandCLIPModule.configure_optimizers = original
-    return {"cfg": cfg, "out": out, "run_dir": Path(cfg.paths.output_dir), "text_before": text_before, "metrics": metrics}
+    return {"cfg": cfg, "out": out, "run_dir": Path(cfg.paths.output_dir), "before": before, "metrics": metrics}
 
 
 def test_run_writes_checkpoints_config_and_all_metrics(trained):
@@ -161,73 +167,107 @@ def test_run_writes_checkpoints_config_and_all_metrics(trained):
     assert not list((run_dir / "checkpoints").rglob("*/")), "metric names must not create sub-folders"
     rows = read_metrics(run_dir)
     for key in FIVE_METRICS:
-        assert len(column(rows, key)) == 3, key
-    assert sorted({int(r["epoch"]) for r in rows}) == [0, 1, 2]
+        assert len(column(rows, key)) == EPOCHS, key
+    assert sorted({int(r["epoch"]) for r in rows}) == list(range(EPOCHS))
+
+
+def test_the_model_learns(trained):
+    """Loss falls and val/rank1 rises on images whose identity is learnable."""
+    rows = read_metrics(trained["run_dir"])
+    loss, rank1 = column(rows, "train/loss_epoch"), column(rows, "val/rank1")
+    assert loss[-1] < 0.6 * loss[0]
+    assert max(rank1) >= rank1[0] + 0.3
+
+
+def test_best_checkpoint_holds_the_highest_val_rank1(trained, data):
+    """best.ckpt is the first epoch with the highest logged val/rank1, and its weights reproduce that value."""
+    rows = read_metrics(trained["run_dir"])
+    rank1 = column(rows, "val/rank1")
+    assert len(set(rank1)) > 1, "val/rank1 must move for this test to mean anything"
+    best_epoch = rank1.index(max(rank1))
+    best = trained["run_dir"] / "checkpoints" / "best.ckpt"
+    assert torch.load(best, weights_only=True, map_location="cpu")["epoch"] == best_epoch
+    assert recomputed_val_rank1(best, data) == pytest.approx(max(rank1), abs=1e-6)
 
 
 def test_checkpoint_knows_its_classes_and_loads_weights_only(trained):
     meta = read_checkpoint_meta(trained["run_dir"] / "checkpoints" / "best.ckpt")
-    assert meta["classes"] == [f"{i:07d}" for i in range(5)]
+    assert meta["classes"] == CLASSES
     assert meta["hand"] == "dorsal_right" and meta["model_name"] == "HandCLIP-Tiny"
     module = HandCLIPModule.load_from_checkpoint(trained["run_dir"] / "checkpoints" / "last.ckpt", weights_only=True)
     assert module.classes == meta["classes"]
 
 
-def test_text_tower_untouched_by_training(trained):
+def test_only_the_image_tower_trained(trained):
+    """Against the run's own initial weights: the text tower is unchanged, every image-tower tensor moved."""
     module = load_module(trained["run_dir"] / "checkpoints" / "last.ckpt")
-    after = dict(module.clip.named_parameters())
-    assert trained["text_before"]
-    for name, before in trained["text_before"].items():
-        assert torch.equal(before, after[name].detach()), name
-    initial_visual = HandCLIPModule(classes=list(module.classes), hand="dorsal_right", model_name="HandCLIP-Tiny",
-                                    pretrained=None)
-    # the image tower did change
-    assert not torch.equal(initial_visual.clip.visual.conv1.weight, module.clip.visual.conv1.weight)
+    after = {n: p.detach() for n, p in module.clip.named_parameters()}
+    before = trained["before"]
+    assert before and set(before) == set(after)
+    for name, value in before.items():
+        if name.startswith("visual."):
+            assert not torch.equal(value, after[name]), f"image tower tensor {name} never changed"
+        else:
+            assert torch.equal(value, after[name]), f"text tower tensor {name} changed"
 
 
-def test_logged_val_rank1_is_the_nearest_training_image(trained, data):
-    """Recompute the last epoch's val/rank1 from last.ckpt by brute force over the val/train images."""
+def recomputed_val_rank1(ckpt: Path, data: Path) -> float:
+    """val/rank1 of a checkpoint by brute force over the val and training images."""
     from handclip.data.datamodule import HandDataModule
 
-    module = load_module(trained["run_dir"] / "checkpoints" / "last.ckpt")
+    module = load_module(ckpt)
     dm = HandDataModule(str(data), "dorsal_right", "HandCLIP-Tiny", None, cache=False)
     dm.setup()
     with torch.no_grad():
         val = [(module.embed(x.unsqueeze(0))[0], int(y)) for x, y in dm.val_set]
         gal = [(module.embed(x.unsqueeze(0))[0], int(y)) for x, y in dm.train_set]
-    hits = 0
-    for q, ql in val:
-        sims = [torch.nn.functional.cosine_similarity(q, g, dim=0).item() for g, _ in gal]
-        best = max(range(len(gal)), key=lambda j: (sims[j], -j))
-        hits += int(gal[best][1] == ql)
+    return brute_force_rank1([v for v, _ in val], [y for _, y in val], [g for g, _ in gal], [y for _, y in gal])
+
+
+def test_logged_val_rank1_is_the_nearest_training_image(trained, data):
+    """Recompute the last epoch's val/rank1 from last.ckpt by brute force over the val/train images."""
     logged = column(read_metrics(trained["run_dir"]), "val/rank1")[-1]
-    assert logged == pytest.approx(hits / len(val), abs=1e-6)
+    assert recomputed_val_rank1(trained["run_dir"] / "checkpoints" / "last.ckpt", data) == pytest.approx(logged, abs=1e-6)
 
 
 def test_same_seed_same_metrics(trained, data, tmp_path):
-    again = tiny_cfg(data, tmp_path, "trainer.max_epochs=3", "seed=7", "trainer.deterministic=true")
+    """A 3-epoch run with the same seed repeats the first 3 epochs of the 8-epoch run (no schedule to differ)."""
+    again = tiny_cfg(data, tmp_path, "trainer.max_epochs=3", *LEARNING)
     train(again)
     first, second = read_metrics(trained["run_dir"]), read_metrics(Path(again.paths.output_dir))
     for key in FIVE_METRICS:
-        assert column(first, key) == pytest.approx(column(second, key), rel=1e-5), key
+        assert column(first, key)[:3] == pytest.approx(column(second, key), rel=1e-5), key
 
 
-def test_second_run_refuses_then_resume_continues_epochs(trained, data):
-    cfg = tiny_cfg(data, trained["out"], "trainer.max_epochs=5", "seed=7")
-    before = {p.name: p.stat().st_mtime_ns for p in (trained["run_dir"] / "checkpoints").iterdir()}
+def test_second_run_refuses_then_resume_continues(trained, data, tmp_path):
+    """Resuming the first 4 epochs of the run for 4 more gives the run's own last 4 epochs."""
+    cfg = tiny_cfg(data, tmp_path, "trainer.max_epochs=4", *LEARNING)
+    train(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()}
+    again = tiny_cfg(data, tmp_path, f"trainer.max_epochs={EPOCHS}", *LEARNING)
     with pytest.raises(HandCLIPError, match="already holds a run.*ckpt_path=last"):
-        train(cfg)
-    assert before == {p.name: p.stat().st_mtime_ns for p in (trained["run_dir"] / "checkpoints").iterdir()}
-    resumed = tiny_cfg(data, trained["out"], "trainer.max_epochs=5", "seed=7", "ckpt_path=last")
-    train(resumed)
-    rows = read_metrics(trained["run_dir"], version=1)
-    assert sorted({int(r["epoch"]) for r in rows}) == [3, 4]
-    assert (trained["run_dir"] / "config.yaml").is_file()
-    assert list(trained["run_dir"].glob("config.resumed-*.yaml"))
-    assert torch.load(trained["run_dir"] / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 4  # 0-based: the fifth epoch
+        train(again)
+    assert before == {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()}
+    train(tiny_cfg(data, tmp_path, f"trainer.max_epochs={EPOCHS}", *LEARNING, "ckpt_path=last"))
+    rows = read_metrics(run_dir, version=1)
+    assert sorted({int(r["epoch"]) for r in rows}) == list(range(4, EPOCHS))
+    assert (run_dir / "config.yaml").is_file()
+    assert list(run_dir.glob("config.resumed-*.yaml"))
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == EPOCHS - 1
+    # the weights came back: the resumed epochs start where the first 4 left off, not from scratch
+    first = read_metrics(run_dir, version=0)
+    assert column(rows, "train/loss_epoch")[0] < 0.8 * column(first, "train/loss_epoch")[0]
 
 
-def test_resume_refuses_other_classes_or_model(trained, data, tmp_path):
+def _checkpoint_with(src: Path, dst: Path, **hparams) -> Path:
+    ckpt = torch.load(src, weights_only=True, map_location="cpu")
+    ckpt["hyper_parameters"].update(hparams)
+    torch.save(ckpt, dst)
+    return dst
+
+
+def test_resume_refuses_other_classes_hand_or_model(trained, data, tmp_path):
     last = trained["run_dir"] / "checkpoints" / "last.ckpt"
     other = make_layout(tmp_path / "other", n_train_ids=3)
     with pytest.raises(HandCLIPError, match="identities that differ"):
@@ -236,6 +276,10 @@ def test_resume_refuses_other_classes_or_model(trained, data, tmp_path):
         train(tiny_cfg(data, tmp_path / "o2", f"ckpt_path={last}", hand="palmar_left"))
     with pytest.raises(HandCLIPError, match="to resume from not found"):
         train(tiny_cfg(data, tmp_path / "o3", "ckpt_path=last"))
+    vit = _checkpoint_with(last, tmp_path / "vit.ckpt", model_name="ViT-B-32")
+    with pytest.raises(HandCLIPError, match="model_name='ViT-B-32'.*model_name='HandCLIP-Tiny'"):
+        train(tiny_cfg(data, tmp_path / "o4", f"ckpt_path={vit}"))
+    assert not (tmp_path / "o4" / "train").exists()
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -270,20 +314,18 @@ def test_nan_loss_stops_with_the_step(data, tmp_path, monkeypatch):
         train(tiny_cfg(data, tmp_path, "trainer.max_epochs=2"))
 
 
+@pytest.mark.slow
 def test_cli_multirun_two_hands_and_clean_errors(data, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
     common = ["experiment=demo", f"paths.data_dir={data}", f"paths.output_root={tmp_path}",
               f"paths.cache_dir={tmp_path / 'cache'}", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
               "data.progress=false"]
-    result = subprocess.run([sys.executable, "-m", "handclip.train", "-m", "hand=dorsal_right,palmar_left", *common],
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = run_module("handclip.train", "-m", "hand=dorsal_right,palmar_left", *common)
     assert result.returncode == 0, result.stderr[-3000:]
     for hand in ("dorsal_right", "palmar_left"):
         assert (tmp_path / "train" / hand / "checkpoints" / "best.ckpt").is_file()
     assert not (tmp_path / "train" / "dorsal_left").exists()
 
-    again = subprocess.run([sys.executable, "-m", "handclip.train", "hand=dorsal_right", *common],
-                           env=env, capture_output=True, text=True, timeout=300)
+    again = run_module("handclip.train", "hand=dorsal_right", *common)
     assert again.returncode == 2
     assert "error:" in again.stderr and "already holds a run" in again.stderr
     assert "Traceback" not in again.stderr
@@ -307,11 +349,38 @@ def test_device_batches_cover_each_image_once_per_epoch():
     assert torch.cat([y for _, y in ordered]).tolist() == list(range(10))
 
 
-def test_training_from_device_batches(data, tmp_path):
+def test_training_from_device_batches(data, tmp_path, monkeypatch):
+    """data.device_batches=true: every training and validation batch comes from a DeviceBatchLoader."""
+    from handclip.data import datamodule as datamodule_mod
+    from handclip.data.images import DeviceBatchLoader
+
+    served = []
+
+    class Recording(DeviceBatchLoader):
+        def __iter__(self):
+            for batch in super().__iter__():
+                served.append(len(batch[1]))
+                yield batch
+
+    monkeypatch.setattr(datamodule_mod, "DeviceBatchLoader", Recording)
     cfg = tiny_cfg(data, tmp_path, "trainer.max_epochs=2", "data.device_batches=true")
     train(cfg)
     rows = read_metrics(Path(cfg.paths.output_dir))
     assert len(column(rows, "val/rank1")) == 2 and len(column(rows, "train/loss_epoch")) == 2
+    # per epoch: the 24 training images, then the 6 val and 24 training images for val/rank1
+    assert sum(served) == 2 * (24 + 6 + 24)
+
+
+def test_shuffled_training_batches(data, tmp_path):
+    from handclip.data.datamodule import HandDataModule
+
+    dm = HandDataModule(str(data), "dorsal_right", "HandCLIP-Tiny", None, cache=False, batch_size=4)
+    dm.setup()
+    torch.manual_seed(0)
+    order = torch.cat([y for _, y in dm.train_dataloader()]).tolist()
+    assert sorted(order) == sorted(dm.train_set.labels.tolist()) and order != dm.train_set.labels.tolist()
+    val_order = torch.cat([y for _, y in dm.val_dataloader()[0]]).tolist()
+    assert val_order == dm.val_set.labels.tolist()
 
 
 def test_explicit_resume_into_another_run_is_refused(trained, data, tmp_path):
