@@ -13,9 +13,19 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from handclip.data.layout import HAND_TYPES, hand_dir_name  # noqa: E402
+from handclip.hands import HAND_TYPES, hand_dir_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiny_preprocess():
+    from handclip.models.clip import preprocess_config
+
+    return preprocess_config("HandCLIP-Tiny", None)
+
+
+#: open_clip preprocessing of the tiny test architecture (64 x 64 crops).
+TINY = _tiny_preprocess()
 #: The five figures a training run logs once per epoch.
 FIVE_METRICS = ("train/loss_epoch", "train/acc", "val/loss", "val/acc", "val/rank1")
 

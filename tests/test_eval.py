@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import eval_cfg, make_layout, read_csv, run_module
+from conftest import TINY, eval_cfg, make_layout, read_csv, run_module
 from reference import brute_force_metrics
 
 from handclip.config import compose
 from handclip.data.datamodule import HandDataModule
-from handclip.data.layout import HAND_TYPES
 from handclip.errors import HandCLIPError
 from handclip.eval import evaluate
-from handclip.evaluation.metrics import compute_reid_metrics
-from handclip.evaluation.protocol import evaluate_hand, summarize
+from handclip.evaluation.runs import evaluate_hand, summarize
+from handclip.hands import HAND_TYPES
+from handclip.metrics import compute_reid_metrics
 from handclip.models.encoder import zero_shot_encoder
 from handclip.train import train
 
@@ -38,7 +38,7 @@ class CountingEncoder(torch.nn.Module):
 @pytest.mark.parametrize("cache", [True, False])
 def test_every_test_image_is_embedded_once_for_ten_runs(tmp_path, cache):
     data = make_layout(tmp_path / "d", n_test_ids=4, per_id=3, runs=10)
-    dm = HandDataModule(str(data), "dorsal_right", "HandCLIP-Tiny", None, cache=cache, cache_dir=str(tmp_path / "c"),
+    dm = HandDataModule(str(data), "dorsal_right", TINY, cache=cache, cache_dir=str(tmp_path / "c"),
                         progress=False, cache_workers=0)
     encoder = CountingEncoder(zero_shot_encoder("HandCLIP-Tiny", None))
     result = evaluate_hand(encoder, dm, torch.device("cpu"), progress=False)
@@ -51,7 +51,7 @@ def test_every_test_image_is_embedded_once_for_ten_runs(tmp_path, cache):
 def test_runs_use_the_right_images(tmp_path):
     """Scores equal those computed from per-run embeddings of the query/gallery folders themselves."""
     data = make_layout(tmp_path / "d", n_test_ids=5, per_id=3, runs=3)
-    dm = HandDataModule(str(data), "dorsal_right", "HandCLIP-Tiny", None, cache=False, progress=False)
+    dm = HandDataModule(str(data), "dorsal_right", TINY, cache=False, progress=False)
     encoder = zero_shot_encoder("HandCLIP-Tiny", None)
     result = evaluate_hand(encoder, dm, torch.device("cpu"), progress=False)
     from handclip.data import layout
@@ -73,7 +73,7 @@ def test_query_identity_missing_from_gallery_is_counted(tmp_path):
     data = make_layout(tmp_path / "d", n_test_ids=4, per_id=3, runs=2)
     gallery = data / "train_val_test_split_dorsal_r" / "gallery1"
     shutil.rmtree(gallery / "0002000")
-    dm = HandDataModule(str(data), "dorsal_right", "HandCLIP-Tiny", None, cache=False, progress=False)
+    dm = HandDataModule(str(data), "dorsal_right", TINY, cache=False, progress=False)
     result = evaluate_hand(zero_shot_encoder("HandCLIP-Tiny", None), dm, torch.device("cpu"), progress=False)
     assert result["runs"][0]["num_invalid_queries"] == 0
     assert result["runs"][1]["num_invalid_queries"] == 2
@@ -138,7 +138,8 @@ def test_eval_one_checkpoint_and_hand_mismatch(trained_root):
     result = evaluate(eval_cfg(data, out, "hand=dorsal_right", f"ckpt_path={ckpt}"))
     (entry,) = result["entries"]
     assert entry["model"] == "HandCLIP (fine-tuned)" and entry["summary"]["num_runs"] == 3
-    with pytest.raises(HandCLIPError, match=r"trained on hand type 'dorsal_right', not 'dorsal_left'.*allow_hand_mismatch"):
+    mismatch = r"trained on hand type 'dorsal_right', not 'dorsal_left'.*allow_hand_mismatch"
+    with pytest.raises(HandCLIPError, match=mismatch):
         evaluate(eval_cfg(data, out, "hand=dorsal_left", f"ckpt_path={ckpt}"))
     allowed = evaluate(eval_cfg(data, out, "hand=dorsal_left", f"ckpt_path={ckpt}", "allow_hand_mismatch=true"))
     assert allowed["entries"][0]["trained_on"] == "dorsal_right" and allowed["entries"][0]["hand"] == "dorsal_left"
@@ -148,7 +149,7 @@ def brute_force_runs(data: Path, hand: str, encoder, ap: str = "standard") -> li
     """Every run's figures from embeddings of its own query/gallery folders, by the brute-force reference."""
     from handclip.data import layout
 
-    dm = HandDataModule(str(data), hand, "HandCLIP-Tiny", None, cache=False, progress=False)
+    dm = HandDataModule(str(data), hand, TINY, cache=False, progress=False)
     runs = []
     for query, gallery in layout.discover_hand(data, hand).runs:
         feats, labels = {}, {}
@@ -237,7 +238,7 @@ def test_eval_config_defaults():
 
 def test_cross_aspect_protocol(tmp_path):
     """query{i} against gallery{i}_all: the same person's other aspects are not matches."""
-    from handclip.data.protocol import prepare_dataset
+    from handclip.data.split import prepare_dataset
     from handclip.data.synthetic import generate_dataset
 
     generate_dataset(tmp_path / "raw", subjects=8, images_per_aspect=3, size=(96, 72), workers=1, progress=False)
@@ -263,7 +264,7 @@ def test_run_without_any_valid_query_is_reported_not_fatal(tmp_path):
     gallery = data / "train_val_test_split_dorsal_r" / "gallery1"
     for ident in list(gallery.iterdir()):
         (gallery / ident.name).rename(gallery / f"9{ident.name[1:]}")  # no query identity left in gallery1
-    dm = HandDataModule(str(data), "dorsal_right", "HandCLIP-Tiny", None, cache=False, progress=False)
+    dm = HandDataModule(str(data), "dorsal_right", TINY, cache=False, progress=False)
     result = evaluate_hand(zero_shot_encoder("HandCLIP-Tiny", None), dm, torch.device("cpu"), progress=False)
     assert result["runs"][1]["num_valid_queries"] == 0 and "mAP" not in result["runs"][1]
     assert result["summary"]["num_runs"] == 1 and result["summary"]["num_runs_without_valid_query"] == 1

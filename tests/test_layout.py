@@ -12,13 +12,13 @@ from conftest import make_layout, write_image
 from handclip.data import layout
 from handclip.data.images import ImageLoader, load_rgb
 from handclip.errors import HandCLIPError
+from handclip.hands import HAND_TYPES, hand_dir_name
 from handclip.models.clip import preprocess_config
 
 
 def test_discover_finds_hands_splits_and_runs(layout_root: Path):
-    found = layout.discover(layout_root)
-    assert list(found) == list(layout.HAND_TYPES)
-    dr = found["dorsal_right"]
+    assert layout.available_hands(layout_root) == list(HAND_TYPES)
+    dr = layout.discover_hand(layout_root, "dorsal_right")
     assert dr.path == layout_root / "train_val_test_split_dorsal_r"
     assert dr.runs == (("query0", "gallery0"), ("query1", "gallery1"))
     assert {"train", "val", "test", "train_all"} <= set(dr.splits)
@@ -72,7 +72,7 @@ def test_oddities_of_published_data_are_accepted(tmp_path: Path, caplog):
 
 def test_missing_root_says_how_to_make_data(tmp_path: Path):
     with pytest.raises(HandCLIPError, match=r"does not exist.*handclip.prepare.*make demo"):
-        layout.discover(tmp_path / "nowhere")
+        layout.available_hands(tmp_path / "nowhere")
 
 
 def test_missing_hand_folder_lists_those_found(tmp_path: Path):
@@ -83,7 +83,7 @@ def test_missing_hand_folder_lists_those_found(tmp_path: Path):
 
 def test_unknown_hand_lists_valid_ones(tmp_path: Path):
     with pytest.raises(HandCLIPError, match="dorsal_right, dorsal_left, palmar_right, palmar_left"):
-        layout.hand_dir_name("dorsal_middle")
+        hand_dir_name("dorsal_middle")
 
 
 def test_missing_split_names_it(tmp_path: Path):

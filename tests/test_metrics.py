@@ -1,4 +1,4 @@
-"""Tests for handclip.evaluation.metrics, checked against an independent brute-force reference."""
+"""Tests for handclip.metrics, checked against an independent brute-force reference."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import pytest
 import torch
 from reference import brute_force_metrics
 
-from handclip.evaluation import metrics
-from handclip.evaluation.metrics import (
+from handclip.metrics import (
     argsort_reference_metrics,
     compute_reid_metrics,
     similarity_only,
 )
+from handclip.metrics import inputs as metrics_inputs
 
 AP_MODES = ("standard", "trapezoid")
 
@@ -335,7 +335,7 @@ def test_many_matches_under_tiny_memory_budget(monkeypatch):
     gf[60:70] = gf[0:10]
     qf[:3] = gf[:3]
     expected = {ap: brute_force_metrics(qf, ql, gf, gl, ap=ap) for ap in AP_MODES}
-    monkeypatch.setattr(metrics, "DEFAULT_MEMORY_BUDGET_BYTES", 120 * 4 * 6)
+    monkeypatch.setattr(metrics_inputs, "DEFAULT_MEMORY_BUDGET_BYTES", 120 * 4 * 6)
     for chunk_size in (None, 3):
         for ap in AP_MODES:
             assert_same(compute_reid_metrics(qf, ql, gf, gl, ap=ap, chunk_size=chunk_size), expected[ap])

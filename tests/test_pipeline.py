@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 from handclip.config import compose
-from handclip.data.protocol import prepare_dataset
+from handclip.data.split import prepare_dataset
 from handclip.data.synthetic import generate_dataset
 from handclip.eval import evaluate
 from handclip.train import train
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,8 @@ def demo_run(tmp_path_factory):
               f"paths.output_root={base / 'out'}", f"paths.cache_dir={base / 'cache'}", "data.progress=false"]
     train(compose("train", common + ["trainer.enable_progress_bar=false"]))
     ckpt = base / "out" / "train" / "dorsal_right" / "checkpoints" / "best.ckpt"
-    entries = evaluate(compose("eval", common))["entries"] + evaluate(compose("eval", common + [f"ckpt_path={ckpt}"]))["entries"]
+    entries = evaluate(compose("eval", common))["entries"]
+    entries += evaluate(compose("eval", common + [f"ckpt_path={ckpt}"]))["entries"]
     return base, {(e["hand"], e["model"]): e for e in entries}
 
 

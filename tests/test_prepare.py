@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 
 from handclip import prepare
-from handclip.data import protocol
-from handclip.data.layout import HAND_TYPES, hand_dir_name
-from handclip.data.protocol import DEFAULT_THRESHOLDS, prepare_dataset
+from handclip.data import split as protocol
+from handclip.data.split import prepare_dataset
 from handclip.data.synthetic import generate_dataset
 from handclip.errors import HandCLIPError
+from handclip.hands import HAND_TYPES, hand_dir_name
+from handclip.hands import PUBLISHED_THRESHOLDS as DEFAULT_THRESHOLDS
 
 RUNS = 3
 
@@ -121,7 +122,7 @@ def test_copies_when_links_fail(raw: Path, tmp_path: Path, monkeypatch: pytest.M
     def no_link(src, dst):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
-    monkeypatch.setattr(protocol.os, "link", no_link)
+    monkeypatch.setattr(os, "link", no_link)
     out = tmp_path / "out"
     prepare_dataset(raw, out, runs=1)
     image = next(out.rglob("*.jpg"))

@@ -152,7 +152,7 @@ def test_contact_sheet(tmp_path: Path) -> None:
 
 
 def test_force_keeps_old_images_until_the_new_set_is_complete(tmp_path, monkeypatch):
-    import handclip.data.synthetic as synthetic
+    import handclip.data.synthetic.dataset as synthetic
 
     out = tmp_path / "raw"
     synthetic.generate_dataset(out, subjects=2, images_per_aspect=2, size=(96, 72), workers=1)

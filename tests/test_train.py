@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIVE_METRICS, column, make_layout, read_metrics, run_module, tiny_cfg
+from conftest import FIVE_METRICS, TINY, column, make_layout, read_metrics, run_module, tiny_cfg
 from hydra.errors import MissingConfigException
 from reference import brute_force_rank1
 
-from handclip.checkpoints import load_module, read_checkpoint_meta
 from handclip.config import compose
-from handclip.data.layout import HAND_TYPES
 from handclip.errors import HandCLIPError
+from handclip.hands import HAND_TYPES
+from handclip.models.checkpoint import load_module, read_checkpoint_meta
 from handclip.models.clip import create_clip
 from handclip.models.module import HandCLIPModule
 from handclip.train import train
@@ -86,7 +86,7 @@ def test_only_the_image_tower_and_head_are_optimised(module):
     assert len(optimizer.param_groups) == 1 and group["lr"] == 1e-5 and group["weight_decay"] == 0.01
     optimised = {id(p) for p in group["params"]}
     names = {n for n, p in module.named_parameters() if id(p) in optimised}
-    assert names == {n for n, _ in module.named_parameters() if n.startswith(("clip.visual.", "head."))}
+    assert names == {n for n, _ in module.named_parameters() if n.startswith(("encoder.visual.", "head."))}
     frozen = [n for n, p in module.clip.named_parameters() if not n.startswith("visual.")]
     assert "logit_scale" in frozen and any(n.startswith("transformer.") for n in frozen)
     assert all(not p.requires_grad for n, p in module.clip.named_parameters() if n in frozen)
@@ -95,7 +95,7 @@ def test_only_the_image_tower_and_head_are_optimised(module):
 def test_forward_gives_logits_over_identities(module):
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     assert module(images).shape == (2, 3)
-    assert module.embed(images).shape == (2, 64)
+    assert module.encoder.embed(images).shape == (2, 64)
 
 
 def test_a_training_step_moves_the_image_tower(module):
@@ -144,11 +144,12 @@ def trained(data, tmp_path_factory):
     """An 8-epoch run on identity-bearing images; the initial weights are recorded when fit starts."""
     out = tmp_path_factory.mktemp("run")
     cfg = tiny_cfg(data, out, f"trainer.max_epochs={EPOCHS}", *LEARNING)
-    before = {}
+    before, live = {}, []
     original = HandCLIPModule.configure_optimizers
 
     def recording(self):  # called once when fit starts, before any training step
         before.update({n: p.detach().clone() for n, p in self.clip.named_parameters()})
+        live.append(self)
         return original(self)
 
     HandCLIPModule.configure_optimizers = recording
@@ -156,7 +157,8 @@ def trained(data, tmp_path_factory):
         metrics = train(cfg)
     finally:
         HandCLIPModule.configure_optimizers = original
-    return {"cfg": cfg, "out": out, "run_dir": Path(cfg.paths.output_dir), "before": before, "metrics": metrics}
+    return {"cfg": cfg, "out": out, "run_dir": Path(cfg.paths.output_dir), "before": before, "module": live[0],
+            "metrics": metrics}
 
 
 def test_run_writes_checkpoints_config_and_all_metrics(trained):
@@ -199,9 +201,9 @@ def test_checkpoint_knows_its_classes_and_loads_weights_only(trained):
 
 
 def test_only_the_image_tower_trained(trained):
-    """Against the run's own initial weights: the text tower is unchanged, every image-tower tensor moved."""
-    module = load_module(trained["run_dir"] / "checkpoints" / "last.ckpt")
-    after = {n: p.detach() for n, p in module.clip.named_parameters()}
+    """Against the run's own initial weights: the text tower is unchanged, every image-tower tensor moved
+    (and last.ckpt holds the moved image tower)."""
+    after = {n: p.detach() for n, p in trained["module"].clip.named_parameters()}
     before = trained["before"]
     assert before and set(before) == set(after)
     for name, value in before.items():
@@ -209,6 +211,9 @@ def test_only_the_image_tower_trained(trained):
             assert not torch.equal(value, after[name]), f"image tower tensor {name} never changed"
         else:
             assert torch.equal(value, after[name]), f"text tower tensor {name} changed"
+    saved = load_module(trained["run_dir"] / "checkpoints" / "last.ckpt").encoder.visual.state_dict()
+    for name, value in saved.items():
+        assert torch.equal(value, after[f"visual.{name}"]), name
 
 
 def recomputed_val_rank1(ckpt: Path, data: Path) -> float:
@@ -216,18 +221,19 @@ def recomputed_val_rank1(ckpt: Path, data: Path) -> float:
     from handclip.data.datamodule import HandDataModule
 
     module = load_module(ckpt)
-    dm = HandDataModule(str(data), "dorsal_right", "HandCLIP-Tiny", None, cache=False)
+    dm = HandDataModule(str(data), "dorsal_right", TINY, cache=False)
     dm.setup()
     with torch.no_grad():
-        val = [(module.embed(x.unsqueeze(0))[0], int(y)) for x, y in dm.val_set]
-        gal = [(module.embed(x.unsqueeze(0))[0], int(y)) for x, y in dm.train_set]
+        val = [(module.encoder.embed(x.unsqueeze(0))[0], int(y)) for x, y in dm.val_set]
+        gal = [(module.encoder.embed(x.unsqueeze(0))[0], int(y)) for x, y in dm.train_set]
     return brute_force_rank1([v for v, _ in val], [y for _, y in val], [g for g, _ in gal], [y for _, y in gal])
 
 
 def test_logged_val_rank1_is_the_nearest_training_image(trained, data):
     """Recompute the last epoch's val/rank1 from last.ckpt by brute force over the val/train images."""
     logged = column(read_metrics(trained["run_dir"]), "val/rank1")[-1]
-    assert recomputed_val_rank1(trained["run_dir"] / "checkpoints" / "last.ckpt", data) == pytest.approx(logged, abs=1e-6)
+    last = trained["run_dir"] / "checkpoints" / "last.ckpt"
+    assert recomputed_val_rank1(last, data) == pytest.approx(logged, abs=1e-6)
 
 
 def test_same_seed_same_metrics(trained, data, tmp_path):
@@ -332,7 +338,7 @@ def test_cli_multirun_two_hands_and_clean_errors(data, tmp_path):
 
 
 def test_device_batches_cover_each_image_once_per_epoch():
-    from handclip.data.images import DeviceBatchLoader
+    from handclip.data.datasets import DeviceBatchLoader
 
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 2, 2)
     loader = DeviceBatchLoader(images, torch.arange(10), batch_size=4, shuffle=True)
@@ -352,7 +358,7 @@ def test_device_batches_cover_each_image_once_per_epoch():
 def test_training_from_device_batches(data, tmp_path, monkeypatch):
     """data.device_batches=true: every training and validation batch comes from a DeviceBatchLoader."""
     from handclip.data import datamodule as datamodule_mod
-    from handclip.data.images import DeviceBatchLoader
+    from handclip.data.datasets import DeviceBatchLoader
 
     served = []
 
@@ -374,7 +380,7 @@ def test_training_from_device_batches(data, tmp_path, monkeypatch):
 def test_shuffled_training_batches(data, tmp_path):
     from handclip.data.datamodule import HandDataModule
 
-    dm = HandDataModule(str(data), "dorsal_right", "HandCLIP-Tiny", None, cache=False, batch_size=4)
+    dm = HandDataModule(str(data), "dorsal_right", TINY, cache=False, batch_size=4)
     dm.setup()
     torch.manual_seed(0)
     order = torch.cat([y for _, y in dm.train_dataloader()]).tolist()

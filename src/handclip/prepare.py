@@ -14,14 +14,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
-from handclip.data.protocol import DEFAULT_RUNS, DEFAULT_THRESHOLDS, SPLIT_MODES, parse_thresholds, prepare_dataset
+from handclip.data.split import DEFAULT_RUNS, SPLIT_MODES, parse_thresholds, prepare_dataset
 from handclip.errors import exit_on_error
+from handclip.hands import PUBLISHED_THRESHOLDS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = ",".join(f"{k}={v}" for k, v in DEFAULT_THRESHOLDS.items())
+    defaults = ",".join(f"{k}={v}" for k, v in PUBLISHED_THRESHOLDS.items())
     parser = argparse.ArgumentParser(prog="python -m handclip.prepare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--raw", required=True, help="folder with HandInfo.csv and Hands/ (the 11k Hands download)")
     parser.add_argument("--out", required=True, help="output data root for the split folders")

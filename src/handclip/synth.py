@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from handclip.data.synthetic import DEFAULT_SIZE, MAX_SUBJECTS, contact_sheet, generate_dataset, parse_size
 from handclip.errors import exit_on_error

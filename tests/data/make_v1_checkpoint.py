@@ -1,7 +1,11 @@
 """Make tests/data/v1_tiny_best.ckpt and its expected figures with HandCLIP 0.1.0 (commit aaa6b8d + tests)."""
-import json, shutil, sys
+import json
+import shutil
+import sys
 from pathlib import Path
+
 import torch
+
 from handclip.config import compose
 from handclip.data.protocol import prepare_dataset
 from handclip.data.synthetic import generate_dataset
@@ -33,6 +37,7 @@ del c["state_dict"]["clip.token_embedding.weight"]
 torch.save(c, dst / "v1_tiny_best.ckpt")
 # Fingerprint of the synthetic photos and CSV (raw_sha256 in the JSON).
 import hashlib
+
 h = hashlib.sha256()
 for p in sorted((work / "raw" / "Hands").iterdir()):
     h.update(p.name.encode())

@@ -25,12 +25,12 @@ import hashlib
 import itertools
 import json
 import os
-from collections import deque
-from concurrent.futures import ProcessPoolExecutor
-import tempfile
 import warnings
+from collections import deque
+from collections.abc import Generator, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Generator, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +38,8 @@ from tqdm.auto import tqdm
 
 from handclip.data.images import ImageLoader
 from handclip.errors import HandCLIPError
+from handclip.utils.devices import usable_cpus
+from handclip.utils.files import atomic_write, fsync_file, temp_path
 
 #: Bump when the storage layout or the meaning of a row changes: old caches are then ignored.
 FORMAT_VERSION = 1
@@ -62,7 +64,7 @@ def cached_crops(
     """Return the uint8 crops ``(N, 3, H, W)`` of ``paths`` (row i is ``loader(paths[i])``), via a disk cache.
 
     Rows of files whose (resolved path, size, mtime) and preprocessing settings are unchanged are read from
-    the cache; the others are decoded with ``num_workers`` processes (default ``os.cpu_count()``; 0 or 1
+    the cache; the others are decoded with ``num_workers`` processes (default: the usable cores; 0 or 1
     decodes in this process). The result is a copy-on-write memory map of the cache file: it can be indexed
     (also from DataLoader workers) without loading the whole array into memory.
 
@@ -102,12 +104,6 @@ def cached_crops(
     return torch.from_numpy(cache[1])
 
 
-def cache_size_bytes(cache_dir: str | Path) -> int:
-    """Total size in bytes of the files under ``cache_dir`` (0 if it does not exist)."""
-    root = Path(cache_dir)
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
-
-
 # --------------------------------------------------------------------------------------------- keys
 
 
@@ -132,7 +128,9 @@ def _entry(path: str | Path) -> Entry:
 # -------------------------------------------------------------------------------------------- reading
 
 
-def _open_cache(manifest_path: Path, settings: Any, row_shape: tuple[int, ...]) -> tuple[list[Entry], np.ndarray] | None:
+def _open_cache(
+    manifest_path: Path, settings: Any, row_shape: tuple[int, ...]
+) -> tuple[list[Entry], np.ndarray] | None:
     """(entries, memory map) of a cache, or None if it is missing or invalid (invalid: warn + delete).
 
     The map is private copy-on-write (``mmap_mode="c"``): writable, so torch accepts it without a warning,
@@ -202,7 +200,7 @@ def _decode_all(
     Only a few chunks are in flight at a time, so an error (or the consumer stopping) cancels the
     rest cleanly: a ``multiprocessing.Pool`` terminated with a full task pipe can hang for ever.
     """
-    workers = min((os.cpu_count() or 1) if num_workers is None else num_workers, len(paths))
+    workers = min(usable_cpus() if num_workers is None else num_workers, len(paths))
     bar = tqdm(total=len(paths), desc=f"decoding {desc}", unit="img", disable=not progress)
     try:
         if workers <= 1:
@@ -252,7 +250,7 @@ def _build(
     shape = (len(entries), *row_shape)
     data_path = directory / f"{key}.npy"
     manifest_path = directory / f"{key}.json"
-    data_tmp = _temp_path(directory, data_path.name)
+    data_tmp = temp_path(directory, data_path.name)
     try:
         out = np.lib.format.open_memmap(data_tmp, mode="w+", dtype=np.uint8, shape=shape)
         for entry, rows in rows_of.items():
@@ -267,7 +265,7 @@ def _build(
                 out[rows_of[entry]] = crop
         out.flush()
         del out
-        _fsync(data_tmp)
+        fsync_file(data_tmp)
         manifest = {
             "format": FORMAT_VERSION,
             "settings": settings,
@@ -278,35 +276,9 @@ def _build(
         # The old manifest goes first: at no time does a manifest describe a .npy it was not written for.
         manifest_path.unlink(missing_ok=True)
         os.replace(data_tmp, data_path)
-        _write_atomic(manifest_path, json.dumps(manifest).encode())
+        atomic_write(manifest_path, json.dumps(manifest))
     finally:
         data_tmp.unlink(missing_ok=True)
-
-
-def _temp_path(directory: Path, name: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    return Path(tmp)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, payload: bytes) -> None:
-    tmp = _temp_path(path.parent, path.name)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _remove(*paths: Path) -> None:

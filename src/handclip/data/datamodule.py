@@ -8,12 +8,15 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from open_clip.transform import PreprocessCfg
 from torch.utils.data import DataLoader, Dataset
 
 from handclip.data import layout
-from handclip.data.images import DeviceBatchLoader, ImageDataset, ImageLoader, TensorImageDataset, batch_collate
+from handclip.data.cache import cached_crops
+from handclip.data.datasets import DeviceBatchLoader, ImageDataset, TensorImageDataset, batch_collate
+from handclip.data.images import ImageLoader
 from handclip.errors import HandCLIPError
-from handclip.models.clip import preprocess_config
+from handclip.hands import HAND_TYPES, check_hand, hand_dir_name
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +34,16 @@ class TestImages:
 class HandDataModule(pl.LightningDataModule):
     """Images and identity labels of one hand type, with open_clip's own preprocessing.
 
-    Batches hold ``uint8`` crops (resize + center crop already applied); the model normalises them
-    on its device. With ``cache=True`` each split is decoded once into an on-disk cache.
+    ``preprocess`` is the model's (``encoder.preprocess``, or ``preprocess_config(model_name,
+    pretrained)``). Batches hold ``uint8`` crops (resize + center crop already applied); the model
+    normalises them on its device. With ``cache=True`` each split is decoded once into an on-disk cache.
     """
 
     def __init__(
         self,
         root: str,
         hand: str,
-        model_name: str,
-        pretrained: str | None = None,
+        preprocess: PreprocessCfg,
         batch_size: int = 64,
         eval_batch_size: int = 256,
         num_workers: int = 0,
@@ -52,9 +55,10 @@ class HandDataModule(pl.LightningDataModule):
         progress: bool = True,
     ):
         super().__init__()
-        layout.check_hand(hand)
+        check_hand(hand)
         if batch_size < 1 or eval_batch_size < 1:
-            raise HandCLIPError(f"batch sizes must be >= 1, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
+            raise HandCLIPError(
+                f"batch sizes must be >= 1, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
         if device_batches not in (True, False, "auto"):
             raise HandCLIPError(f"data.device_batches must be true, false or auto, got {device_batches!r}")
         if cache and not cache_dir:
@@ -71,12 +75,11 @@ class HandDataModule(pl.LightningDataModule):
         self.device_batches = device_batches
         self._on_device: dict[Dataset, tuple] = {}
         self.progress = progress
-        self.preprocess = preprocess_config(model_name, pretrained)
-        self.loader = ImageLoader(self.preprocess)
+        self.preprocess = preprocess
+        self.loader = ImageLoader(preprocess)
         self.classes: list[str] | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
-        self.train_gallery_set: Dataset | None = None
 
     # -- listing -------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -86,39 +89,30 @@ class HandDataModule(pl.LightningDataModule):
         classes = layout.class_mapping(train)
         if len(classes) < 2:
             raise HandCLIPError(
-                f"{self.root / layout.hand_dir_name(self.hand) / 'train'} holds {len(classes)} identity; "
+                f"{self.root / hand_dir_name(self.hand) / 'train'} holds {len(classes)} identity; "
                 "training a classifier needs at least 2 training identities"
             )
         val_all = layout.list_split(self.root, self.hand, "val")
         val = layout.drop_unknown_identities(val_all, classes, "val")
         if not val:
             raise HandCLIPError(
-                f"none of the {len(val_all)} images in {self.root / layout.hand_dir_name(self.hand) / 'val'} belongs "
+                f"none of the {len(val_all)} images in {self.root / hand_dir_name(self.hand) / 'val'} belongs "
                 "to a training identity (folder names must match those in train/)"
             )
         index = {c: i for i, c in enumerate(classes)}
         self.classes = classes
         self.train_set = self._dataset([s.path for s in train], [index[s.identity] for s in train], "train")
         self.val_set = self._dataset([s.path for s in val], [index[s.identity] for s in val], "val")
-        self.train_gallery_set = self.train_set
         log.info("%s: %d classes, %d train and %d val images", self.hand, len(classes), len(train), len(val))
 
     def _dataset(self, paths: list[Path], labels: list[int], desc: str) -> Dataset:
         if not self.cache:
             return ImageDataset(paths, labels, self.loader)
-        from handclip.data.cache import cached_crops
-
         images = cached_crops(
             paths, self.loader, self.cache_dir, num_workers=self.cache_workers, progress=self.progress,
             desc=f"{self.hand}/{desc}",
         )
         return TensorImageDataset(images, labels)
-
-    @property
-    def num_classes(self) -> int:
-        if self.classes is None:
-            raise RuntimeError("call setup() first")
-        return len(self.classes)
 
     # -- loaders -------------------------------------------------------------------------------
     def _device(self):
@@ -163,7 +157,7 @@ class HandDataModule(pl.LightningDataModule):
         """[val images, training images]: the second is the gallery for ``val/rank1``."""
         return [
             self._loader(self.val_set, self.eval_batch_size, shuffle=False),
-            self._loader(self.train_gallery_set, self.eval_batch_size, shuffle=False),
+            self._loader(self.train_set, self.eval_batch_size, shuffle=False),
         ]
 
     # -- test query/gallery runs ---------------------------------------------------------------
@@ -182,7 +176,7 @@ class HandDataModule(pl.LightningDataModule):
                 f"no test data for {self.hand!r}: {hand_layout.path} has no query{{i}}/gallery{{i}} "
                 f"(or query/gallery) folders; splits present: {', '.join(hand_layout.splits) or 'none'}"
             )
-        own_suffix = "_" + layout.HAND_TYPES[self.hand]
+        own_suffix = "_" + HAND_TYPES[self.hand]
         keys: dict[tuple[str, str], int] = {}
         paths: list[Path] = []
         identities: list[str] = []

@@ -21,21 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from handclip.errors import HandCLIPError
+from handclip.hands import HAND_DIR_PREFIX, HAND_TYPES, hand_dir_name
 
 log = logging.getLogger(__name__)
-
-#: HandCLIP hand type name -> folder suffix used by the published split script.
-HAND_TYPES: dict[str, str] = {
-    "dorsal_right": "dorsal_r",
-    "dorsal_left": "dorsal_l",
-    "palmar_right": "palmar_r",
-    "palmar_left": "palmar_l",
-}
 
 #: File suffixes (lower case) read as images; anything else in an identity folder is ignored.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 
-HAND_DIR_PREFIX = "train_val_test_split_"
 _RUN_RE = re.compile(r"^(query|gallery)(\d*)$")
 
 
@@ -56,18 +48,6 @@ class HandLayout:
     splits: tuple[str, ...]
     runs: tuple[tuple[str, str], ...] = field(default=())
     """(query split, gallery split) pairs, in run order: ("query0", "gallery0"), ..."""
-
-
-def check_hand(hand: str) -> str:
-    """Return ``hand`` if it is a known hand type, else raise an error listing the valid ones."""
-    if hand not in HAND_TYPES:
-        raise HandCLIPError(f"unknown hand type {hand!r}; expected one of: {', '.join(HAND_TYPES)}")
-    return hand
-
-
-def hand_dir_name(hand: str) -> str:
-    """Folder name of a hand type, e.g. ``dorsal_right`` -> ``train_val_test_split_dorsal_r``."""
-    return HAND_DIR_PREFIX + HAND_TYPES[check_hand(hand)]
 
 
 def is_image_file(path: Path) -> bool:
@@ -131,17 +111,6 @@ def discover_hand(root: str | Path, hand: str) -> HandLayout:
     path = hand_path(root, hand)
     splits = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     return HandLayout(hand=hand, path=path, splits=tuple(splits), runs=_find_runs(splits))
-
-
-def discover(root: str | Path) -> dict[str, HandLayout]:
-    """Describe every hand type present under ``root`` (an error if there is none)."""
-    hands = available_hands(root)
-    if not hands:
-        raise HandCLIPError(
-            f"no hand folders under {str(root)!r}; expected {HAND_DIR_PREFIX}dorsal_r (dorsal_l, "
-            "palmar_r, palmar_l); create them with `python -m handclip.prepare` or `make demo`"
-        )
-    return {hand: discover_hand(root, hand) for hand in hands}
 
 
 def list_split(root: str | Path, hand: str, split: str, *, allow_empty: bool = False) -> list[Sample]:

@@ -10,12 +10,6 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 @torch.inference_mode()
 def embed_loader(encoder: nn.Module, loader: DataLoader, device: torch.device, desc: str = "embedding",
                  progress: bool = True) -> torch.Tensor:

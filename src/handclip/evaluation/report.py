@@ -8,7 +8,8 @@ import json
 import logging
 from pathlib import Path
 
-from handclip.data.layout import HAND_TYPES
+from handclip.hands import HAND_TYPES
+from handclip.utils.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ def table_rows(entries: list[dict]) -> list[dict]:
         baseline = next((e for e in entries if e["hand"] == entry["hand"] and e["model"] == ZERO_SHOT), None)
         summary = entry.get("summary")
         if summary is None:
-            rows.append(dict(zip(COLUMNS, (entry["hand"], entry["model"], entry.get("status", "-"), "", "", "", "", "", ""))))
+            cells = (entry["hand"], entry["model"], entry.get("status", "-"))
+            rows.append(dict(zip(COLUMNS, cells + ("",) * (len(COLUMNS) - len(cells)))))
             continue
         rows.append({
             "hand": entry["hand"],
@@ -76,7 +78,8 @@ def csv_text(entries: list[dict]) -> str:
     writer.writeheader()
     for entry in entries + cross_aspect_entries(entries):
         s = entry.get("summary", {})
-        row = {"protocol": entry.get("protocol", "same-aspect"), "hand": entry["hand"], "model": entry["model"], "status": entry.get("status", "ok"),
+        row = {"protocol": entry.get("protocol", "same-aspect"), "hand": entry["hand"], "model": entry["model"],
+               "status": entry.get("status", "ok"),
                "num_runs": s.get("num_runs", ""), "num_queries": s.get("num_valid_queries", ""),
                "gallery_size": s.get("gallery_size", ""), "checkpoint": entry.get("checkpoint") or ""}
         for key in ("rank1", "rank5", "rank10", "mAP"):
@@ -105,8 +108,5 @@ def write_report(entries: list[dict], out_dir: Path, config: dict, stem: str = "
         path = out_dir / f"{stem}.{ext}"
         if path.exists():
             log.info("replacing %s with this evaluation's results", path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-        paths[ext] = path
+        paths[ext] = atomic_write(path, text)
     return paths

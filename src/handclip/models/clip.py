@@ -81,19 +81,8 @@ def create_clip(model_name: str, pretrained: str | None = None, cache_dir: str |
         ) from None
 
 
-def freeze_text_tower(clip: torch.nn.Module) -> list[str]:
-    """Freeze every parameter outside the image tower (text tower, logit scale/bias); return their names."""
-    frozen = []
+def freeze_text_tower(clip: torch.nn.Module) -> None:
+    """Freeze every parameter outside the image tower (text tower, logit scale/bias)."""
     for name, param in clip.named_parameters():
         if not name.startswith("visual."):
             param.requires_grad_(False)
-            frozen.append(name)
-    return frozen
-
-
-def embedding_dim(clip: torch.nn.Module) -> int:
-    """Width of the image embedding (512 for ViT-B/32)."""
-    visual = clip.visual
-    if getattr(visual, "output_dim", None):
-        return int(visual.output_dim)
-    return int(visual.proj.shape[1])

@@ -1,4 +1,4 @@
-"""The HandCLIP LightningModule: CLIP's image tower plus a linear identity classifier."""
+"""The HandCLIP LightningModule: an image encoder (CLIP's image tower) plus a linear identity classifier."""
 
 from __future__ import annotations
 
@@ -7,17 +7,21 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from handclip.data.images import Normalizer
 from handclip.errors import HandCLIPError
-from handclip.models.clip import create_clip, embedding_dim, freeze_text_tower, preprocess_config
+from handclip.metrics import compute_reid_metrics
+from handclip.models.clip import create_clip, freeze_text_tower, preprocess_config
+from handclip.models.encoder import ImageEncoder
+from handclip.models.migrate import upgrade_state_dict
 
 
 class HandCLIPModule(pl.LightningModule):
     """Fine-tunes only the image tower of an open_clip model with cross-entropy over identities.
 
-    The whole open_clip model (both towers) is built; the text tower and the logit scale are frozen,
-    never called and left out of the optimizer. Inputs are ``uint8`` crops from
-    :class:`handclip.data.datamodule.HandDataModule`, normalised here on the model's device.
+    The whole open_clip model (both towers) is built. Its image tower becomes :attr:`encoder` (with
+    the model's preprocessing); the text tower and the logit scale are frozen and never called. The
+    whole model stays reachable as :attr:`clip`, but it is deliberately not a registered submodule:
+    the text tower is therefore not optimised, not saved in checkpoints and not moved to the
+    accelerator. Inputs are ``uint8`` crops; the encoder normalises them on the model's device.
     """
 
     def __init__(
@@ -52,30 +56,31 @@ class HandCLIPModule(pl.LightningModule):
                 "compile": bool(compile),
             }
         )
-        self.clip = create_clip(model_name, pretrained if load_pretrained else None, cache_dir)
-        self.frozen_parameter_names = freeze_text_tower(self.clip)
-        cfg = preprocess_config(model_name, pretrained)
-        self.normalize = Normalizer(cfg.mean, cfg.std)
-        self.head = nn.Linear(embedding_dim(self.clip), len(classes))
+        clip = create_clip(model_name, pretrained if load_pretrained else None, cache_dir)
+        freeze_text_tower(clip)
+        self.encoder = ImageEncoder(clip.visual, preprocess_config(model_name, pretrained))
+        self.__dict__["_clip"] = clip  # not a submodule on purpose (see the class docstring)
+        self.head = nn.Linear(self.encoder.output_dim, len(classes))
         self.loss_fn = nn.CrossEntropyLoss()
         self.train_acc = MulticlassAccuracy(num_classes=len(classes), average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=len(classes), average="micro")
         if compile:
-            self.clip.visual.compile()  # in place: state-dict keys stay those of open_clip
+            self.encoder.visual.compile()  # in place: state-dict keys stay those of open_clip
         self._val_outputs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     @property
     def classes(self) -> list[str]:
         return list(self.hparams.classes)
 
-    # -- forward -------------------------------------------------------------------------------
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Image-tower embeddings (not normalised) of a batch of uint8 crops."""
-        return self.clip.visual(self.normalize(images))
+    @property
+    def clip(self) -> nn.Module:
+        """The whole open_clip model: the frozen text tower and this module's image tower."""
+        return self.__dict__["_clip"]
 
+    # -- forward -------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Identity logits of a batch of uint8 crops."""
-        return self.head(self.embed(images))
+        return self.head(self.encoder.embed(images))
 
     # -- training ------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -94,9 +99,14 @@ class HandCLIPModule(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for p in self.clip.visual.parameters() if p.requires_grad] + list(self.head.parameters())
+        params = [p for p in self.encoder.parameters() if p.requires_grad] + list(self.head.parameters())
         kwargs = {"fused": True} if self.device.type == "cuda" else {}
         return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, **kwargs)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Checkpoints of earlier versions keep the image tower under ``clip.visual.``: map them."""
+        checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"])
 
     # -- validation: loss and accuracy on val, rank-1 of val against the training images -------
     def on_validation_epoch_start(self) -> None:
@@ -104,7 +114,7 @@ class HandCLIPModule(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         images, labels = batch
-        embeddings = self.embed(images)
+        embeddings = self.encoder.embed(images)
         if dataloader_idx == 0:
             logits = self.head(embeddings)
             self.val_acc(logits, labels)
@@ -114,8 +124,6 @@ class HandCLIPModule(pl.LightningModule):
         self._val_outputs[dataloader_idx].append((embeddings.detach().float(), labels))
 
     def on_validation_epoch_end(self) -> None:
-        from handclip.evaluation.metrics import compute_reid_metrics
-
         if not self._val_outputs.get(0) or not self._val_outputs.get(1):
             return
         query, query_labels = (torch.cat(t) for t in zip(*self._val_outputs[0]))

@@ -1,4 +1,7 @@
-"""Reading HandCLIP checkpoints: their metadata and the fine-tuned model, with clear errors."""
+"""Reading HandCLIP checkpoints: their metadata and the fine-tuned model, with clear errors.
+
+Checkpoints of earlier versions load too (:mod:`handclip.models.migrate`).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ from pathlib import Path
 import torch
 
 from handclip.errors import HandCLIPError
+from handclip.models.migrate import upgrade_state_dict
+from handclip.models.module import HandCLIPModule
 
 
 def _load(path: Path) -> dict:
@@ -19,7 +24,8 @@ def _load(path: Path) -> dict:
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
         raise HandCLIPError(f"checkpoint {str(path)!r} is corrupt or not a torch checkpoint: {err}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise HandCLIPError(f"checkpoint {str(path)!r} is not a HandCLIP Lightning checkpoint (no state_dict/hyper_parameters)")
+        raise HandCLIPError(
+            f"checkpoint {str(path)!r} is not a HandCLIP Lightning checkpoint (no state_dict/hyper_parameters)")
     return ckpt
 
 
@@ -38,18 +44,16 @@ def _meta(ckpt: dict, path: str | Path) -> dict:
 
 def load_module(path: str | Path, map_location: str | torch.device = "cpu"):
     """The fine-tuned HandCLIPModule of a checkpoint (architecture rebuilt without downloading weights)."""
-    from handclip.models.module import HandCLIPModule
-
     path = Path(path)
     ckpt = _load(path)
     meta = _meta(ckpt, path)
-    # The checkpoint holds every weight: build the architecture without fetching pretrained ones.
+    # The checkpoint holds every weight that is used: build the architecture without fetching pretrained ones.
     module = HandCLIPModule(
         classes=meta["classes"], hand=meta["hand"], model_name=meta["model_name"], pretrained=meta.get("pretrained"),
         lr=meta.get("lr", 1e-5), weight_decay=meta.get("weight_decay", 0.01), load_pretrained=False,
     )
     try:
-        module.load_state_dict(ckpt["state_dict"])
+        module.load_state_dict(upgrade_state_dict(ckpt["state_dict"]))
     except RuntimeError as err:
         raise HandCLIPError(f"checkpoint {str(path)!r} does not fit its own model description: {err}") from None
     return module.to(map_location).eval()

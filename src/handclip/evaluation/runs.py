@@ -1,10 +1,11 @@
-"""The test protocol: every Monte Carlo run's query set ranked against its gallery, each image embedded once."""
+"""Scoring the test protocol: every Monte Carlo run's query set ranked against its gallery, each image
+embedded once. (How the runs are made is the split protocol, :mod:`handclip.data.split`.)"""
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -12,7 +13,7 @@ from torch import nn
 from handclip.data.datamodule import HandDataModule, TestImages
 from handclip.errors import HandCLIPError
 from handclip.evaluation.embed import embed_loader
-from handclip.evaluation.metrics import compute_reid_metrics
+from handclip.metrics import compute_reid_metrics
 
 log = logging.getLogger(__name__)
 

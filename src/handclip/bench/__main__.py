@@ -1,0 +1,19 @@
+"""Speed and memory benchmark -> benchmarks/results/<device>.json (see benchmarks/README.md).
+
+    python -m handclip.bench                      # full run
+    python -m handclip.bench bench.quick=true     # seconds -> <device>-quick.json
+"""
+
+from omegaconf import DictConfig
+
+from handclip.bench import run_benchmark
+from handclip.config import hydra_entry
+
+
+@hydra_entry("bench")
+def main(cfg: DictConfig) -> None:
+    run_benchmark(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Goals, the printed summary table and the result file's name."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+#: (figure, comparison, target, meaning); ``{goal}`` is replaced by the eval goal size label (e.g. 10k).
+GOALS = (
+    ("data.cached_speedup", ">=", 100.0, "cached images/s / uncached images/s"),
+    ("train.vs_bare_loop", ">=", 0.9, "HandCLIP (Lightning) images/s / bare PyTorch loop images/s"),
+    ("eval.metrics_vs_matmul_{goal}", "<=", 2.0, "compute_reid_metrics time / similarity product time"),
+    ("eval.speedup_vs_argsort_{goal}", ">=", 10.0, "argsort reference time / compute_reid_metrics time"),
+)
+
+
+#: Peak memory of compute_reid_metrics at the largest size must stay below this (MiB): bounded, not N x N.
+METRICS_MEMORY_TARGET_MB = 1024.0
+
+
+def size_label(n: int) -> str:
+    """1000 -> '1k', 10000 -> '10k', 2500 -> '2.5k', 500 -> '500'."""
+    if n >= 1000 and n % 100 == 0:
+        text = f"{n / 1000:.1f}".rstrip("0").rstrip(".")
+        return f"{text}k"
+    return str(n)
+
+
+def _lookup(result: dict, dotted: str) -> Any:
+    node: Any = result
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def evaluate_goals(result: dict, eval_settings: dict | None) -> dict:
+    """{figure: {value, target, op, met, meaning}} for every goal whose figure was measured."""
+    goal_label = size_label(int(eval_settings["goal_size"])) if eval_settings else "10k"
+    goals: dict[str, dict] = {}
+    specs = list(GOALS)
+    if eval_settings and "eval" in result:
+        largest = size_label(max(int(v) for v in eval_settings["sizes"]))
+        full = result["eval"]["metrics"][largest]["full_similarity_matrix_mb"]
+        specs.append((
+            f"eval.metrics_peak_mem_delta_mb_{largest}", "<=", METRICS_MEMORY_TARGET_MB,
+            f"peak memory added by compute_reid_metrics at {largest} x {largest} (MiB; a full similarity "
+            f"matrix would need {full:.0f})",
+        ))
+    for figure, op, target, meaning in specs:
+        figure = figure.format(goal=goal_label)
+        value = _lookup(result, figure)
+        if value is None:
+            continue
+        met = value >= target if op == ">=" else value <= target
+        goals[figure] = {"value": value, "target": target, "op": op, "met": bool(met), "meaning": meaning}
+    return goals
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if value == 0 or math.isinf(value):
+            return str(value)
+        magnitude = abs(value)
+        if magnitude >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}g}" if magnitude < 1 else f"{value:.{max(digits, len(str(int(magnitude))))}g}"
+    return str(value)
+
+
+def format_table(result: dict) -> str:
+    """A readable summary of a result dict."""
+    rows: list[tuple[str, str]] = []
+    data, train, ev = result.get("data"), result.get("train"), result.get("eval")
+    if data:
+        rows += [
+            ("data: uncached images/s", _fmt(data["uncached_images_per_s"])),
+            ("data: cached images/s", _fmt(data["cached_images_per_s"])),
+            ("data: cached speedup (x)", _fmt(data["cached_speedup"])),
+            ("data: cache build s", _fmt(data["cache_build_s"])),
+        ]
+    if train:
+        rows += [
+            (f"train: HandCLIP images/s ({train['model_name']}, b{train['batch_size']})", _fmt(train["images_per_s"])),
+            ("train: bare loop images/s", _fmt(train["bare_images_per_s"])),
+            ("train: HandCLIP / bare", _fmt(train["vs_bare_loop"])),
+            ("train: TFLOP/s", _fmt(train["tflops"])),
+            ("train: data fraction", _fmt(train["data_fraction"])),
+        ]
+    if ev:
+        rows.append(("eval: embedding images/s", _fmt(ev["embed_images_per_s"])))
+        for label, entry in ev["metrics"].items():
+            rows.append((f"eval: {label} metrics s / matmul s", f"{_fmt(entry['metrics']['median_s'])} / "
+                         f"{_fmt(entry['similarity']['median_s'])} = {_fmt(entry['metrics_vs_matmul'])}x"))
+            if "argsort" in entry:
+                rows.append((f"eval: {label} argsort s (speedup)",
+                             f"{_fmt(entry['argsort']['median_s'])} ({_fmt(entry['speedup_vs_argsort'])}x)"))
+            mem = entry["metrics_memory"]
+            key = "peak_gpu_delta_mb" if mem.get("peak_gpu_delta_mb") is not None else "peak_rss_delta_mb"
+            rows.append((f"eval: {label} metrics peak mem delta MiB", _fmt(mem[key])))
+    width = max((len(r[0]) for r in rows), default=10)
+    lines = [f"HandCLIP benchmark on {result['device']} (torch {result['torch']}"
+             f"{', quick' if result.get('quick') else ''})", ""]
+    lines += [f"  {name:<{width}}  {value}" for name, value in rows]
+    share = (result.get("host") or {}).get("other_processes_cpu_share")
+    if share is not None:
+        lines += ["", f"  other processes used {share:.0%} of the CPU during the run"
+                  + (" (figures may be low)" if share > 0.1 else "")]
+    if result.get("goals"):
+        lines += ["", "  goals:"]
+        for figure, g in result["goals"].items():
+            lines.append(f"    {'MET ' if g['met'] else 'MISS'}  {figure} = {_fmt(g['value'])} "
+                         f"(target {g['op']} {_fmt(g['target'])})")
+    return "\n".join(lines)
+
+
+def result_path(out_dir: Path, slug: str, quick: bool) -> Path:
+    """``<slug>.json`` for a full run, ``<slug>-quick.json`` for a quick one (never the full file)."""
+    return Path(out_dir) / f"{slug}{'-quick' if quick else ''}.json"

@@ -1,0 +1,103 @@
+"""The published 11k Hands evaluation protocol, reproducible: raw download -> split folders.
+
+Input: ``<raw>/HandInfo.csv`` and ``<raw>/Hands/*.jpg`` as downloaded. Output, per hand type,
+``<out>/train_val_test_split_<dorsal_r|dorsal_l|palmar_r|palmar_l>/`` with::
+
+    train_all/<id>/<image>     train + val (identities at or below the hand's id threshold)
+    train/<id>/...             training images
+    val/<id>/...               one image per training identity (none for single-image identities)
+    test/<id>/...              test identities (above the threshold), disjoint from train
+    query{i}/<id>/...          run i: all test images of an identity but one
+    gallery{i}/<id>/...        run i: the remaining image of each test identity
+    gallery{i}_all/<id>_<suffix>/...  (--cross-aspect) the four hand types' gallery{i} merged
+
+plus ``<out>/split_info.json`` describing the split. Images with accessories are left out. Every random
+choice comes from ``random.Random`` seeded by the seed and the hand type, so one seed always gives the
+same split. Output is built in a temporary sibling folder, checked, and only then moved into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from handclip.data.split.plan import (
+    DEFAULT_RUNS,
+    SPLIT_MODES,
+    HandPlan,
+    parse_thresholds,
+    plan_dataset,
+    resolve_thresholds,
+)
+from handclip.data.split.raw import CSV_NAME, IMAGES_DIR, check_images, read_hand_info
+from handclip.data.split.write import build_split_info, verify_output, write_plans
+from handclip.errors import HandCLIPError
+from handclip.hands import HAND_DIR_PREFIX
+from handclip.utils.files import check_output_folder, swap_in
+
+log = logging.getLogger(__name__)
+
+INFO_NAME = "split_info.json"
+
+__all__ = [
+    "DEFAULT_RUNS", "INFO_NAME", "SPLIT_MODES", "HandPlan", "build_split_info", "check_images", "parse_thresholds",
+    "plan_dataset", "prepare_dataset", "read_hand_info", "resolve_thresholds", "verify_output", "write_plans",
+]
+
+
+def _check_out(out: Path, raw: Path, force: bool) -> None:
+    out_r, raw_r = out.resolve(), raw.resolve()
+    if out_r == raw_r or out_r in raw_r.parents:
+        raise HandCLIPError(f"output folder {str(out)!r} contains the raw data {str(raw)!r}; choose another --out")
+    check_output_folder(out, force, "an earlier prepare output",
+                        owned=lambda name: name == INFO_NAME or name.startswith(HAND_DIR_PREFIX))
+
+
+def _make_parents(path: Path) -> Path | None:
+    """Create ``path``'s missing parent folders; return the topmost one created (to undo), if any."""
+    top = None
+    for parent in reversed(path.parents):
+        if not parent.exists():
+            top = top or parent
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return top
+
+
+def prepare_dataset(raw_dir: str | Path, out_dir: str | Path, seed: int = 0, runs: int = DEFAULT_RUNS,
+                    thresholds: Mapping[str, int] | None = None, split: str = "threshold",
+                    cross_aspect: bool = False, force: bool = False) -> dict:
+    """Build the 11k Hands split folders from the raw download; return the split_info dict.
+
+    The input is fully validated before anything is written; the output is built in a temporary
+    sibling folder, checked against the plan and the protocol's invariants, and only then moved to
+    ``out_dir`` (replacing an existing one only with ``force``). On any error nothing is left behind.
+    """
+    raw, out = Path(raw_dir).expanduser(), Path(out_dir).expanduser().resolve()
+    if not raw.is_dir():
+        raise HandCLIPError(f"raw data folder {str(raw)!r} not found; expected the 11k Hands download with "
+                            f"{CSV_NAME} and {IMAGES_DIR}/")
+    records = read_hand_info(raw)
+    check_images(raw, records)
+    limits = resolve_thresholds(thresholds)
+    plans = plan_dataset(records, seed, runs, limits, split, cross_aspect)
+    _check_out(out, raw, force)
+    info = build_split_info(plans, records, seed, runs, limits, split, cross_aspect)
+
+    created_top = _make_parents(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        linker = write_plans(plans, raw / IMAGES_DIR, tmp)
+        verify_output(tmp, plans, runs)
+        (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created_top is not None:
+            shutil.rmtree(created_top, ignore_errors=True)
+        raise
+    log.info("wrote %s: %d file(s) hard-linked, %d copied", out, linker.linked, linker.copied)
+    return info

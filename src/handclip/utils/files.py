@@ -1,0 +1,86 @@
+"""Writing files and folders so that a reader never sees half of them, and refusing to overwrite by accident."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from handclip.errors import HandCLIPError
+
+
+def temp_path(directory: Path, name: str) -> Path:
+    """A new, empty temporary file ``.<name>.*.tmp`` in ``directory`` (same file system as the target)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    return Path(tmp)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, data: bytes | str, *, durable: bool = True) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
+
+    Readers see the old file or the new one, never a mix; an interrupted write leaves no temporary
+    file behind. ``durable`` flushes the data to disk before the rename.
+    """
+    path = Path(path)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    tmp = temp_path(path.parent, path.name)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def swap_in(new: Path, target: Path) -> None:
+    """Move the finished folder ``new`` to ``target``; an existing ``target`` is replaced only once ``new``
+    is in its place (on failure the old one is put back)."""
+    if not target.exists():
+        new.rename(target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    old.rmdir()
+    target.rename(old)
+    try:
+        new.rename(target)
+    except OSError:
+        old.rename(target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output_folder(out: Path, force: bool, replaced: str, owned: Callable[[str], bool] | None = None) -> None:
+    """Refuse an output folder that holds something, unless ``force``.
+
+    ``replaced`` says what ``--force`` replaces (for the message). With ``owned``, ``--force`` is also
+    refused when the folder holds entries that ``owned(name)`` does not recognise as an earlier output.
+    """
+    if out.exists() and not out.is_dir():
+        raise HandCLIPError(f"output {str(out)!r} exists and is not a folder")
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    if not force:
+        raise HandCLIPError(f"output folder {str(out)!r} is not empty; choose an empty or new folder, or pass "
+                            f"--force to replace {replaced}")
+    if owned is not None:
+        foreign = sorted(p.name for p in out.iterdir() if not owned(p.name))
+        if foreign:
+            raise HandCLIPError(
+                f"--force replaces only {replaced}, but {str(out)!r} also holds "
+                f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}; choose another output folder"
+            )
