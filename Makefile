@@ -1,43 +1,69 @@
-# HandCLIP: make help
+# HandCLIP: `make help` lists the targets.
+#
+# Python environment: an active virtual environment ($VIRTUAL_ENV) or conda env ($CONDA_PREFIX) is used
+# as it is. Otherwise make creates .venv with `$(PYTHON) -m venv` and installs into it, so a system Python
+# that refuses pip installs (PEP 668, Debian/Ubuntu) is never touched. `make PYTHON=python3.12 ...` picks
+# the interpreter that creates .venv.
 PYTHON ?= python3
+ifneq ($(strip $(VIRTUAL_ENV)$(CONDA_PREFIX)),)
+VENV :=
+PY := python
+else
+VENV := .venv
+PY := $(VENV)/bin/python
+endif
+# What `install` needs first: .venv's interpreter, or nothing in an active environment.
+PY_PREREQ := $(if $(VENV),$(PY))
 # The torch build this project is tested with (x86_64; on this machine pip takes both from local disk).
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 # Tests, the demo and the benchmark use random weights: never wait on the Hugging Face hub for them.
 OFFLINE := HF_HUB_OFFLINE=1
 export PYTHONPATH := $(CURDIR)/src$(if $(PYTHONPATH),:$(PYTHONPATH))
+# Test processes (pytest-xdist): one per core, at most 4.
+TEST_WORKERS ?= $(shell n=$$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 
 DEMO_DIR := data/demo
 HANDS := dorsal_right,dorsal_left,palmar_right,palmar_left
 
-.PHONY: help install test demo demo-data train eval bench clean-demo
+.PHONY: help install test test-fast demo demo-data train eval bench clean-demo
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
-install: ## Install HandCLIP (editable) and its test tools; quick when already installed
-	@$(PYTHON) -c "import torch, torchvision, open_clip, pytorch_lightning, hydra, omegaconf, torchmetrics, PIL, pytest, tqdm" 2>/dev/null \
-		&& $(PYTHON) -m pip show -q handclip >/dev/null 2>&1 \
-		|| $(PYTHON) -m pip install -e ".[test]" $(TORCH_PIN)
+ifneq ($(VENV),)
+$(PY):
+	@$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+		echo "error: '$(PYTHON) -m venv' failed; on Debian/Ubuntu install python3-venv (apt-get install python3-venv)" >&2; \
+		exit 1; }
+endif
 
-test: install ## Run the test suite (CPU, offline, a few minutes)
-	$(OFFLINE) $(PYTHON) -m pytest -q
+install: $(PY_PREREQ) ## Install HandCLIP (editable) and its test tools into the environment; quick when already there
+	@$(PY) -c "import torch, torchvision, open_clip, pytorch_lightning, hydra, omegaconf, torchmetrics, PIL, pytest, xdist, pytest_timeout, tqdm" 2>/dev/null \
+		&& $(PY) -m pip show -q handclip >/dev/null 2>&1 \
+		|| $(PY) -m pip install -e ".[test]" $(TORCH_PIN)
+
+test: install ## Run the whole test suite (CPU, offline, a few minutes)
+	$(OFFLINE) $(PY) -m pytest -q -n $(TEST_WORKERS)
+
+test-fast: install ## The test suite without the slow end-to-end tests (about a minute)
+	$(OFFLINE) $(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 demo-data: install ## Synthetic hands (data/demo/raw) split by the 11k protocol (data/demo/splits)
-	$(PYTHON) -m handclip.synth --out $(DEMO_DIR)/raw --subjects 40 --images-per-aspect 10 --force
-	$(PYTHON) -m handclip.prepare --raw $(DEMO_DIR)/raw --out $(DEMO_DIR)/splits --force
+	$(PY) -m handclip.synth --out $(DEMO_DIR)/raw --subjects 40 --images-per-aspect 10 --force
+	$(PY) -m handclip.prepare --raw $(DEMO_DIR)/raw --out $(DEMO_DIR)/splits --force
 
 clean-demo: ## Remove the demo's outputs (outputs/demo)
 	rm -rf outputs/demo
 
 demo: install clean-demo demo-data ## End to end on synthetic hands: data, train the tiny model on all 4 hand types, evaluate
-	$(OFFLINE) $(PYTHON) -m handclip.train -m experiment=demo hand=$(HANDS)
-	$(OFFLINE) $(PYTHON) -m handclip.eval experiment=demo all=true
+	$(OFFLINE) $(PY) -m handclip.train -m experiment=demo hand=$(HANDS)
+	$(OFFLINE) $(PY) -m handclip.eval experiment=demo all=true
 
 train: install ## Train all four hand types with the default recipe (ViT-B/32, data/11k)
-	$(PYTHON) -m handclip.train -m hand=$(HANDS) $(ARGS)
+	$(PY) -m handclip.train -m hand=$(HANDS) $(ARGS)
 
 eval: install ## Zero-shot CLIP vs fine-tuned HandCLIP for every hand type -> outputs/eval/comparison.{md,csv,json}
-	$(PYTHON) -m handclip.eval all=true $(ARGS)
+	$(PY) -m handclip.eval all=true $(ARGS)
 
 bench: install ## Speed/memory benchmark -> benchmarks/results/<device>.json
-	$(OFFLINE) $(PYTHON) -m handclip.bench $(ARGS)
+	$(OFFLINE) $(PY) -m handclip.bench $(ARGS)
