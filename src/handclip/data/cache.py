@@ -42,7 +42,8 @@ from handclip.utils.devices import usable_cpus
 from handclip.utils.files import atomic_write, fsync_file, temp_path
 
 #: Bump when the storage layout or the meaning of a row changes: old caches are then ignored.
-FORMAT_VERSION = 1
+#: 2: rows are decoded upright by the EXIF orientation tag (version 1 ignored it).
+FORMAT_VERSION = 2
 
 #: (resolved path, size in bytes, st_mtime_ns): a row is reused only if its file still has this key.
 Entry = tuple[str, int, int]
