@@ -3,17 +3,22 @@ that must come out as one ``error:`` line."""
 
 from __future__ import annotations
 
+import re
+import shutil
+
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, write_image
+from conftest import TINY, make_layout, write_image
 from PIL import Image
 
 from handclip.data import cache as cache_mod
 from handclip.data import images as images_mod
+from handclip.data import layout
 from handclip.data.cache import cached_crops
 from handclip.data.images import MAX_ASPECT_RATIO, ImageLoader, load_rgb
 from handclip.errors import HandCLIPError
+from handclip.hands import hand_dir_name
 
 # -- 1. EXIF orientation -----------------------------------------------------------------------
 #: What a viewer shows for each EXIF orientation value, written out from the EXIF specification
@@ -102,3 +107,76 @@ def test_too_many_pixels_is_refused_unread(tmp_path, monkeypatch):
     monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded an image over the bound"))
     with pytest.raises(HandCLIPError, match=r"huge.png.*400 x 300.*megapixels"):
         load_rgb(path)
+
+
+# -- 3. broken symlinked images ----------------------------------------------------------------
+def test_broken_image_links_are_an_error_naming_them(tmp_path):
+    root = make_layout(tmp_path / "data", n_train_ids=3)
+    train = root / hand_dir_name("dorsal_right") / "train"
+    images = sorted(train.rglob("*.png"))
+    for image in images[:3]:
+        image.unlink()
+        image.symlink_to(tmp_path / "gone" / image.name)
+    with pytest.raises(HandCLIPError, match=r"3 broken link\(s\).*0000000/Hand_\w+\.png -> .*gone"):
+        layout.list_split(root, "dorsal_right", "train")
+
+
+def test_a_broken_identity_folder_link_is_an_error(tmp_path):
+    root = make_layout(tmp_path / "data", n_train_ids=3)
+    identity = root / hand_dir_name("dorsal_right") / "train" / "0000001"
+    shutil.rmtree(identity)
+    identity.symlink_to(tmp_path / "elsewhere" / "0000001")
+    with pytest.raises(HandCLIPError, match=r"1 broken link\(s\).*0000001 -> "):
+        layout.list_split(root, "dorsal_right", "train")
+
+
+def test_working_links_are_read(tmp_path):
+    root = make_layout(tmp_path / "data", n_train_ids=3)
+    train = root / hand_dir_name("dorsal_right") / "train"
+    image = sorted(train.rglob("*.png"))[0]
+    target = tmp_path / "store" / image.name
+    target.parent.mkdir()
+    image.rename(target)
+    image.symlink_to(target)
+    assert image in [s.path for s in layout.list_split(root, "dorsal_right", "train")]
+
+
+# -- 4. HandInfo.csv that is not UTF-8 ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    from handclip.data.synthetic import generate_dataset
+
+    out = tmp_path_factory.mktemp("faults") / "raw"
+    generate_dataset(out, subjects=8, images_per_aspect=2, seed=1, size=(64, 48), workers=1)
+    return out
+
+
+def _copy_raw(raw, dst):
+    shutil.copytree(raw, dst)
+    return dst
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "cp1252", "utf-16", "utf-8-sig"])
+def test_hand_info_in_other_encodings_is_read(raw, tmp_path, encoding, caplog):
+    from handclip.data.split import read_hand_info
+
+    expected = read_hand_info(raw)
+    copy = _copy_raw(raw, tmp_path / "raw")
+    text = (raw / "HandInfo.csv").read_text(encoding="utf-8").replace(",medium,", ",médium – ½,", 3)
+    if encoding == "latin-1":
+        text = text.replace("–", "-")  # not in Latin-1
+    (copy / "HandInfo.csv").write_bytes(text.encode(encoding))
+    assert read_hand_info(copy) == expected
+    if encoding in ("latin-1", "cp1252"):
+        assert re.search(r"HandInfo.csv is not UTF-8 \(line \d+ has byte\(s\) [0-9a-f]{2}\)", caplog.text)
+
+
+def test_hand_info_that_the_csv_reader_refuses_names_the_line(raw, tmp_path):
+    from handclip.data.split import read_hand_info
+
+    copy = _copy_raw(raw, tmp_path / "raw")
+    lines = (raw / "HandInfo.csv").read_bytes().split(b"\n")
+    lines[3] = lines[3] + b"," + b"x" * 200_000  # beyond the csv module's field size limit
+    (copy / "HandInfo.csv").write_bytes(b"\n".join(lines))
+    with pytest.raises(HandCLIPError, match=r"HandInfo.csv: line 4: not a readable CSV line"):
+        read_hand_info(copy)
