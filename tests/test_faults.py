@@ -3,13 +3,20 @@ that must come out as one ``error:`` line."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, make_layout, write_image
+from conftest import TINY, cli_env, make_layout, write_image
 from PIL import Image
 
 from handclip.data import cache as cache_mod
@@ -180,3 +187,108 @@ def test_hand_info_that_the_csv_reader_refuses_names_the_line(raw, tmp_path):
     (copy / "HandInfo.csv").write_bytes(b"\n".join(lines))
     with pytest.raises(HandCLIPError, match=r"HandInfo.csv: line 4: not a readable CSV line"):
         read_hand_info(copy)
+
+
+# -- 5. a killed cache build -------------------------------------------------------------------
+SLOW_BUILD = """
+import sys, time
+from pathlib import Path
+from handclip.data.cache import cached_crops
+from handclip.data.images import ImageLoader
+from handclip.models.clip import preprocess_config
+
+class SlowLoader(ImageLoader):
+    def __call__(self, path):
+        time.sleep(0.3)
+        return super().__call__(path)
+
+paths = sorted(Path(sys.argv[1]).glob("*.png"))
+cached_crops(paths, SlowLoader(preprocess_config("HandCLIP-Tiny", None)), sys.argv[2], num_workers=2, progress=False)
+"""
+
+
+def _proc_state(pid: int) -> tuple[str, int] | None:
+    """(state letter, parent pid) of a live process, None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return fields[0], int(fields[1])
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            state = _proc_state(int(entry.name))
+            if state is not None and state[1] == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """False once the process has ended: gone, or a zombie whose threads have all exited (so its files are closed;
+    the main thread of a multi-threaded process turns zombie before the others have finished)."""
+    state = _proc_state(pid)
+    if state is None:
+        return False
+    try:
+        threads = len(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return False
+    return state[0] not in ("Z", "X") or threads > 1
+
+
+def _wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to follow the decode workers")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_cache_build_leaves_no_worker_and_no_temporary(tmp_path, sig):
+    for i in range(40):
+        write_image(tmp_path / "img" / f"{i:02d}.png", seed=i, size=(80, 60))
+    cache = tmp_path / "cache"
+    build = subprocess.Popen([sys.executable, "-c", SLOW_BUILD, str(tmp_path / "img"), str(cache)], env=cli_env())
+    workers: list[int] = []
+    try:
+        workers = _wait_for(lambda: len(_children(build.pid)) >= 2 and _children(build.pid), 60, "2 decode workers")
+        _wait_for(lambda: list(cache.rglob("*.npy.*.tmp")), 30, "the cache's temporary file")
+        time.sleep(0.5)  # the workers are decoding
+        build.send_signal(sig)
+        build.wait(timeout=30)
+        _wait_for(lambda: not any(_alive(w) for w in workers), 10, f"decode workers {workers} to end")
+    finally:
+        for pid in [*workers, build.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        build.wait(timeout=30)
+    assert list(cache.rglob("*.tmp")), "the killed build should have left its temporary file"
+
+    paths = sorted((tmp_path / "img").glob("*.png"))
+    crops = cached_crops(paths, ImageLoader(TINY), cache, num_workers=0, progress=False)
+    assert torch.equal(crops, torch.stack([ImageLoader(TINY)(p) for p in paths]))
+    assert not list(cache.rglob("*.tmp")), "the next run removes the stale temporary files"
+
+
+def test_temporaries_of_a_live_build_are_kept(tmp_path):
+    """Only a build that is no longer running leaves stale temporaries: a live one's (it holds the lock) stay."""
+    from handclip.utils.locks import shared_lock
+
+    images = [write_image(tmp_path / "img" / f"{i}.png", seed=i) for i in range(3)]
+    cached_crops(images[:1], ImageLoader(TINY), tmp_path / "cache", num_workers=0, progress=False)
+    directory = next((tmp_path / "cache").iterdir())
+    live = directory / ".0123.npy.abcd.tmp"
+    with shared_lock(directory / cache_mod.LOCK_NAME):  # another build is running
+        live.write_bytes(b"half a cache")
+        cached_crops(images[1:], ImageLoader(TINY), tmp_path / "cache", num_workers=0, progress=False)
+        assert live.exists()
+    cached_crops(images, ImageLoader(TINY), tmp_path / "cache", num_workers=0, progress=False)
+    assert not live.exists()
