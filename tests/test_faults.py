@@ -4,10 +4,13 @@ that must come out as one ``error:`` line."""
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -24,6 +27,7 @@ from handclip.data import images as images_mod
 from handclip.data import layout
 from handclip.data.cache import cached_crops
 from handclip.data.images import MAX_ASPECT_RATIO, ImageLoader, load_rgb
+from handclip.data.split import prepare_dataset
 from handclip.errors import HandCLIPError
 from handclip.hands import hand_dir_name
 
@@ -292,3 +296,70 @@ def test_temporaries_of_a_live_build_are_kept(tmp_path):
         assert live.exists()
     cached_crops(images, ImageLoader(TINY), tmp_path / "cache", num_workers=0, progress=False)
     assert not live.exists()
+
+
+# -- 6. a killed prepare; 13. the output root's mode -------------------------------------------
+SLOW_PREPARE = """
+import sys, time
+from handclip.data.split import prepare_dataset, write
+
+link = write._Linker.__call__
+def slow(self, src, dst):
+    time.sleep(0.02)
+    link(self, src, dst)
+write._Linker.__call__ = slow
+prepare_dataset(sys.argv[1], sys.argv[2], runs=2)
+"""
+
+
+def test_killed_prepare_leaves_a_partial_folder_that_the_next_run_removes(raw, tmp_path, caplog):
+    out = tmp_path / "splits"
+    run = subprocess.Popen([sys.executable, "-c", SLOW_PREPARE, str(raw), str(out)], env=cli_env())
+    try:
+        partial = _wait_for(lambda: list(tmp_path.glob(".splits.partial-*")), 60, "the partial folder")[0]
+        _wait_for(lambda: any(partial.rglob("*.jpg")), 30, "images in the partial folder")
+        run.send_signal(signal.SIGKILL)
+    finally:
+        run.kill()
+        run.wait(timeout=30)
+    assert partial.is_dir() and not out.exists()
+
+    with caplog.at_level(logging.INFO):
+        prepare_dataset(raw, out, runs=2)
+    assert not partial.exists() and (out / "split_info.json").is_file()
+    assert f"removed {partial}, left by an interrupted prepare run" in caplog.text
+    assert list(tmp_path.iterdir()) == [out]
+
+
+def test_a_partial_folder_in_use_is_left_alone(raw, tmp_path, caplog):
+    from handclip.utils.locks import try_lock
+
+    live = tmp_path / ".splits.partial-live"
+    live.mkdir()
+    with try_lock(live) as lock:
+        assert lock.held
+        prepare_dataset(raw, tmp_path / "splits", runs=2)
+        assert live.is_dir() and "being written by another prepare run" in caplog.text
+
+
+def test_an_interrupted_replacement_is_undone(raw, tmp_path, caplog):
+    """Killed between moving the old output aside and moving the new one in: the old one is put back."""
+    out = tmp_path / "splits"
+    prepare_dataset(raw, out, runs=2)
+    moved = tmp_path / ".splits.old-x1y2"
+    out.rename(moved)
+    with pytest.raises(HandCLIPError, match="not empty"):
+        prepare_dataset(raw, out, runs=3)
+    assert (out / "split_info.json").is_file() and not moved.exists()
+    assert json.loads((out / "split_info.json").read_text())["runs"] == 2
+    assert f"restored {out} from {moved}" in caplog.text
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_prepared_output_root_follows_the_umask(raw, tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        prepare_dataset(raw, tmp_path / "splits", runs=2)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "splits").stat().st_mode) == 0o777 & ~umask

@@ -48,7 +48,7 @@ class Lock:
 
 
 def _lock(path: Path, shared: bool, blocking: bool) -> Lock | None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     if fcntl is None:  # pragma: no cover - Windows
         return Lock(fd, held=False)
     mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if blocking else fcntl.LOCK_NB)
@@ -66,7 +66,8 @@ def _lock(path: Path, shared: bool, blocking: bool) -> Lock | None:
 
 
 def try_lock(path: str | Path) -> Lock | None:
-    """Lock ``path`` (created if missing) exclusively without waiting; None when another process holds it."""
+    """Lock ``path`` (a folder, or a file created if missing) exclusively without waiting; None when another
+    process holds it."""
     return _lock(Path(path), shared=False, blocking=False)
 
 
