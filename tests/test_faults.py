@@ -15,11 +15,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, cli_env, make_layout, write_image
+from conftest import ROOT, TINY, cli_env, make_layout, run_module, tiny_cfg, write_image
 from PIL import Image
 
 from handclip.data import cache as cache_mod
@@ -28,8 +29,11 @@ from handclip.data import layout
 from handclip.data.cache import cached_crops
 from handclip.data.images import MAX_ASPECT_RATIO, ImageLoader, load_rgb
 from handclip.data.split import prepare_dataset
-from handclip.errors import HandCLIPError
+from handclip.errors import HandCLIPError, error_message, exit_on_error
 from handclip.hands import hand_dir_name
+from handclip.models.module import HandCLIPModule
+from handclip.run_folder import RunComplete, resolve_ckpt_path
+from handclip.train import train
 
 # -- 1. EXIF orientation -----------------------------------------------------------------------
 #: What a viewer shows for each EXIF orientation value, written out from the EXIF specification
@@ -363,3 +367,308 @@ def test_prepared_output_root_follows_the_umask(raw, tmp_path, umask):
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "splits").stat().st_mode) == 0o777 & ~umask
+
+
+# -- 8. read-only output, cache or checkpoint folder -------------------------------------------
+@pytest.fixture
+def read_only(tmp_path):
+    """A read-only folder (a read-only tmpfs: permission bits do not stop root)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_layout(tmp_path_factory.mktemp("layout"), hands=("dorsal_right", "palmar_left"), n_train_ids=4)
+
+
+@pytest.mark.parametrize("setting, override, what", [
+    ("paths.output_dir", "paths.output_root={ro}/outputs", "output folder"),
+    ("data.cache_dir", "paths.cache_dir={ro}/cache", "image cache folder"),
+    ("callbacks.last_checkpoint.dirpath", "callbacks.last_checkpoint.dirpath={ro}/ckpt", "checkpoint folder"),
+])
+def test_unwritable_folder_is_refused_before_any_work(data, tmp_path, read_only, monkeypatch, setting, override,
+                                                      what):
+    from handclip import train as train_mod
+
+    monkeypatch.setattr(train_mod, "_fit", lambda *a: pytest.fail("work started"))
+    cfg = tiny_cfg(data, tmp_path / "out", override.format(ro=read_only))
+    with pytest.raises(HandCLIPError, match=rf"{what} \({re.escape(setting)}\) '{read_only}/.*' is not writable.*"
+                                            "Read-only file system"):
+        train_mod.train(cfg)
+    assert not (tmp_path / "out" / "train").exists()
+
+
+def test_cli_read_only_output_root_gives_one_line(data, tmp_path, read_only):
+    result = run_module("handclip.train", "experiment=demo", f"paths.data_dir={data}",
+                        f"paths.output_root={read_only}/outputs", f"paths.cache_dir={tmp_path / 'cache'}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert _error_lines(result.stderr) == [
+        f"error: output folder (paths.output_dir) '{read_only}/outputs/train/dorsal_right' is not writable (its "
+        f"nearest existing parent '{read_only}'): Read-only file system; make it writable or choose another folder"]
+    assert "Traceback" not in result.stderr and not (tmp_path / "cache").exists()
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_writability_check_leaves_nothing_behind(tmp_path):
+    from handclip.utils.files import check_writable
+
+    check_writable(tmp_path / "a" / "b", "output folder")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(HandCLIPError, match=r"output folder '.*/file/sub' cannot be created: '.*/file' is a file"):
+        check_writable(tmp_path / "file" / "sub", "output folder")
+
+
+# -- 9. ckpt_path=auto and sweeps that go on ---------------------------------------------------
+def _fake_checkpoint(path: Path, epochs: int) -> Path:
+    """A checkpoint file with what resolve_ckpt_path reads: Lightning's loop progress after ``epochs`` epochs."""
+    progress = {"ready": epochs, "started": epochs, "processed": epochs, "completed": epochs - 1}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {}, "hyper_parameters": {"classes": ["a", "b"], "hand": "dorsal_right",
+                                                       "model_name": "HandCLIP-Tiny"},
+                "epoch": epochs - 1, "loops": {"fit_loop": {"epoch_progress": {"total": progress,
+                                                                                "current": progress}}}}, path)
+    return path
+
+
+def test_ckpt_path_auto(tmp_path):
+    run = tmp_path / "train" / "dorsal_right"
+    assert resolve_ckpt_path("auto", run, 5) is None  # no folder: start afresh
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("an attempt that wrote no checkpoint\n")
+    assert resolve_ckpt_path("auto", run, 5) is None
+    last = _fake_checkpoint(run / "checkpoints" / "last.ckpt", epochs=3)
+    assert resolve_ckpt_path("auto", run, 5) == last.resolve()
+    with pytest.raises(RunComplete, match=r"already complete .*trained 3 epoch\(s\), trainer.max_epochs=3"):
+        resolve_ckpt_path("auto", run, 3)
+    last.rename(run / "checkpoints" / "best.ckpt")
+    with pytest.raises(HandCLIPError, match="holds best.ckpt but no last.ckpt to resume from"):
+        resolve_ckpt_path("auto", run, 5)
+
+
+def test_make_train_uses_ckpt_path_auto():
+    target = re.search(r"^train:.*\n\t(.+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert target and "ckpt_path=auto" in target.group(1) and "-m hand=$(HANDS)" in target.group(1)
+
+
+@pytest.mark.slow
+def test_failed_sweep_goes_on_and_completes_when_run_again(tmp_path):
+    data = make_layout(tmp_path / "data", hands=("dorsal_right", "palmar_left"), n_train_ids=4)
+    palmar_train = data / hand_dir_name("palmar_left") / "train"
+    shutil.move(palmar_train, tmp_path / "palmar_train")  # palmar_left cannot train
+    common = ["experiment=demo", f"paths.data_dir={data}", f"paths.output_root={tmp_path / 'out'}",
+              f"paths.cache_dir={tmp_path / 'cache'}", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+              "trainer.enable_model_summary=false", "data.progress=false", "ckpt_path=auto"]
+    first = run_module("handclip.train", "-m", "hand=palmar_left,dorsal_right", *common)
+    assert first.returncode == 2, first.stderr[-3000:]
+    assert re.search(r"^error: \[hand=palmar_left\] split folder .*train' not found", first.stderr, re.M)
+    assert "sweep summary: 1 of 2 job(s) finished\n  hand=palmar_left: FAILED: split folder" in first.stderr
+    assert "\n  hand=dorsal_right: ok\n" in first.stderr and "Traceback" not in first.stderr
+    done = tmp_path / "out" / "train" / "dorsal_right" / "checkpoints" / "last.ckpt"
+    finished = done.stat().st_mtime_ns
+
+    shutil.move(tmp_path / "palmar_train", palmar_train)
+    again = run_module("handclip.train", "-m", "hand=palmar_left,dorsal_right", *common)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "dorsal_right: already complete" in again.stdout + again.stderr
+    assert done.stat().st_mtime_ns == finished
+    assert (tmp_path / "out" / "train" / "palmar_left" / "checkpoints" / "best.ckpt").is_file()
+
+
+# -- 10. runs that stopped without a checkpoint ------------------------------------------------
+@pytest.mark.parametrize("epochs", [0, -1])
+def test_max_epochs_below_one_is_a_config_error(data, tmp_path, epochs):
+    with pytest.raises(HandCLIPError, match=rf"trainer.max_epochs must be a whole number of at least 1, got {epochs}"):
+        train(tiny_cfg(data, tmp_path, f"trainer.max_epochs={epochs}"))
+    assert not (tmp_path / "train").exists()
+
+
+def test_folder_of_a_run_stopped_without_checkpoint_is_reused(data, tmp_path, monkeypatch, caplog):
+    original = HandCLIPModule.forward
+    with monkeypatch.context() as patch:
+        patch.setattr(HandCLIPModule, "forward", lambda self, images: original(self, images) * float("nan"))
+        with pytest.raises(HandCLIPError, match="loss became nan at global step 0") as stopped:
+            train(tiny_cfg(data, tmp_path, "trainer.max_epochs=2"))
+    assert "trainer.precision=32-true" not in str(stopped.value)  # 13: fp32 already
+    run_dir = tmp_path / "train" / "dorsal_right"
+    assert not list(run_dir.rglob("*.ckpt")) and (run_dir / "config.yaml").is_file()
+
+    with caplog.at_level(logging.INFO):
+        train(tiny_cfg(data, tmp_path, "trainer.max_epochs=1"))
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert len(list(run_dir.glob("config.no-checkpoint-*.yaml"))) == 1 and (run_dir / "config.yaml").is_file()
+    assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["version_0", "version_1"]
+    # 13: the best score is logged as a number
+    assert re.search(r"best checkpoint: .*best.ckpt \(val/rank1=\d\.\d{4}\)", caplog.text), caplog.text
+
+
+def test_nan_hint_suggests_fp32_only_when_not_in_fp32():
+    module = HandCLIPModule(classes=["a", "b"], hand="dorsal_right", model_name="HandCLIP-Tiny", pretrained=None)
+    module.forward = lambda images: torch.full((len(images), 2), float("nan"))
+    batch = (torch.zeros(2, 3, 64, 64, dtype=torch.uint8), torch.tensor([0, 1]))
+    for precision, hinted in (("bf16-mixed", True), ("16-mixed", True), ("32-true", False), ("32", False)):
+        module._trainer = SimpleNamespace(precision=precision, global_step=7, current_epoch=1)
+        with pytest.raises(HandCLIPError, match="at global step 7") as stopped:
+            module.training_step(batch, 0)
+        assert ("trainer.precision=32-true" in str(stopped.value)) == hinted, precision
+
+
+# -- 11. errors raised while Hydra instantiates objects ----------------------------------------
+def test_errors_wrapped_by_hydra_instantiate_give_one_line(capsys):
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    @exit_on_error
+    def entry():
+        instantiate({"_target_": "handclip.models.module.HandCLIPModule", "classes": ["a", "b"],
+                     "hand": "dorsal_right", "model_name": "HandCLIP-Tiny", "pretrained": None, "lr": -1})
+
+    with pytest.raises(InstantiationException):
+        entry.__wrapped__()  # what Hydra raises
+    with pytest.raises(SystemExit) as stopped:
+        entry()
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == "error: model.lr must be a positive number, got -1\n"
+
+
+def test_other_errors_keep_their_traceback():
+    @exit_on_error
+    def entry():
+        raise ValueError("a bug, not an input error")
+
+    with pytest.raises(ValueError, match="a bug"):
+        entry()
+
+
+@pytest.mark.slow
+def test_cli_train_without_weights_offline_gives_the_readme_message(data, tmp_path):
+    result = run_module("handclip.train", "experiment=demo", "model=vit_b32", f"paths.data_dir={data}",
+                        f"paths.output_root={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}",
+                        "data.progress=false", HF_HUB_OFFLINE="1")
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = _error_lines(result.stderr)
+    assert "could not load pretrained weights 'openai'" in line and "model.pretrained=/path/to/file" in line
+    assert "Traceback" not in result.stderr and "Error in call to target" not in result.stderr
+
+
+# -- 12. raw tracebacks ------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, message", [
+    ({"lr": -1e-5}, "model.lr must be a positive number, got -1e-05"),
+    ({"lr": 0}, "model.lr must be a positive number, got 0"),
+    ({"lr": "fast"}, "model.lr must be a positive number, got 'fast'"),
+    ({"weight_decay": -0.01}, "model.weight_decay must be a non-negative number, got -0.01"),
+    ({"weight_decay": float("nan")}, "model.weight_decay must be a non-negative number, got nan"),
+])
+def test_bad_optimiser_settings(kwargs, message):
+    with pytest.raises(HandCLIPError, match=f"^{re.escape(message)}$"):
+        HandCLIPModule(classes=["a", "b"], hand="dorsal_right", model_name="HandCLIP-Tiny", pretrained=None, **kwargs)
+
+
+@pytest.mark.parametrize("setting", ["num_workers", "cache_workers"])
+def test_negative_worker_counts(data, setting):
+    from handclip.data.datamodule import HandDataModule
+
+    with pytest.raises(HandCLIPError, match=rf"data.{setting} must be a whole number >= 0 .*got -1"):
+        HandDataModule(str(data), "dorsal_right", TINY, cache=False, **{setting: -1})
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_file(tmp_path_factory) -> Path:
+    from handclip.models.clip import create_clip
+
+    path = tmp_path_factory.mktemp("weights") / "tiny_clip.pt"
+    torch.save(create_clip("HandCLIP-Tiny", None).state_dict(), path)
+    return path
+
+
+def _weights_error(model_name: str, weights: Path) -> str:
+    from handclip.models.clip import create_clip
+
+    with pytest.raises(HandCLIPError) as refused:
+        create_clip(model_name, str(weights))
+    message = error_message(refused.value)
+    assert "\n" not in message and len(message) < 500, message
+    return message
+
+
+def test_pretrained_file_that_is_empty_or_not_weights(tmp_path, tiny_clip_file):
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    assert f"pretrained weights file '{empty}' is empty" in _weights_error("HandCLIP-Tiny", empty)
+    text = tmp_path / "notes.bin"
+    text.write_text("not weights")
+    assert f"'{text}' is not a PyTorch or safetensors weights file" in _weights_error("HandCLIP-Tiny", text)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(tiny_clip_file.read_bytes()[:4096])
+    assert "not a PyTorch or safetensors weights file, or a damaged one" in _weights_error("HandCLIP-Tiny", truncated)
+
+    from handclip.models.clip import create_clip
+
+    assert create_clip("HandCLIP-Tiny", str(tiny_clip_file)) is not None  # the file they were cut from loads
+
+
+def test_pretrained_file_of_another_architecture_names_it(tiny_clip_file):
+    message = _weights_error("ViT-B-32-quickgelu", tiny_clip_file)
+    assert message == (
+        f"pretrained weights file '{tiny_clip_file}' holds a ViT image tower with patch 8, width 128, 3 layers, 64 px "
+        "input, but ViT-B-32-quickgelu has a ViT image tower with patch 32, width 768, 12 layers, 224 px input; it "
+        "fits HandCLIP-Tiny: set model.model_name to one of them")
+
+
+def test_training_checkpoint_passed_as_pretrained_weights(tmp_path, tiny_clip_file):
+    from handclip.models.clip import create_clip
+
+    module = HandCLIPModule(classes=["a", "b"], hand="palmar_left", model_name="HandCLIP-Tiny", pretrained=None)
+    ckpt = tmp_path / "best.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, ckpt)
+    with pytest.raises(HandCLIPError, match=r"is a HandCLIP training checkpoint \(model 'HandCLIP-Tiny', hand "
+                                            r"'palmar_left'\).*handclip.eval ckpt_path="):
+        create_clip("HandCLIP-Tiny", str(ckpt))
+
+
+def test_checkpoint_whose_weights_are_another_model(tmp_path):
+    from handclip.models.checkpoint import load_module
+
+    module = HandCLIPModule(classes=["a", "b"], hand="dorsal_right", model_name="HandCLIP-Tiny", pretrained=None)
+    ckpt = tmp_path / "best.ckpt"
+    torch.save({"state_dict": module.state_dict(),
+                "hyper_parameters": {**module.hparams, "model_name": "ViT-B-32-quickgelu"}}, ckpt)
+    with pytest.raises(HandCLIPError) as refused:
+        load_module(ckpt)
+    assert error_message(refused.value) == (
+        f"checkpoint '{ckpt}' says it holds model 'ViT-B-32-quickgelu', but its weights are a ViT image tower with "
+        "patch 8, width 128, 3 layers, 64 px input; it was altered or written by another program")
+
+
+def test_bad_image_in_a_dataloader_worker_gives_one_line(tmp_path, capsys):
+    """cache=false with DataLoader workers: torch folds the worker's traceback into the message; one line is printed."""
+    from torch.utils.data import DataLoader
+
+    from handclip.data.datasets import ImageDataset
+
+    good = [write_image(tmp_path / f"{i}.png", seed=i) for i in range(3)]
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff not a jpeg")
+    loader = DataLoader(ImageDataset([*good, bad], [0, 1, 2, 3], ImageLoader(TINY)), batch_size=1, num_workers=2)
+
+    @exit_on_error
+    def entry():
+        for _ in loader:
+            pass
+
+    with pytest.raises(SystemExit) as stopped:
+        entry()
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: cannot read image '{bad}': "), err
