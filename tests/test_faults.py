@@ -672,3 +672,16 @@ def test_bad_image_in_a_dataloader_worker_gives_one_line(tmp_path, capsys):
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: cannot read image '{bad}': "), err
+
+
+@pytest.mark.parametrize("command", ["prepare", "synth"])
+def test_read_only_out_of_prepare_and_synth(raw, read_only, command, capsys):
+    from handclip import prepare, synth
+
+    args = ["--out", str(read_only / "out")] + (["--raw", str(raw)] if command == "prepare" else ["--subjects", "2"])
+    with pytest.raises(SystemExit) as stopped:
+        (prepare if command == "prepare" else synth).main(args)
+    assert stopped.value.code == 2
+    assert _error_lines(capsys.readouterr().err) == [
+        f"error: output folder (--out) '{read_only}/out' is not writable (its nearest existing parent '{read_only}'): "
+        "Read-only file system; make it writable or choose another folder"]

@@ -40,7 +40,7 @@ from handclip.data.split.raw import CSV_NAME, IMAGES_DIR, check_images, read_han
 from handclip.data.split.write import build_split_info, verify_output, write_plans
 from handclip.errors import HandCLIPError
 from handclip.hands import HAND_DIR_PREFIX
-from handclip.utils.files import check_output_folder, swap_in
+from handclip.utils.files import check_output_folder, check_writable, swap_in
 from handclip.utils.locks import try_lock
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,7 @@ def prepare_dataset(raw_dir: str | Path, out_dir: str | Path, seed: int = 0, run
     limits = resolve_thresholds(thresholds)
     plans = plan_dataset(records, seed, runs, limits, split, cross_aspect)
     _check_out(out, raw, force)
+    check_writable(out, "output folder (--out)")
     info = build_split_info(plans, records, seed, runs, limits, split, cross_aspect)
 
     created_top = _make_parents(out)
