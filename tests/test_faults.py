@@ -685,3 +685,24 @@ def test_read_only_out_of_prepare_and_synth(raw, read_only, command, capsys):
     assert _error_lines(capsys.readouterr().err) == [
         f"error: output folder (--out) '{read_only}/out' is not writable (its nearest existing parent '{read_only}'): "
         "Read-only file system; make it writable or choose another folder"]
+
+
+def test_a_forked_child_does_not_keep_a_lock(tmp_path):
+    """A DataLoader or decode worker forked while a run holds its folder's lock does not hold it after the run."""
+    import multiprocessing
+
+    from handclip.utils.locks import try_lock
+
+    lock = try_lock(tmp_path / ".lock")
+    ready = multiprocessing.get_context("fork").Event()
+    child = multiprocessing.get_context("fork").Process(target=ready.wait, args=(30,))
+    child.start()
+    try:
+        assert try_lock(tmp_path / ".lock") is None  # held by this process
+        lock.release()
+        again = try_lock(tmp_path / ".lock")
+        assert again is not None and again.held, "the child kept the lock"
+        again.release()
+    finally:
+        ready.set()
+        child.join(30)

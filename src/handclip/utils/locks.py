@@ -29,16 +29,34 @@ except ImportError:  # pragma: no cover - Windows
 _UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF, errno.EINVAL}
 
 
+#: Lock files open in this process. A forked child closes its copies at once: a lock belongs to its open
+#: file, which a child shares, so a child (a DataLoader or decode worker) would otherwise keep it held.
+_OPEN: set[int] = set()
+
+
+def _close_in_child() -> None:
+    for fd in _OPEN:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _OPEN.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
+
+
 class Lock:
     """An open lock file; ``held`` is False when the file system could not lock it. Close to release."""
 
     def __init__(self, fd: int, held: bool):
         self.fd, self.held = fd, held
+        _OPEN.add(fd)
 
     def release(self) -> None:
-        if self.fd >= 0:
+        if self.fd in _OPEN:  # not in a forked child, which closed its copy already
+            _OPEN.discard(self.fd)
             os.close(self.fd)  # releases the flock
-            self.fd = -1
+        self.fd = -1
 
     def __enter__(self) -> Lock:
         return self
