@@ -706,3 +706,32 @@ def test_a_forked_child_does_not_keep_a_lock(tmp_path):
     finally:
         ready.set()
         child.join(30)
+
+
+def test_eval_refuses_an_unwritable_output_folder(data, tmp_path, read_only):
+    from conftest import eval_cfg
+
+    from handclip.eval import evaluate
+
+    with pytest.raises(HandCLIPError, match=rf"output folder \(paths.output_dir\) '{read_only}/out/eval/.*' is not "
+                                            "writable"):
+        evaluate(eval_cfg(data, read_only / "out", f"paths.cache_dir={tmp_path / 'cache'}"))
+    assert not (tmp_path / "cache").exists()
+
+
+def test_other_ranks_neither_claim_nor_write_the_run_folder(tmp_path, monkeypatch):
+    """Processes of rank > 0 of a multi-process run share rank 0's folder: no lock taken, no config written."""
+    from omegaconf import OmegaConf
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    from handclip.run_folder import LOCK_NAME, claim_run_folder, save_config
+    from handclip.utils.locks import try_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("rank 0's\n")
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    with try_lock(run / LOCK_NAME), claim_run_folder(run):  # rank 0 holds it
+        save_config(OmegaConf.create({"a": 1}), run, resumed=False)
+    assert sorted(p.name for p in run.iterdir()) == [LOCK_NAME, "config.yaml"]
+    assert (run / "config.yaml").read_text() == "rank 0's\n"

@@ -68,15 +68,20 @@ def check_folders_writable(cfg: DictConfig) -> None:
         check_writable(folder, what)
 
 
+def _rank_zero() -> bool:
+    """True in the process of global rank 0 (the only one of a single-process run)."""
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
 @contextlib.contextmanager
 def claim_run_folder(output_dir: Path) -> Iterator[None]:
     """Hold ``output_dir`` for this training run: another run into it is refused while this one lives.
 
     Only the process of global rank 0 claims it (other ranks of a multi-process run share its folder).
     """
-    from pytorch_lightning.utilities.rank_zero import rank_zero_only
-
-    if getattr(rank_zero_only, "rank", 0) != 0:
+    if not _rank_zero():
         yield
         return
     created = next((p for p in reversed([output_dir, *output_dir.parents]) if not p.exists()), None)
@@ -172,9 +177,11 @@ def save_config(cfg: DictConfig, output_dir: Path, resumed: bool) -> Path:
     A fresh run saves ``config.yaml``; the one of an earlier attempt in the same folder that wrote no
     checkpoint is kept as ``config.no-checkpoint-<time>.yaml``. A resumed run saves ``config.resumed-<time>.yaml``.
     """
-    output_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     name = f"config.resumed-{stamp}.yaml" if resumed else "config.yaml"
+    if not _rank_zero():  # the other processes of a multi-process run share rank 0's folder and config
+        return output_dir / name
+    output_dir.mkdir(parents=True, exist_ok=True)
     if not resumed and (output_dir / name).exists():
         (output_dir / name).rename(output_dir / f"config.no-checkpoint-{stamp}.yaml")
     path = output_dir / name
