@@ -17,6 +17,7 @@ from handclip.data.synthetic.traits import ASPECTS, Identity, make_identity, sub
 from handclip.errors import HandCLIPError
 from handclip.utils.devices import usable_cpus
 from handclip.utils.files import atomic_write, check_output_folder, check_writable, swap_in
+from handclip.utils.locks import die_with_parent
 
 CSV_COLUMNS: tuple[str, ...] = (
     "id", "age", "gender", "skinColor", "accessories", "nailPolish", "aspectOfHand", "imageName", "irregularities",
@@ -191,7 +192,7 @@ def _run_jobs(render: _Renderer, jobs: Sequence[ImageJob], workers: int,
         return
     # An executor (not multiprocessing.Pool, whose terminate can hang on a full task pipe) so that an
     # error or Ctrl-C stops cleanly; pending work is cancelled.
-    with ProcessPoolExecutor(workers) as pool:
+    with ProcessPoolExecutor(workers, initializer=die_with_parent) as pool:  # no worker outlives a killed run
         try:
             for done, _ in enumerate(pool.map(render, jobs, chunksize=8), 1):
                 if progress:
