@@ -687,6 +687,11 @@ def test_read_only_out_of_prepare_and_synth(raw, read_only, command, capsys):
         "Read-only file system; make it writable or choose another folder"]
 
 
+def _wait_in_child(started, finish) -> None:
+    started.set()
+    finish.wait(30)
+
+
 def test_a_forked_child_does_not_keep_a_lock(tmp_path):
     """A DataLoader or decode worker forked while a run holds its folder's lock does not hold it after the run."""
     import multiprocessing
@@ -694,17 +699,19 @@ def test_a_forked_child_does_not_keep_a_lock(tmp_path):
     from handclip.utils.locks import try_lock
 
     lock = try_lock(tmp_path / ".lock")
-    ready = multiprocessing.get_context("fork").Event()
-    child = multiprocessing.get_context("fork").Process(target=ready.wait, args=(30,))
+    fork = multiprocessing.get_context("fork")
+    started, finish = fork.Event(), fork.Event()
+    child = fork.Process(target=_wait_in_child, args=(started, finish))
     child.start()
     try:
+        assert started.wait(30)  # the child runs (its at-fork handlers are done)
         assert try_lock(tmp_path / ".lock") is None  # held by this process
         lock.release()
         again = try_lock(tmp_path / ".lock")
         assert again is not None and again.held, "the child kept the lock"
         again.release()
     finally:
-        ready.set()
+        finish.set()
         child.join(30)
 
 
