@@ -59,8 +59,8 @@ demo: install clean-demo demo-data ## End to end on synthetic hands: data, train
 	$(OFFLINE) $(PY) -m handclip.train -m experiment=demo hand=$(HANDS)
 	$(OFFLINE) $(PY) -m handclip.eval experiment=demo all=true
 
-train: install ## Train all four hand types with the default recipe (ViT-B/32, data/11k)
-	$(PY) -m handclip.train -m hand=$(HANDS) $(ARGS)
+train: install ## Train all four hand types with the default recipe (ViT-B/32, data/11k); run again to finish
+	$(PY) -m handclip.train -m hand=$(HANDS) ckpt_path=auto $(ARGS)
 
 eval: install ## Zero-shot CLIP vs fine-tuned HandCLIP for every hand type -> outputs/eval/comparison.{md,csv,json}
 	$(PY) -m handclip.eval all=true $(ARGS)

@@ -401,11 +401,16 @@ def test_explicit_resume_into_another_run_is_refused(trained, data, tmp_path):
 
 
 def test_run_without_checkpoint_yet_is_not_mixed(data, tmp_path):
+    """A run still running (it holds its folder's lock) that wrote no checkpoint yet is not mixed with."""
+    from handclip.run_folder import LOCK_NAME
+    from handclip.utils.locks import try_lock
+
     run_dir = Path(tiny_cfg(data, tmp_path).paths.output_dir)
     run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text("from an interrupted run\n")
-    with pytest.raises(HandCLIPError, match="already holds a run \\(no checkpoint yet\\)"):
+    (run_dir / "config.yaml").write_text("from a live run\n")
+    with try_lock(run_dir / LOCK_NAME), pytest.raises(HandCLIPError, match="in use by another training run"):
         train(tiny_cfg(data, tmp_path))
+    assert (run_dir / "config.yaml").read_text() == "from a live run\n"
 
 
 def test_resume_and_load_need_no_pretrained_download(trained, monkeypatch):

@@ -8,6 +8,7 @@ current directory.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -43,15 +44,32 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("handclip_root", project_root)
 
 
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], object]], Callable[[], None]]:
-    """Turn ``task(cfg)`` into a Hydra command-line entry point on HandCLIP's configs, with one-line errors."""
+    """Turn ``task(cfg)`` into a Hydra command-line entry point on HandCLIP's configs, with one-line errors.
+
+    A single run turns an input error into one ``error:`` line and exit status 2. In a multirun the error
+    is left to Hydra, which records the job as failed and goes on with the next one (the sweep's summary
+    comes from the ``SweepSummary`` callback of ``configs/hydra/default.yaml``).
+    """
     import hydra
 
     register_resolvers()
 
     def wrap(task: Callable[[DictConfig], object]) -> Callable[[], None]:
-        return hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(
-            exit_on_error(task))
+        one_line = exit_on_error(task)
+
+        @functools.wraps(task)
+        def job(cfg: DictConfig) -> object:
+            return task(cfg) if _in_multirun() else one_line(cfg)
+
+        return hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(job)
 
     return wrap
 

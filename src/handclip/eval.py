@@ -20,11 +20,13 @@ from handclip.evaluation.compare import ScoreOptions, compare_hands, score_check
 from handclip.evaluation.report import markdown_table, table_rows, write_report
 from handclip.hands import check_hand
 from handclip.models.encoder import zero_shot_encoder
+from handclip.run_folder import check_folders_writable
 from handclip.utils.devices import resolve_device
 
 
 def evaluate(cfg: DictConfig) -> dict:
     """Score as configured, write the report files, return ``{"entries": [...], "files": {...}}``."""
+    check_folders_writable(cfg)
     pl.seed_everything(cfg.seed, verbose=False)
     options = ScoreOptions(device=resolve_device(cfg.device), ranks=tuple(cfg.metrics.ranks), ap=cfg.metrics.ap,
                            cross_aspect=cfg.metrics.cross_aspect, progress=cfg.data.progress)

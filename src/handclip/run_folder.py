@@ -2,18 +2,31 @@
 
 A hand type trains into ``<output_root>/train/<hand>/`` (``checkpoints/``, ``logs/``, ``config.yaml``);
 its best checkpoint, which evaluation scores, is ``checkpoints/best.ckpt``. A second run never mixes
-with the first: it must resume it (``ckpt_path``) or go elsewhere.
+with the first: it must resume it (``ckpt_path``) or go elsewhere. A running training holds a lock on its
+folder (released by the operating system however the process ends), so a folder whose run wrote no
+checkpoint (stopped by a NaN loss, killed in its first epoch) may be reused once that run is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from handclip.errors import HandCLIPError
-from handclip.models.checkpoint import read_checkpoint_meta
+from handclip.models.checkpoint import read_checkpoint_meta, read_epochs_trained
+from handclip.utils.files import check_writable
+from handclip.utils.locks import try_lock
+
+#: Lock file held by the training run that writes into a run folder.
+LOCK_NAME = ".lock"
+
+
+class RunComplete(Exception):
+    """``ckpt_path=auto`` found a run that already trained ``max_epochs`` epochs: there is nothing to do."""
 
 
 def trained_checkpoint(output_root: str | Path, hand: str) -> Path:
@@ -22,26 +35,113 @@ def trained_checkpoint(output_root: str | Path, hand: str) -> Path:
 
 
 def holds_run(output_dir: Path) -> bool:
-    """True when a training run already wrote into ``output_dir`` (checkpoints, logs or its config)."""
+    """True when a training run already wrote a checkpoint into ``output_dir``."""
     checkpoints = output_dir / "checkpoints"
-    return (
-        (checkpoints.is_dir() and any(checkpoints.glob("*.ckpt")))
-        or (output_dir / "config.yaml").exists()
-        or (output_dir / "logs").is_dir()
-    )
+    return checkpoints.is_dir() and any(checkpoints.glob("*.ckpt"))
 
 
-def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run; refuse to mix with an earlier run."""
+def check_max_epochs(max_epochs) -> int:
+    """``trainer.max_epochs`` as a number of epochs to train (at least 1)."""
+    if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
+        raise HandCLIPError(f"trainer.max_epochs must be a whole number of at least 1, got {max_epochs!r}")
+    return max_epochs
+
+
+def folders_written(cfg: DictConfig) -> dict[str, str]:
+    """Every folder a run of ``cfg`` writes to, by what it is for (the setting that names it)."""
+    folders = {"output folder (paths.output_dir)": str(cfg.paths.output_dir)}
+    for name, callback in (cfg.get("callbacks") or {}).items():
+        if callback and callback.get("dirpath"):
+            folders[f"checkpoint folder (callbacks.{name}.dirpath)"] = str(callback.dirpath)
+    for name, logger in (cfg.get("logger") or {}).items():
+        if logger and logger.get("save_dir"):
+            folders[f"log folder (logger.{name}.save_dir)"] = str(logger.save_dir)
+    data = cfg.get("data") or {}
+    if data.get("cache") and data.get("cache_dir"):
+        folders["image cache folder (data.cache_dir)"] = str(data.cache_dir)
+    return folders
+
+
+def check_folders_writable(cfg: DictConfig) -> None:
+    """Refuse to start, naming the folder, when a folder the run writes to is not writable."""
+    for what, folder in folders_written(cfg).items():
+        check_writable(folder, what)
+
+
+def _rank_zero() -> bool:
+    """True in the process of global rank 0 (the only one of a single-process run)."""
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+@contextlib.contextmanager
+def claim_run_folder(output_dir: Path) -> Iterator[None]:
+    """Hold ``output_dir`` for this training run: another run into it is refused while this one lives.
+
+    Only the process of global rank 0 claims it (other ranks of a multi-process run share its folder).
+    """
+    if not _rank_zero():
+        yield
+        return
+    created = next((p for p in reversed([output_dir, *output_dir.parents]) if not p.exists()), None)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock = try_lock(output_dir / LOCK_NAME)
+    if lock is None:
+        raise HandCLIPError(f"{output_dir} is in use by another training run that is still running; wait for it to "
+                            "end, or train elsewhere with paths.output_root=DIR")
+    try:
+        with lock:
+            yield
+    except BaseException:
+        if created is not None:
+            _remove_if_unused(output_dir, created)
+        raise
+
+
+def _remove_if_unused(output_dir: Path, created: Path) -> None:
+    """Remove the folders up to ``created`` that this run made, if it wrote nothing into them but its lock."""
+    if any(p.name != LOCK_NAME for p in output_dir.iterdir()):
+        return
+    (output_dir / LOCK_NAME).unlink(missing_ok=True)
+    for folder in [output_dir, *output_dir.parents]:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        if folder == created:
+            return
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, max_epochs: int | None = None) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run; refuse to mix with an earlier run.
+
+    ``ckpt_path``: None (a fresh run; refused where a run wrote checkpoints), ``last``, ``auto`` or a path.
+    ``auto`` resumes ``checkpoints/last.ckpt`` when it exists, starts afresh where no run wrote a checkpoint,
+    and raises :class:`RunComplete` when last.ckpt has already trained ``max_epochs`` epochs.
+    """
     checkpoint_dir = output_dir / "checkpoints"
     existing = holds_run(output_dir)
+    found = ", ".join(sorted(p.name for p in checkpoint_dir.glob("*.ckpt"))) if existing else ""
     if ckpt_path is None:
         if existing:
-            found = sorted(p.name for p in checkpoint_dir.glob("*.ckpt")) if checkpoint_dir.is_dir() else []
             raise HandCLIPError(
-                f"{output_dir} already holds a run ({', '.join(found) or 'no checkpoint yet'}). Resume it with "
-                "ckpt_path=last, start elsewhere with paths.output_root=DIR, or move that folder away."
+                f"{output_dir} already holds a run ({found}). Resume it with ckpt_path=last (or ckpt_path=auto, "
+                "which also skips a finished run), start elsewhere with paths.output_root=DIR, or move that "
+                "folder away."
             )
+        return None
+    if str(ckpt_path) == "auto":
+        last = checkpoint_dir / "last.ckpt"
+        if last.is_file():
+            trained = read_epochs_trained(last)
+            if max_epochs is not None and trained >= max_epochs:
+                raise RunComplete(f"{output_dir}: already complete ({last} has trained {trained} epoch(s), "
+                                  f"trainer.max_epochs={max_epochs}); nothing to do")
+            return last.resolve()
+        if existing:
+            raise HandCLIPError(f"{output_dir} holds {found} but no last.ckpt to resume from; resume a checkpoint "
+                                "with ckpt_path=PATH, or move that folder away to start afresh")
         return None
     path = checkpoint_dir / "last.ckpt" if str(ckpt_path) == "last" else Path(str(ckpt_path)).expanduser()
     if not path.is_file():
@@ -72,12 +172,18 @@ def check_resume_compatible(ckpt_path: Path, hparams) -> None:
 
 
 def save_config(cfg: DictConfig, output_dir: Path, resumed: bool) -> Path:
-    """Save the composed config beside the checkpoints, never over an earlier run's copy."""
+    """Save the composed config beside the checkpoints, never over an earlier run's copy.
+
+    A fresh run saves ``config.yaml``; the one of an earlier attempt in the same folder that wrote no
+    checkpoint is kept as ``config.no-checkpoint-<time>.yaml``. A resumed run saves ``config.resumed-<time>.yaml``.
+    """
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    name = f"config.resumed-{stamp}.yaml" if resumed else "config.yaml"
+    if not _rank_zero():  # the other processes of a multi-process run share rank 0's folder and config
+        return output_dir / name
     output_dir.mkdir(parents=True, exist_ok=True)
-    name = "config.yaml"
-    if resumed or (output_dir / name).exists():
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-        name = f"config.resumed-{stamp}.yaml"
+    if not resumed and (output_dir / name).exists():
+        (output_dir / name).rename(output_dir / f"config.no-checkpoint-{stamp}.yaml")
     path = output_dir / name
     OmegaConf.save(cfg, path, resolve=True)
     return path

@@ -4,6 +4,7 @@
     python -m handclip.train -m hand=dorsal_right,dorsal_left,palmar_right,palmar_left
     python -m handclip.train experiment=demo
     python -m handclip.train hand=dorsal_right ckpt_path=last        # resume
+    python -m handclip.train -m 'hand=glob(*)' ckpt_path=auto        # resume, start or skip each hand type
 """
 
 from __future__ import annotations
@@ -19,16 +20,35 @@ from omegaconf import DictConfig
 from handclip.config import hydra_entry
 from handclip.hands import check_hand
 from handclip.models.clip import preprocess_config
-from handclip.run_folder import check_resume_compatible, resolve_ckpt_path, save_config
+from handclip.run_folder import (
+    RunComplete,
+    check_folders_writable,
+    check_max_epochs,
+    check_resume_compatible,
+    claim_run_folder,
+    resolve_ckpt_path,
+    save_config,
+)
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Train one hand type as configured; return the final logged metrics."""
+    """Train one hand type as configured; return the final logged metrics (none when already complete)."""
     check_hand(cfg.hand.name)
+    max_epochs = check_max_epochs(cfg.trainer.get("max_epochs"))
+    check_folders_writable(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
+    with claim_run_folder(output_dir):
+        try:
+            ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir, max_epochs)
+        except RunComplete as done:
+            log.info("%s: %s", cfg.hand.name, done)
+            return {}
+        return _fit(cfg, output_dir, ckpt_path)
+
+
+def _fit(cfg: DictConfig, output_dir: Path, ckpt_path: Path | None) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available() and str(cfg.trainer.get("precision")) in ("bf16-mixed", "16-mixed"):
         torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in fp32 (trainer=gpu)
@@ -49,7 +69,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     checkpoint = trainer.checkpoint_callback
     if checkpoint is not None and checkpoint.best_model_path:
-        log.info("best checkpoint: %s (val/rank1=%s)", checkpoint.best_model_path, checkpoint.best_model_score)
+        score = checkpoint.best_model_score
+        log.info("best checkpoint: %s (val/rank1=%.4f)", checkpoint.best_model_path, float(score) if score is not None
+                 else float("nan"))
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 

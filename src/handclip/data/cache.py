@@ -15,6 +15,10 @@ changed). Files are written to a temporary file in the same directory and rename
 the old manifest is removed before its ``.npy`` is replaced and the new manifest is written last, so an
 interrupted build never leaves a pair that is read as valid. Existing ``.npy`` files are never written in
 place, so tensors returned earlier (memory maps) stay intact.
+
+A build holds a shared lock on ``.lock`` in its directory; temporary files found there while nobody holds
+it were left by a killed build and are removed. Decode workers end with the process that started them,
+also when it is killed with SIGKILL.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import os
 import warnings
 from collections import deque
@@ -40,9 +45,16 @@ from handclip.data.images import ImageLoader
 from handclip.errors import HandCLIPError
 from handclip.utils.devices import usable_cpus
 from handclip.utils.files import atomic_write, fsync_file, temp_path
+from handclip.utils.locks import die_with_parent, shared_lock, try_lock
+
+log = logging.getLogger(__name__)
 
 #: Bump when the storage layout or the meaning of a row changes: old caches are then ignored.
-FORMAT_VERSION = 1
+#: 2: rows are decoded upright by the EXIF orientation tag (version 1 ignored it).
+FORMAT_VERSION = 2
+
+#: Lock file of a cache directory, held (shared) by every build that writes there.
+LOCK_NAME = ".lock"
 
 #: (resolved path, size in bytes, st_mtime_ns): a row is reused only if its file still has this key.
 Entry = tuple[str, int, int]
@@ -79,6 +91,7 @@ def cached_crops(
     digest = _digest({"format": FORMAT_VERSION, "settings": settings})
     directory = Path(cache_dir) / f"v{FORMAT_VERSION}-{digest}"
     directory.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(directory)
     key = _digest([e[0] for e in entries])
     manifest_path = directory / f"{key}.json"
 
@@ -97,7 +110,8 @@ def cached_crops(
         if len(sources) == len(wanted):
             break
 
-    _build(directory, key, entries, sources, loader, settings, row_shape, num_workers, progress, desc)
+    with shared_lock(directory / LOCK_NAME):
+        _build(directory, key, entries, sources, loader, settings, row_shape, num_workers, progress, desc)
     cache = _open_cache(manifest_path, settings, row_shape)
     if cache is None or cache[0] != entries:  # pragma: no cover - only on a concurrent writer or a disk fault
         raise RuntimeError(f"image cache {manifest_path} could not be read back after writing it")
@@ -183,6 +197,7 @@ _worker_loader: ImageLoader | None = None
 
 def _init_worker(loader: ImageLoader) -> None:
     global _worker_loader
+    die_with_parent()
     _worker_loader = loader
 
 
@@ -279,6 +294,21 @@ def _build(
         atomic_write(manifest_path, json.dumps(manifest))
     finally:
         data_tmp.unlink(missing_ok=True)
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Remove the temporary files of builds that were killed (found while no build holds the lock)."""
+    if not any(directory.glob(".*.tmp")):
+        return
+    lock = try_lock(directory / LOCK_NAME)
+    if lock is None:
+        return  # a build is running: its temporary files are not stale
+    with lock:
+        if not lock.held:
+            return  # this file system cannot tell; leave them
+        stale = sorted(directory.glob(".*.tmp"))
+        _remove(*stale)
+        log.info("removed %d temporary file(s) left in %s by an interrupted cache build", len(stale), directory)
 
 
 def _remove(*paths: Path) -> None:

@@ -59,6 +59,9 @@ class HandDataModule(pl.LightningDataModule):
         if batch_size < 1 or eval_batch_size < 1:
             raise HandCLIPError(
                 f"batch sizes must be >= 1, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
+        for setting, value in (("num_workers", num_workers), ("cache_workers", cache_workers)):
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise HandCLIPError(f"data.{setting} must be a whole number >= 0 (0: in this process), got {value!r}")
         if device_batches not in (True, False, "auto"):
             raise HandCLIPError(f"data.device_batches must be true, false or auto, got {device_batches!r}")
         if cache and not cache_dir:

@@ -7,16 +7,22 @@ as a ``uint8`` ``3 x H x W`` crop (what the decode-once cache stores). The arith
 device, per batch. For RGB images the two halves together give exactly the tensor open_clip's transform
 gives; other modes are converted to RGB first (open_clip converts after resizing).
 
+Decoding applies the EXIF orientation tag (phone and camera photos), so a crop shows the hand the way
+it was photographed; images without the tag decode exactly as Pillow reads them. Images whose shape
+would make preprocessing blow up (resizing the short side of a 10000 x 1 image to 224 px makes it
+2.2M x 224) are refused before anything is resized: see :data:`MAX_ASPECT_RATIO` and :data:`MAX_PIXELS`.
+
 The preprocessing settings (``PreprocessCfg``) come from the model: this module never looks a model up.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms import Compose, Normalize
 from torchvision.transforms.functional import pil_to_tensor
 
@@ -24,6 +30,10 @@ from handclip.errors import HandCLIPError
 
 #: open_clip's transform classes that turn a PIL image into a float tensor.
 _TO_TENSOR_NAMES = ("ToTensor", "MaybeToTensor")
+#: Longest side / shortest side beyond which an image is refused (11k Hands photos are 4:3).
+MAX_ASPECT_RATIO = 10
+#: Decoded size (width x height) beyond which an image is refused: 100 megapixels (300 MB as RGB).
+MAX_PIXELS = 100_000_000
 
 
 def open_clip_transform(cfg: PreprocessCfg) -> Compose:
@@ -41,14 +51,39 @@ def geometric_transform(cfg: PreprocessCfg) -> Compose:
     return Compose(steps[:cut])
 
 
+def check_image_shape(path: str | Path, size: tuple[int, int]) -> None:
+    """Refuse an image whose decoded size or aspect ratio is beyond the stated bounds (before decoding it)."""
+    width, height = size
+    if width * height > MAX_PIXELS:
+        raise HandCLIPError(
+            f"image {str(path)!r} is {width} x {height} pixels ({width * height / 1e6:.0f} megapixels); images of "
+            f"at most {MAX_PIXELS // 1_000_000} megapixels are read")
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise HandCLIPError(
+            f"image {str(path)!r} is {width} x {height} pixels; its aspect ratio is beyond the "
+            f"{MAX_ASPECT_RATIO}:1 that HandCLIP reads (resizing its short side to the model's input would "
+            "take gigabytes). Remove or crop it")
+
+
 def load_rgb(path: str | Path) -> Image.Image:
-    """Decode an image fully and convert it to RGB (grayscale, RGBA, CMYK, palette...)."""
+    """Decode an image fully, turn it upright by its EXIF orientation and convert it to RGB (grayscale, RGBA,
+    CMYK, palette...). Images beyond :data:`MAX_PIXELS` or :data:`MAX_ASPECT_RATIO` are refused unread."""
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # the size check below gives a clear error instead of a warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            check_image_shape(path, img.size)
             img.load()
+            ImageOps.exif_transpose(img, in_place=True)
             return img.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise HandCLIPError(f"cannot read image {str(path)!r}: {err}") from None
+    except Image.DecompressionBombError:
+        raise HandCLIPError(f"image {str(path)!r} is larger than {MAX_PIXELS // 1_000_000} megapixels, the most "
+                            "that is read") from None
+    except HandCLIPError:
+        raise
+    except Exception as err:  # any decoder failure (OSError, SyntaxError, struct.error...) of a bad file
+        raise HandCLIPError(f"cannot read image {str(path)!r}: {err or type(err).__name__}") from None
 
 
 class ImageLoader:

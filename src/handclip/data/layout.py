@@ -16,6 +16,7 @@ A single ``query/`` + ``gallery/`` pair is accepted as one Monte Carlo run.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 
 #: File suffixes (lower case) read as images; anything else in an identity folder is ignored.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+
+#: At most this many offending paths are named in one message.
+MAX_NAMED = 5
 
 _RUN_RE = re.compile(r"^(query|gallery)(\d*)$")
 
@@ -113,10 +117,27 @@ def discover_hand(root: str | Path, hand: str) -> HandLayout:
     return HandLayout(hand=hand, path=path, splits=tuple(splits), runs=_find_runs(splits))
 
 
+def _broken_link(path: Path) -> bool:
+    """A symbolic link whose target does not exist (or cannot be reached)."""
+    return path.is_symlink() and not path.exists()
+
+
+def _check_no_broken_links(split_dir: Path, broken: list[Path]) -> None:
+    """An image or identity folder that is a dangling link is an error (skipping it would lose data silently)."""
+    if not broken:
+        return
+    named = ", ".join(f"{p.relative_to(split_dir)} -> {os.readlink(p)}" for p in broken[:MAX_NAMED])
+    more = f" and {len(broken) - MAX_NAMED} more" if len(broken) > MAX_NAMED else ""
+    raise HandCLIPError(
+        f"split folder {str(split_dir)!r} holds {len(broken)} broken link(s) whose target does not exist: "
+        f"{named}{more}; restore their targets or remove the links")
+
+
 def list_split(root: str | Path, hand: str, split: str, *, allow_empty: bool = False) -> list[Sample]:
     """List (image path, identity) of one split, sorted by identity then file name.
 
-    Non-image files (``.DS_Store``, ``Thumbs.db``...) and empty identity folders are skipped.
+    Non-image files (``.DS_Store``, ``Thumbs.db``...) and empty identity folders are skipped. An image or
+    identity folder that is a broken symbolic link is an error naming it.
     """
     split_dir = hand_path(root, hand) / split
     if not split_dir.is_dir():
@@ -124,11 +145,18 @@ def list_split(root: str | Path, hand: str, split: str, *, allow_empty: bool = F
         raise HandCLIPError(
             f"split folder {str(split_dir)!r} not found; splits present: {', '.join(present) or 'none'}"
         )
-    samples = []
-    for identity_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for image in sorted(identity_dir.iterdir()):
+    samples, broken = [], []
+    for entry in sorted(p for p in split_dir.iterdir() if not p.name.startswith(".")):
+        if _broken_link(entry):
+            broken.append(entry)
+        if not entry.is_dir():
+            continue
+        for image in sorted(entry.iterdir()):
             if is_image_file(image):
-                samples.append(Sample(image, identity_dir.name))
+                samples.append(Sample(image, entry.name))
+            elif _broken_link(image) and not image.name.startswith("."):
+                broken.append(image)
+    _check_no_broken_links(split_dir, broken)
     if not samples and not allow_empty:
         raise HandCLIPError(
             f"split folder {str(split_dir)!r} holds no images; expected <identity>/<image> files "

@@ -14,6 +14,7 @@ import torch
 from handclip.errors import HandCLIPError
 from handclip.models.migrate import upgrade_state_dict
 from handclip.models.module import HandCLIPModule
+from handclip.models.weights import config_tower, describe, vit_tower
 
 
 def _load(path: Path) -> dict:
@@ -42,6 +43,16 @@ def _meta(ckpt: dict, path: str | Path) -> dict:
     return meta
 
 
+def read_epochs_trained(path: str | Path) -> int:
+    """How many epochs a checkpoint has trained, counted as Lightning does when it resumes (an epoch counts
+    once its training batches are done: ``fit_loop.epoch_progress.current.processed``)."""
+    ckpt = _load(Path(path))
+    try:
+        return int(ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError, ValueError):
+        return int(ckpt.get("epoch", -1)) + 1
+
+
 def load_module(path: str | Path, map_location: str | torch.device = "cpu"):
     """The fine-tuned HandCLIPModule of a checkpoint (architecture rebuilt without downloading weights)."""
     path = Path(path)
@@ -52,8 +63,15 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu"):
         classes=meta["classes"], hand=meta["hand"], model_name=meta["model_name"], pretrained=meta.get("pretrained"),
         lr=meta.get("lr", 1e-5), weight_decay=meta.get("weight_decay", 0.01), load_pretrained=False,
     )
+    state = upgrade_state_dict(ckpt["state_dict"])
     try:
-        module.load_state_dict(upgrade_state_dict(ckpt["state_dict"]))
+        module.load_state_dict(state)
     except RuntimeError as err:
-        raise HandCLIPError(f"checkpoint {str(path)!r} does not fit its own model description: {err}") from None
+        tower = vit_tower(state, prefix="encoder.visual.")
+        if tower is not None and tower != config_tower(meta["model_name"]):
+            held = f"its weights are a {describe(tower)}"
+        else:
+            held = f"its weights do not fit it ({str(err).strip().splitlines()[0]})"
+        raise HandCLIPError(f"checkpoint {str(path)!r} says it holds model {meta['model_name']!r}, but {held}; it "
+                            "was altered or written by another program") from None
     return module.to(map_location).eval()

@@ -11,6 +11,7 @@ import torch
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
 from handclip.errors import HandCLIPError
+from handclip.models.weights import weights_problem
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,11 @@ def create_clip(model_name: str, pretrained: str | None = None, cache_dir: str |
     if not uses_pretrained_weights(pretrained):
         return open_clip.create_model(model_name, pretrained=None)
     _check_pretrained(model_name, pretrained)
+    if os.path.isfile(pretrained):
+        try:
+            return open_clip.create_model(model_name, pretrained=pretrained, cache_dir=cache_dir)
+        except Exception as err:  # EOFError, UnpicklingError, KeyError, RuntimeError (missing keys)...
+            raise HandCLIPError(weights_problem(pretrained, model_name, err)) from None
     try:
         return open_clip.create_model(model_name, pretrained=pretrained, cache_dir=cache_dir)
     except RuntimeError as err:

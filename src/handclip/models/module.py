@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytorch_lightning as pl
 import torch
 from torch import nn
@@ -12,6 +14,17 @@ from handclip.metrics import compute_reid_metrics
 from handclip.models.clip import create_clip, freeze_text_tower, preprocess_config
 from handclip.models.encoder import ImageEncoder
 from handclip.models.migrate import upgrade_state_dict
+
+
+def _number(setting: str, value, positive: bool = False) -> float:
+    """A finite number >= 0 (> 0 when ``positive``) from the config, or an error naming the setting."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not math.isfinite(number) or number < 0 or (positive and number == 0):
+        raise HandCLIPError(f"{setting} must be a {'positive' if positive else 'non-negative'} number, got {value!r}")
+    return number
 
 
 class HandCLIPModule(pl.LightningModule):
@@ -41,6 +54,7 @@ class HandCLIPModule(pl.LightningModule):
         ``HandCLIPModule.load_from_checkpoint(path, load_pretrained=False)``."""
         super().__init__()
         classes = [str(c) for c in classes]
+        lr, weight_decay = _number("model.lr", lr, positive=True), _number("model.weight_decay", weight_decay)
         if len(classes) < 2:
             raise HandCLIPError(f"need at least 2 training identities, got {len(classes)}")
         # Plain values only: checkpoints load with torch's weights_only unpickler.
@@ -88,10 +102,11 @@ class HandCLIPModule(pl.LightningModule):
         logits = self(images)
         loss = self.loss_fn(logits, labels)
         if not torch.isfinite(loss):
+            full = "32" in str(getattr(self._trainer, "precision", "32"))  # fp32 already: only the lr is left to try
             raise HandCLIPError(
                 f"training loss became {loss.item()} at global step {self.global_step} "
-                f"(epoch {self.current_epoch}, batch {batch_idx}); stopping. Try a lower model.lr or "
-                "trainer.precision=32-true."
+                f"(epoch {self.current_epoch}, batch {batch_idx}); stopping. Try a lower model.lr"
+                f"{'' if full else ' or trainer.precision=32-true'}."
             )
         self.train_acc(logits, labels)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))

@@ -84,3 +84,20 @@ def check_output_folder(out: Path, force: bool, replaced: str, owned: Callable[[
                 f"--force replaces only {replaced}, but {str(out)!r} also holds "
                 f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}; choose another output folder"
             )
+
+
+def check_writable(folder: str | Path, what: str) -> None:
+    """Fail at once, naming ``folder`` and ``what`` it is for, when it cannot be created or written (read-only
+    file system, no permission, a file in the way). Nothing is left behind by the check."""
+    folder = Path(folder).expanduser().absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise HandCLIPError(f"{what} {str(folder)!r} cannot be created: {str(existing)!r} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".handclip-write-check-", dir=existing))
+    except OSError as err:
+        where = "" if existing == folder else f" (its nearest existing parent {str(existing)!r})"
+        raise HandCLIPError(f"{what} {str(folder)!r} is not writable{where}: {err.strerror or err}; make it "
+                            "writable or choose another folder") from None

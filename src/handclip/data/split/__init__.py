@@ -14,14 +14,17 @@ Input: ``<raw>/HandInfo.csv`` and ``<raw>/Hands/*.jpg`` as downloaded. Output, p
 plus ``<out>/split_info.json`` describing the split. Images with accessories are left out. Every random
 choice comes from ``random.Random`` seeded by the seed and the hand type, so one seed always gives the
 same split. Output is built in a temporary sibling folder, checked, and only then moved into place.
+Such a folder left by a killed run (``.<out>.partial-*``, no longer locked by a live one) is removed by the
+next run, which says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import secrets
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -37,7 +40,8 @@ from handclip.data.split.raw import CSV_NAME, IMAGES_DIR, check_images, read_han
 from handclip.data.split.write import build_split_info, verify_output, write_plans
 from handclip.errors import HandCLIPError
 from handclip.hands import HAND_DIR_PREFIX
-from handclip.utils.files import check_output_folder, swap_in
+from handclip.utils.files import check_output_folder, check_writable, swap_in
+from handclip.utils.locks import try_lock
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,26 @@ def _make_parents(path: Path) -> Path | None:
     return top
 
 
+def _clean_leftovers(out: Path) -> None:
+    """Undo what a killed run left next to ``out``: its partial folders, and the previous output that a
+    killed ``--force`` replacement had moved aside (put back when ``out`` is missing, else removed)."""
+    for old in sorted(out.parent.glob(f".{out.name}.old-*")):
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            log.info("removed %s, the previous output left by an interrupted replacement of %s", old, out)
+        else:
+            old.rename(out)
+            log.warning("restored %s from %s, where an interrupted replacement had left it", out, old)
+    for partial in sorted(out.parent.glob(f".{out.name}.partial-*")):
+        lock = try_lock(partial)
+        if lock is None:
+            log.warning("%s is being written by another prepare run; leaving it alone", partial)
+            continue
+        with lock:
+            shutil.rmtree(partial, ignore_errors=True)
+        log.info("removed %s, left by an interrupted prepare run", partial)
+
+
 def prepare_dataset(raw_dir: str | Path, out_dir: str | Path, seed: int = 0, runs: int = DEFAULT_RUNS,
                     thresholds: Mapping[str, int] | None = None, split: str = "threshold",
                     cross_aspect: bool = False, force: bool = False) -> dict:
@@ -80,20 +104,25 @@ def prepare_dataset(raw_dir: str | Path, out_dir: str | Path, seed: int = 0, run
     if not raw.is_dir():
         raise HandCLIPError(f"raw data folder {str(raw)!r} not found; expected the 11k Hands download with "
                             f"{CSV_NAME} and {IMAGES_DIR}/")
+    if out.parent.is_dir():
+        _clean_leftovers(out)
     records = read_hand_info(raw)
     check_images(raw, records)
     limits = resolve_thresholds(thresholds)
     plans = plan_dataset(records, seed, runs, limits, split, cross_aspect)
     _check_out(out, raw, force)
+    check_writable(out, "output folder (--out)")
     info = build_split_info(plans, records, seed, runs, limits, split, cross_aspect)
 
     created_top = _make_parents(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
+    tmp.mkdir()  # mode 0o777 less the umask, like any folder the user makes (mkdtemp would give 0o700)
     try:
-        linker = write_plans(plans, raw / IMAGES_DIR, tmp)
-        verify_output(tmp, plans, runs)
-        (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        swap_in(tmp, out)
+        with try_lock(tmp) or contextlib.nullcontext():  # a live run's partial folder is not a leftover
+            linker = write_plans(plans, raw / IMAGES_DIR, tmp)
+            verify_output(tmp, plans, runs)
+            (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+            swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if created_top is not None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
+import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -11,6 +14,8 @@ from pathlib import Path
 
 from handclip.errors import HandCLIPError
 from handclip.hands import HAND_TYPES, aspect_of_hand
+
+log = logging.getLogger(__name__)
 
 CSV_NAME = "HandInfo.csv"
 IMAGES_DIR = "Hands"
@@ -57,13 +62,36 @@ def _parse_row(csv_path: Path, line: int, row: Mapping[str | None, str | None], 
     return Record(line, raw_id.zfill(7), ASPECT_TO_HAND[aspect], image, accessories == "1")
 
 
+def _decode(csv_path: Path, data: bytes) -> str:
+    """The text of HandInfo.csv: UTF-8 (with or without BOM), UTF-16 with a BOM, or, when it is not valid
+    UTF-8 (a file re-saved by a spreadsheet), Windows-1252 / Latin-1, with a warning naming the first line
+    that is not UTF-8."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError as err:
+            raise HandCLIPError(f"{csv_path} starts with a UTF-16 byte order mark but is not valid UTF-16 "
+                                f"(byte {err.start}); save it as UTF-8") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        bad = data[err.start:err.end].hex(" ")
+        try:
+            text, encoding = data.decode("cp1252"), "Windows-1252"
+        except UnicodeDecodeError:
+            text, encoding = data.decode("latin-1"), "Latin-1"
+        log.warning("%s is not UTF-8 (line %d has byte(s) %s); read it as %s", csv_path, line, bad, encoding)
+        return text
+
+
 def read_hand_info(raw_dir: str | Path) -> list[Record]:
     """Parse and validate ``<raw_dir>/HandInfo.csv`` (errors name the line and the bad value)."""
     csv_path = Path(raw_dir).expanduser() / CSV_NAME
     if not csv_path.is_file():
         raise HandCLIPError(f"{csv_path} not found; expected the 11k Hands HandInfo.csv next to the Hands/ folder")
-    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
+    reader = csv.DictReader(io.StringIO(_decode(csv_path, csv_path.read_bytes()), newline=""))
+    try:
         header = [h.strip() for h in (reader.fieldnames or [])]
         missing = [c for c in REQUIRED_COLUMNS if c not in header]
         if missing:
@@ -71,6 +99,8 @@ def read_hand_info(raw_dir: str | Path) -> list[Record]:
                                 f"{','.join(header) or '(empty)'}")
         reader.fieldnames = header
         records = [_parse_row(csv_path, reader.line_num, row, len(header)) for row in reader]
+    except csv.Error as err:
+        raise _row_error(csv_path, reader.reader.line_num, f"not a readable CSV line ({err})") from None
     if not records:
         raise HandCLIPError(f"{csv_path} has a header but no image rows")
     _check_duplicates(csv_path, records)

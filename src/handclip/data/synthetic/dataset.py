@@ -16,7 +16,8 @@ from handclip.data.synthetic.render import encode_jpeg, render_image
 from handclip.data.synthetic.traits import ASPECTS, Identity, make_identity, subject_ids
 from handclip.errors import HandCLIPError
 from handclip.utils.devices import usable_cpus
-from handclip.utils.files import atomic_write, check_output_folder, swap_in
+from handclip.utils.files import atomic_write, check_output_folder, check_writable, swap_in
+from handclip.utils.locks import die_with_parent
 
 CSV_COLUMNS: tuple[str, ...] = (
     "id", "age", "gender", "skinColor", "accessories", "nailPolish", "aspectOfHand", "imageName", "irregularities",
@@ -127,6 +128,7 @@ def _prepare_out(out_dir: Path, force: bool) -> None:
     """Refuse a non-empty output without ``force`` (with it, only Hands/ and HandInfo.csv are replaced,
     once the new ones are complete)."""
     check_output_folder(out_dir, force, "its Hands/ and HandInfo.csv")
+    check_writable(out_dir, "output folder (--out)")
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -190,7 +192,7 @@ def _run_jobs(render: _Renderer, jobs: Sequence[ImageJob], workers: int,
         return
     # An executor (not multiprocessing.Pool, whose terminate can hang on a full task pipe) so that an
     # error or Ctrl-C stops cleanly; pending work is cancelled.
-    with ProcessPoolExecutor(workers) as pool:
+    with ProcessPoolExecutor(workers, initializer=die_with_parent) as pool:  # no worker outlives a killed run
         try:
             for done, _ in enumerate(pool.map(render, jobs, chunksize=8), 1):
                 if progress:

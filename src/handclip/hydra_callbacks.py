@@ -1,0 +1,91 @@
+"""Hydra callbacks of the training and evaluation commands (registered in ``configs/hydra/default.yaml``).
+
+* :class:`CheckFolders`: before Hydra creates the run folder, every folder the run will write to must be
+  writable; otherwise one ``error:`` line names it (exit status 2) instead of an ``OSError`` traceback.
+* :class:`SweepSummary`: in a multirun (``-m hand=a,b``) a job that fails does not stop the others; each
+  failure is reported when it happens, and the sweep ends with a summary and exit status 2 (1 when a
+  failure was not an input error). With launchers that run jobs in other processes (joblib, submitit),
+  Hydra's own report of the first failed job stands.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from handclip.errors import HandCLIPError, error_message, user_error
+from handclip.run_folder import check_folders_writable
+
+
+class CheckFolders(Callback):
+    """Refuse a run whose output, checkpoint, log or cache folder cannot be written, before anything starts."""
+
+    def _check(self, config: DictConfig) -> None:
+        try:
+            check_folders_writable(config)
+        except HandCLIPError as err:
+            print(f"error: {error_message(err)}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+
+class SweepSummary(Callback):
+    """Let a multirun go on past a failed job; end it with a summary and a non-zero exit status."""
+
+    def __init__(self) -> None:
+        self._pid: int | None = None
+        self._swept: set[str] = set()
+        self._jobs: list[tuple[list[str], str | None, bool]] = []  # (what differs, error, input error?)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+        self._swept = {o.get_key_element() for o in overrides if o.is_sweep_override()}
+        self._pid, self._jobs = os.getpid(), []
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if self._pid != os.getpid():  # a single run, or a job launched in another process
+            return
+        overrides = [o for o in job_return.overrides or [] if o.partition("=")[0] in self._swept]
+        if job_return.status != JobStatus.FAILED:
+            self._jobs.append((overrides, None, True))
+            return
+        err = job_return._return_value
+        found = user_error(err)
+        if found is not None:
+            message = error_message(found)
+            print(f"error: [{' '.join(overrides)}] {message}", file=sys.stderr)
+        else:
+            message = f"{type(err).__name__}: {err}"
+            traceback.print_exception(err, file=sys.stderr)
+        self._jobs.append((overrides, message, found is not None))
+        # Reported here and in the summary: the sweep goes on with the next job.
+        job_return.status, job_return.return_value = JobStatus.COMPLETED, None
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self._pid != os.getpid() or not self._jobs:
+            return
+        failed = [(o, m, user) for o, m, user in self._jobs if m is not None]
+        lines = [f"sweep summary: {len(self._jobs) - len(failed)} of {len(self._jobs)} job(s) finished"]
+        for number, (overrides, message, _) in enumerate(self._jobs):
+            name = " ".join(overrides) or f"job {number}"
+            lines.append(f"  {name}: {'ok' if message is None else 'FAILED: ' + message}")
+        print("\n".join(lines), file=sys.stderr)
+        if failed:
+            training = config.get("task_name") == "train"
+            again = " with ckpt_path=auto (resumes, starts or skips each run)" if training else ""
+            print(f"error: {len(failed)} of {len(self._jobs)} job(s) failed; fix the cause and run the same command "
+                  f"again{again}", file=sys.stderr)
+            raise SystemExit(2 if all(user for _, _, user in failed) else 1)
