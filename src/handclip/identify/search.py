@@ -45,19 +45,27 @@ def top_k_images(queries: torch.Tensor, gallery: torch.Tensor, k: int, rows: int
     if k < 1:
         raise ValueError(f"k must be >= 1 and the gallery non-empty (k={k}, gallery rows={num_g})")
     queries = queries.to(torch.float32)
-    rows = max(rows or chunk_rows(num_q, gallery.shape[1]), k)
+    rows = min(max(rows or chunk_rows(num_q, gallery.shape[1]), k), num_g)
+    # Two scratch buffers for the whole search: the widened chunk and its scores (no allocation per chunk).
+    block_buf = torch.empty((rows, gallery.shape[1]), dtype=torch.float32, device=queries.device)
+    score_buf = torch.empty(num_q * rows, dtype=torch.float32, device=queries.device)
     kept_s, kept_i = [], []
     for start in range(0, num_g, rows):
-        block = gallery[start:start + rows].to(queries.device, torch.float32)
-        scores = queries @ block.t()
-        kk = min(k, scores.shape[1])
-        vals, idx = scores.topk(kk, dim=1)
-        # Rows where the cut falls inside a run of equal scores: keep the earliest rows of that run.
-        ties = torch.nonzero((scores >= vals[:, -1:]).sum(dim=1) > kk).flatten()
-        for r in ties.tolist():
-            cand = torch.nonzero(scores[r] >= vals[r, -1]).flatten()
-            s, i = _order(scores[r, cand].unsqueeze(0), cand.unsqueeze(0))
-            vals[r], idx[r] = s[0, :kk], i[0, :kk]
+        n = min(rows, num_g - start)
+        block = block_buf[:n]
+        block.copy_(gallery[start:start + n])
+        scores = torch.mm(queries, block.t(), out=score_buf[:num_q * n].view(num_q, n))
+        kk = min(k, n)
+        vals, idx = scores.topk(min(kk + 1, n), dim=1)
+        if vals.shape[1] > kk:
+            # The cut falls inside a run of equal scores where the (kk+1)-th equals the kk-th: keep the
+            # earliest rows of that run (rare; exact ties come from duplicate images).
+            ties = torch.nonzero(vals[:, kk] == vals[:, kk - 1]).flatten().tolist()
+            vals, idx = vals[:, :kk].clone(), idx[:, :kk].clone()
+            for r in ties:
+                cand = torch.nonzero(scores[r] >= vals[r, -1]).flatten()
+                s, i = _order(scores[r, cand].unsqueeze(0), cand.unsqueeze(0))
+                vals[r], idx[r] = s[0, :kk], i[0, :kk]
         kept_s.append(vals)
         kept_i.append(idx + start)
     scores, index = _order(torch.cat(kept_s, dim=1), torch.cat(kept_i, dim=1))
