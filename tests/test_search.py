@@ -76,3 +76,13 @@ def test_chunk_rows_bound_the_temporary_memory():
     assert rows * 4 * (512 + 256) <= 256 * 2**20 < (rows + 1) * 4 * (512 + 256)
     with pytest.raises(ValueError, match="k must be >= 1"):
         top_k_images(torch.ones(1, 2), torch.ones(3, 2), 0)
+
+
+def test_queries_are_searched_in_blocks(monkeypatch):
+    import handclip.identify.search as search
+
+    monkeypatch.setattr(search, "QUERY_BLOCK", 2)  # 9 queries: blocks of 2, 2, 2, 2, 1
+    queries, gallery = tied_data(11)
+    scores, index = top_k_images(torch.from_numpy(queries), torch.from_numpy(gallery), 6, rows=5)
+    ref_scores, ref_index = reference_top_k(queries, gallery, 6)
+    assert index.tolist() == ref_index.tolist() and scores.tolist() == ref_scores.astype(np.float32).tolist()

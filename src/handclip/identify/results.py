@@ -87,12 +87,10 @@ def summary(result: dict) -> dict:
             "top1_right": sum(r["top"][0]["identity"] == r["true_identity"] for r in known)}
 
 
-def write_results(result: dict | None, out_dir: Path, overwrite: bool = False, pictures: bool = True,
-                  progress: bool = True, check_only: bool = False) -> dict[str, Path]:
+def write_results(result: dict, out_dir: Path, overwrite: bool = False, pictures: bool = True,
+                  progress: bool = True) -> dict[str, Path]:
     """Write results.json, results.csv and rankings/ into a fresh folder and swap it in as ``out_dir``."""
     check_output(out_dir, overwrite)
-    if check_only or result is None:
-        return {}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:

@@ -24,7 +24,7 @@ from handclip.errors import HandCLIPError
 from handclip.evaluation.calibration import read_calibration, select_threshold, sidecar_path
 from handclip.identify.images import embed_files, report_failures
 from handclip.identify.index import GalleryIndex, ModelInfo, open_index
-from handclip.identify.results import decide, print_results, write_results
+from handclip.identify.results import check_output, decide, print_results, write_results
 from handclip.identify.search import top_k_identities
 from handclip.identify.sources import known_identity, resolve_queries, scan_gallery
 from handclip.models.checkpoint import load_module, read_checkpoint_meta
@@ -110,7 +110,7 @@ def identify(cfg: DictConfig) -> dict:
     if int(cfg.top_k) < 1:
         raise HandCLIPError(f"top_k must be >= 1, got {cfg.top_k}")
     out_dir = Path(cfg.paths.output_root) / "identify" / output_name(cfg)
-    write_results(None, out_dir, overwrite=cfg.overwrite, check_only=True)  # refuse early, before any work
+    check_output(out_dir, cfg.overwrite)  # refuse early, before any work
     device = resolve_device(cfg.device)
     encoder, model, meta = load_model(cfg)
     threshold = resolve_threshold(cfg, meta, model.fingerprint)

@@ -32,24 +32,33 @@ def _order(scores: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, tor
     return scores.gather(1, by_score), index.gather(1, by_score)
 
 
+#: Queries searched together: more share each widened gallery chunk, fewer keep the score block small.
+QUERY_BLOCK = 1024
+
+
 @torch.inference_mode()
 def top_k_images(queries: torch.Tensor, gallery: torch.Tensor, k: int, rows: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores, gallery indices), each (Q, min(k, G)), of every query's k best gallery rows.
 
     ``queries`` (Q, D) and ``gallery`` (G, D) hold L2-normalised rows; the gallery may be float16 and
-    memory-mapped: only one chunk of ``rows`` rows (default: :func:`chunk_rows`) is widened at a time.
+    memory-mapped: only one chunk of ``rows`` rows (default: :func:`chunk_rows`) is widened at a time, and
+    at most :data:`QUERY_BLOCK` queries are scored together, so memory stays bounded for any Q and G.
     """
     num_q, num_g = queries.shape[0], gallery.shape[0]
     k = min(int(k), num_g)
     if k < 1:
         raise ValueError(f"k must be >= 1 and the gallery non-empty (k={k}, gallery rows={num_g})")
     queries = queries.to(torch.float32)
+    if num_q > QUERY_BLOCK:
+        parts = [top_k_images(queries[i:i + QUERY_BLOCK], gallery, k, rows) for i in range(0, num_q, QUERY_BLOCK)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     rows = min(max(rows or chunk_rows(num_q, gallery.shape[1]), k), num_g)
     # Two scratch buffers for the whole search: the widened chunk and its scores (no allocation per chunk).
     block_buf = torch.empty((rows, gallery.shape[1]), dtype=torch.float32, device=queries.device)
     score_buf = torch.empty(num_q * rows, dtype=torch.float32, device=queries.device)
-    kept_s, kept_i = [], []
+    best_s = torch.empty((num_q, 0), dtype=torch.float32, device=queries.device)
+    best_i = torch.empty((num_q, 0), dtype=torch.long, device=queries.device)
     for start in range(0, num_g, rows):
         n = min(rows, num_g - start)
         block = block_buf[:n]
@@ -66,10 +75,10 @@ def top_k_images(queries: torch.Tensor, gallery: torch.Tensor, k: int, rows: int
                 cand = torch.nonzero(scores[r] >= vals[r, -1]).flatten()
                 s, i = _order(scores[r, cand].unsqueeze(0), cand.unsqueeze(0))
                 vals[r], idx[r] = s[0, :kk], i[0, :kk]
-        kept_s.append(vals)
-        kept_i.append(idx + start)
-    scores, index = _order(torch.cat(kept_s, dim=1), torch.cat(kept_i, dim=1))
-    return scores[:, :k], index[:, :k]
+        # Merge with the best so far and keep k: memory stays (Q, 2k) whatever the number of chunks.
+        best_s, best_i = _order(torch.cat([best_s, vals], dim=1), torch.cat([best_i, idx + start], dim=1))
+        best_s, best_i = best_s[:, :k], best_i[:, :k]
+    return best_s, best_i
 
 
 @dataclass
