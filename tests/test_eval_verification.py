@@ -181,3 +181,26 @@ def test_verification_off_and_no_val_split(tmp_path):
     v = entry["verification"]
     assert v["calibration"] is None and v["threshold"] is None  # figures without a threshold still come
     assert "eer" in v["runs"][0] and "unknown_rate" not in v["runs"][0]
+
+
+def test_calibration_file_errors(tmp_path):
+    from handclip.errors import HandCLIPError
+    from handclip.evaluation.calibration import select_threshold
+
+    with pytest.raises(HandCLIPError, match="calibration file '.*none.json' not found"):
+        read_calibration(tmp_path / "none.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(HandCLIPError, match="unreadable or not JSON"):
+        read_calibration(bad)
+    bad.write_text('{"threshold": 0.5}')
+    with pytest.raises(HandCLIPError, match="is not a HandCLIP calibration file"):
+        read_calibration(bad)
+    cal = {"format": 1, "threshold": 0.7, "target_fmr": 0.01, "fmr": 0.0, "tar": 0.5, "model_fingerprint": "abc",
+           "levels": [{"target_fmr": 0.1, "threshold": 0.6, "fmr": 0.1, "tar": 0.8, "resolved": True}]}
+    assert select_threshold(cal, bad, "abc", None, "")["threshold"] == 0.7
+    assert select_threshold(cal, bad, "abc", 0.1, "")["threshold"] == 0.6
+    with pytest.raises(HandCLIPError, match="other weights .* HOW"):
+        select_threshold(cal, bad, "xyz", None, "HOW")
+    with pytest.raises(HandCLIPError, match=r"no threshold for FMR 0.001 \(it has 0.1\)"):
+        select_threshold(cal, bad, "abc", 0.001, "")
