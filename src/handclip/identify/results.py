@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -120,10 +121,14 @@ def print_results(result: dict, files: dict[str, Path], limit: int = 50) -> None
     threshold = result["threshold"]["threshold"]
     print(f"threshold {threshold:.4f} ({result['threshold']['source']}); gallery: {result['gallery']['images']} images "
           f"of {result['gallery']['identities']} identities (index {result['gallery']['index_status']['status']})")
-    for r in result["queries"][:limit]:
+    paths = [Path(r["query"]) for r in result["queries"]]
+    base = Path(os.path.commonpath(paths)) if len(paths) > 1 else paths[0].parent
+    if len(paths) > 1:
+        print(f"queries under {base}:")
+    for r, path in zip(result["queries"][:limit], paths):
         top = ", ".join(f"{t['identity']} {t['score']:.3f}" for t in r["top"])
         verdict = "" if r["correct"] is None else ("  [right]" if r["correct"] else f"  [wrong: {r['true_identity']}]")
-        print(f"{r['query']}: {r['decision']} ({r['score']:.3f}){verdict}  | top-{len(r['top'])}: {top}")
+        print(f"{path.relative_to(base)}: {r['decision']} ({r['score']:.3f}){verdict}  | top-{len(r['top'])}: {top}")
     s = result["summary"]
     if s["queries"] > limit:
         print(f"... {s['queries'] - limit} more in {files['csv']}")
