@@ -204,3 +204,22 @@ def test_calibration_file_errors(tmp_path):
         select_threshold(cal, bad, "xyz", None, "HOW")
     with pytest.raises(HandCLIPError, match=r"no threshold for FMR 0.001 \(it has 0.1\)"):
         select_threshold(cal, bad, "abc", 0.001, "")
+
+
+def test_eval_goes_on_when_the_calibration_cannot_be_written(trained, tmp_path, monkeypatch, caplog):
+    import handclip.evaluation.calibration as calibration
+
+    data, _, ckpt = trained
+    copy = tmp_path / "ro" / "best.ckpt"
+    copy.parent.mkdir()
+    copy.write_bytes(ckpt.read_bytes())
+
+    def refuse(path, *a, **k):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(calibration, "write_calibration", refuse)
+    with caplog.at_level("WARNING"):
+        (entry,) = evaluate(eval_cfg(data, tmp_path / "o", f"ckpt_path={copy}"))["entries"]
+    assert "could not write" in caplog.text and "best.calibration.json" in caplog.text
+    assert entry["verification"]["calibration"]["threshold"] == read_calibration(sidecar_path(ckpt))["threshold"]
+    assert not sidecar_path(copy).exists()

@@ -187,7 +187,12 @@ def calibrate_or_reuse(encoder: ImageEncoder, datamodule: HandDataModule, device
         log.warning("%s: no open-set threshold: %s", datamodule.hand, err)
         return None
     if path is not None:
-        write_calibration(path, result, checkpoint)
-        log.info("%s: open-set threshold %.4f at FMR %g written to %s", datamodule.hand, result["threshold"],
-                 target_fmr, path)
+        try:
+            write_calibration(path, result, checkpoint)
+        except OSError as err:  # e.g. a checkpoint in a read-only folder: the report still gets its figures
+            log.warning("%s: could not write %s (%s); the threshold is used for this evaluation only",
+                        datamodule.hand, path, err)
+        else:
+            log.info("%s: open-set threshold %.4f at FMR %g written to %s", datamodule.hand, result["threshold"],
+                     target_fmr, path)
     return result

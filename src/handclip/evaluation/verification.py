@@ -133,8 +133,8 @@ def verify_runs(features: torch.Tensor, test: TestImages, threshold: float | Non
         impostor.append(scores.impostor().cpu().numpy())
         max_rank = min(options.cmc_max_rank, scores.identities.numel())
         ranks = tuple(range(1, max_rank + 1))
-        cmc.append([compute_reid_metrics(features[q], labels[q], features[g], labels[g], ranks=ranks)[f"rank{k}"]
-                    for k in ranks])
+        reid = compute_reid_metrics(features[q], labels[q], features[g], labels[g], ranks=ranks)
+        cmc.append([reid[f"rank{k}"] for k in ranks])
         if not examples:
             examples, example_run = _examples(features, test, run, scores, options), run["name"]
     if not rows:
