@@ -38,7 +38,7 @@ $(PY):
 endif
 
 install: $(PY_PREREQ) ## Install HandCLIP (editable) and its test tools into the environment; quick when already there
-	@$(PY) -c "import torch, torchvision, open_clip, pytorch_lightning, hydra, omegaconf, torchmetrics, PIL, pytest, xdist, pytest_timeout, tqdm" 2>/dev/null \
+	@$(PY) -c "import torch, torchvision, open_clip, pytorch_lightning, hydra, omegaconf, torchmetrics, PIL, matplotlib, pytest, xdist, pytest_timeout, tqdm" 2>/dev/null \
 		&& $(PY) -m pip show -q handclip >/dev/null 2>&1 \
 		|| $(PY) -m pip install -e ".[test]" $(TORCH_PIN)
 
@@ -55,9 +55,13 @@ demo-data: install ## Synthetic hands (data/demo/raw) split by the 11k protocol 
 clean-demo: ## Remove the demo's outputs (outputs/demo)
 	rm -rf outputs/demo
 
-demo: install clean-demo demo-data ## End to end on synthetic hands: data, train the tiny model on all 4 hand types, evaluate
+DEMO_HAND_DIR := $(DEMO_DIR)/splits/train_val_test_split_dorsal_r
+
+demo: install clean-demo demo-data ## End to end on synthetic hands: data, train the tiny model on all 4 hand types, evaluate (tables, plots), identify
 	$(OFFLINE) $(PY) -m handclip.train -m experiment=demo hand=$(HANDS)
 	$(OFFLINE) $(PY) -m handclip.eval experiment=demo all=true
+	$(OFFLINE) $(PY) -m handclip.identify experiment=demo ckpt_path=outputs/demo/train/dorsal_right/checkpoints/best.ckpt \
+		gallery=$(DEMO_HAND_DIR)/gallery0 query=$(DEMO_HAND_DIR)/query0 print_limit=5
 
 train: install ## Train all four hand types with the default recipe (ViT-B/32, data/11k); run again to finish
 	$(PY) -m handclip.train -m hand=$(HANDS) ckpt_path=auto $(ARGS)

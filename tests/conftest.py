@@ -115,9 +115,11 @@ def tiny_cfg(data: Path, out: Path, *extra: str, hand: str = "dorsal_right"):
 
 
 def eval_cfg(data: Path, out: Path, *extra: str):
+    """The eval config on ``data``; plots and ranking pictures only when asked (verification.pictures=true)."""
     from handclip.config import compose
 
-    return compose("eval", ["experiment=demo", f"paths.data_dir={data}", *quiet_overrides(out), *extra])
+    pictures = [] if any(e.startswith("verification.pictures=") for e in extra) else ["verification.pictures=false"]
+    return compose("eval", ["experiment=demo", f"paths.data_dir={data}", *quiet_overrides(out), *pictures, *extra])
 
 
 # -- run logs ----------------------------------------------------------------------------------

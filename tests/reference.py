@@ -69,3 +69,59 @@ def brute_force_rank1(query, query_labels, gallery, gallery_labels) -> float:
         best = max(range(len(sims)), key=lambda j: (sims[j], -j))
         hits += int(int(gallery_labels[best]) == int(ql))
     return hits / len(query)
+
+
+# -- verification and open-set figures ----------------------------------------------------------------------------
+def brute_identity_scores(qf, ql, gf, gl) -> dict:
+    """Per query, per gallery identity, the best cosine over that identity's images (float64, plain loops).
+
+    Returns lists: ``genuine`` (mated queries, in order), ``impostor`` (row by row, identities ascending),
+    ``nonmated_top`` (best other identity per query) and ``identified`` (mated queries: own > best other).
+    """
+    qf = np.asarray(qf, dtype=np.float64)
+    gf = np.asarray(gf, dtype=np.float64)
+    qn = qf / np.maximum(np.sqrt((qf * qf).sum(axis=1, keepdims=True)), 1e-12)
+    gn = gf / np.maximum(np.sqrt((gf * gf).sum(axis=1, keepdims=True)), 1e-12)
+    gl = [int(x) for x in np.asarray(gl).tolist()]
+    identities = sorted(set(gl))
+    out = {"genuine": [], "impostor": [], "nonmated_top": [], "identified": []}
+    for q, label in enumerate(int(x) for x in np.asarray(ql).tolist()):
+        best = {}
+        for g, ident in enumerate(gl):
+            s = float(sum(a * b for a, b in zip(qn[q], gn[g])))
+            best[ident] = max(best.get(ident, -np.inf), s)
+        others = [best[i] for i in identities if i != label]
+        out["impostor"] += others
+        out["nonmated_top"].append(max(others) if others else -np.inf)
+        if label in best:
+            out["genuine"].append(best[label])
+            out["identified"].append(best[label] > (max(others) if others else -np.inf))
+    return out
+
+
+def brute_fmr(impostor, t) -> float:
+    return sum(1 for s in impostor if s >= t) / len(impostor)
+
+
+def brute_threshold_at_fmr(impostor, target) -> float:
+    """The smallest candidate threshold whose FMR (counted) is at most ``target``: candidates are every score
+    and the next float above every score."""
+    candidates = sorted(set(impostor) | {float(np.nextafter(s, np.inf)) for s in impostor})
+    return next(t for t in candidates if brute_fmr(impostor, t) <= target + 1e-12)
+
+
+def brute_eer(genuine, impostor) -> float:
+    """Walk every distinct score (and +inf) upwards; interpolate linearly where FNMR - FMR turns >= 0."""
+    points = []
+    for t in sorted(set(genuine) | set(impostor)) + [float("inf")]:
+        fmr = brute_fmr(impostor, t)
+        fnmr = sum(1 for s in genuine if s < t) / len(genuine)
+        points.append((fmr, fnmr))
+    for j, (fmr, fnmr) in enumerate(points):
+        if fnmr - fmr >= 0:
+            if fnmr == fmr:
+                return fmr
+            f0, n0 = points[j - 1]
+            lam = (f0 - n0) / ((fnmr - fmr) - (n0 - f0))
+            return f0 + lam * (fmr - f0)
+    raise AssertionError("unreachable: at +inf FNMR is 1 and FMR is 0")

@@ -23,7 +23,7 @@ from handclip.bench import (
 from handclip.config import compose
 
 TOP_LEVEL = ("device", "device_slug", "torch", "quick", "timestamp", "config", "host", "data", "train", "eval",
-             "memory", "goals", "total_s")
+             "search", "memory", "goals", "total_s")
 
 
 def positive(value) -> bool:
@@ -74,7 +74,8 @@ def test_quick_json_has_the_required_keys(quick):
     assert data["config"]["threads"] == 1 and data["host"]["torch_threads"] == 1
     share = data["host"]["other_processes_cpu_share"]
     assert share is None or 0 <= share <= 1
-    assert set(data["part_s"]) == {"data", "train", "eval"} and all(positive(v) for v in data["part_s"].values())
+    assert set(data["part_s"]) == {"data", "train", "eval", "search"}
+    assert all(positive(v) for v in data["part_s"].values())
 
 
 def test_quick_ratios_are_computed_from_the_measured_figures(quick):
@@ -105,20 +106,37 @@ def test_quick_goals_and_memory(quick):
     data = quick["json"]
     goals = data["goals"]
     assert set(goals) == {"data.cached_speedup", "train.vs_bare_loop", "eval.metrics_vs_matmul_2k",
-                          "eval.speedup_vs_argsort_2k", "eval.metrics_peak_mem_delta_mb_2k"}
+                          "eval.speedup_vs_argsort_2k", "eval.metrics_peak_mem_delta_mb_2k", "search.queries_per_s",
+                          "search.peak_mem_vs_index", "search.agrees_with_argsort", "search.reuse_embedded_images",
+                          "search.reuse_decoded_images"}
     for figure, goal in goals.items():
         section, key = figure.split(".", 1)
         assert goal["value"] == data[section][key]
     assert goals["data.cached_speedup"]["target"] == 100
     assert goals["train.vs_bare_loop"]["target"] == 0.9
-    for part in ("data", "train", "eval"):
+    for part in ("data", "train", "eval", "search"):
         assert data["memory"][part]
         for block in data["memory"][part].values():
             assert positive(block["peak_rss_mb"]) and block["peak_rss_delta_mb"] >= 0
     # the printed table names every goal
     table = format_table(data)
     assert all(figure in table for figure in goals)
-    assert any("[3/3] eval" in m for m in quick["messages"])
+    assert any("[3/4] eval" in m for m in quick["messages"])
+
+
+def test_quick_search_figures(quick):
+    """Search: queries/s from the measured batch time, memory over the index size, equal to the brute-force
+    argsort, and an unchanged gallery index reopened without decoding or embedding anything."""
+    s = quick["json"]["search"]
+    assert (s["gallery"], s["queries"], s["dim"], s["dtype"]) == (20000, 32, 512, "float16")
+    assert s["queries_per_s"] == pytest.approx(s["queries"] / s["batch"]["median_s"])
+    assert len(s["batch"]["times_s"]) == 2
+    assert s["index_mb"] == pytest.approx(20000 * 512 * 2 / 2**20, abs=0.2)  # the .npy header is tiny
+    assert s["peak_mem_vs_index"] == pytest.approx(s["peak_rss_delta_mb"] / s["index_mb"], rel=0.02)
+    assert s["agrees_with_argsort"] is True and s["checked_queries"] == 4
+    assert s["index_build_embedded"] == s["reuse_images"] == 200
+    assert (s["reuse_status"], s["reuse_decoded_images"], s["reuse_embedded_images"]) == ("reused", 0, 0)
+    assert quick["json"]["goals"]["search.reuse_embedded_images"]["met"] is True
 
 
 def test_full_run_defaults():
@@ -131,6 +149,7 @@ def test_full_run_defaults():
     assert b.train.model_name == "ViT-B-32-quickgelu" and b.train.gflops_per_image == 26.5
     assert list(b.eval.sizes) == [1000, 10000, 30000] and b.eval.goal_size == 10000
     assert {1000, 10000} <= set(b.eval.argsort_sizes)
+    assert (b.search.gallery, b.search.dim, b.search.reuse_images) == (1000000, 512, 10000)
 
 
 def test_names():

@@ -45,7 +45,10 @@ def v1_data(tmp_path_factory) -> Path:
 
 
 def test_v1_checkpoint_evaluates_to_the_same_figures(v1_data, tmp_path):
-    (entry,) = evaluate(eval_cfg(v1_data, tmp_path, "hand=dorsal_right", f"ckpt_path={V1}"))["entries"]
+    ckpt = tmp_path / V1.name  # a copy: eval writes the open-set threshold beside the checkpoint it scores
+    ckpt.write_bytes(V1.read_bytes())
+    (entry,) = evaluate(eval_cfg(v1_data, tmp_path, "hand=dorsal_right", f"ckpt_path={ckpt}"))["entries"]
+    assert ckpt.with_name("v1_tiny_best.calibration.json").is_file()  # a 0.1.0 checkpoint gets its threshold
     assert len(entry["runs"]) == len(V1_EXPECTED["runs"])
     for got, want in zip(entry["runs"], V1_EXPECTED["runs"]):
         assert got["run"] == want["run"] and got["num_valid_queries"] == want["num_valid_queries"]

@@ -119,12 +119,13 @@ def test_eval_all_writes_the_comparison(trained_root, capsys):
     assert all(len(e["runs"]) == 3 and Path(e["checkpoint"]).is_file() for e in fine)
     assert report["config"]["metrics"]["ap"] == "standard"
     md = files[".md"].read_text()
-    assert md.count("\n| ") == 1 + 6 and "ΔRank-1" in md and "no checkpoint" in md
+    comparison = md.split("## Verification")[0]  # the verification table follows (tests/test_eval_verification.py)
+    assert comparison.count("\n| ") == 1 + 6 and "ΔRank-1" in md and "no checkpoint" in md
     printed = capsys.readouterr().out
     assert "| dorsal_right | HandCLIP (fine-tuned) |" in printed
     # the deltas are fine-tuned minus zero-shot, in points, for every hand with both
     by = {(e["hand"], e["model"]): e for e in result["entries"]}
-    lines = {tuple(cell.strip() for cell in line.strip("|").split("|")[:2]): line for line in md.splitlines()}
+    lines = {tuple(cell.strip() for cell in line.strip("|").split("|")[:2]): line for line in comparison.splitlines()}
     for hand in ("dorsal_right", "palmar_left"):
         zero, tuned = by[(hand, "zero-shot CLIP")]["summary"], by[(hand, "HandCLIP (fine-tuned)")]["summary"]
         cells = [c.strip() for c in lines[(hand, "HandCLIP (fine-tuned)")].strip("|").split("|")]

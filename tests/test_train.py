@@ -56,8 +56,11 @@ def test_default_recipe_is_the_mission():
     assert cfg.model.compile is False
     targets = [c["_target_"] for c in cfg.callbacks.values() if c]
     assert not any("EarlyStopping" in t or "LearningRateMonitor" in t for t in targets)
-    monitors = {c.get("filename"): c.get("monitor") for c in cfg.callbacks.values() if c}
+    monitors = {c.get("filename"): c.get("monitor") for c in cfg.callbacks.values()
+                if c and c["_target_"].endswith("ModelCheckpoint")}
     assert monitors == {"best": "val/rank1", "last": None}
+    # the open-set threshold of best.ckpt is calibrated when training ends (tests/test_eval_verification.py)
+    assert cfg.callbacks.calibration.target_fmr == 0.01 and cfg.callbacks.calibration.checkpoint.endswith("best.ckpt")
     assert cfg.callbacks.best_checkpoint.mode == "max"
 
 
@@ -373,8 +376,9 @@ def test_training_from_device_batches(data, tmp_path, monkeypatch):
     train(cfg)
     rows = read_metrics(Path(cfg.paths.output_dir))
     assert len(column(rows, "val/rank1")) == 2 and len(column(rows, "train/loss_epoch")) == 2
-    # per epoch: the 24 training images, then the 6 val and 24 training images for val/rank1
-    assert sum(served) == 2 * (24 + 6 + 24)
+    # per epoch: the 24 training images, then the 6 val and 24 training images for val/rank1; at the end the
+    # open-set calibration embeds val and training images once more (CalibrationCallback)
+    assert sum(served) == 2 * (24 + 6 + 24) + (6 + 24)
 
 
 def test_shuffled_training_batches(data, tmp_path):

@@ -17,7 +17,10 @@ from handclip.config import hydra_entry
 from handclip.data.layout import available_hands
 from handclip.errors import HandCLIPError
 from handclip.evaluation.compare import ScoreOptions, compare_hands, score_checkpoint, score_zero_shot
+from handclip.evaluation.plots import write_figures
 from handclip.evaluation.report import markdown_table, table_rows, write_report
+from handclip.evaluation.verification import VerificationOptions
+from handclip.evaluation.verification_report import verification_markdown
 from handclip.hands import check_hand
 from handclip.models.encoder import zero_shot_encoder
 from handclip.run_folder import check_folders_writable
@@ -28,8 +31,14 @@ def evaluate(cfg: DictConfig) -> dict:
     """Score as configured, write the report files, return ``{"entries": [...], "files": {...}}``."""
     check_folders_writable(cfg)
     pl.seed_everything(cfg.seed, verbose=False)
+    out_dir = Path(cfg.paths.output_root) / "eval"
+    ver = cfg.verification
+    verification = VerificationOptions(
+        fmr_levels=tuple(ver.fmr_levels), target_fmr=ver.target_fmr, cmc_max_rank=ver.cmc_max_rank,
+        examples=ver.examples, top_k=ver.top_k) if ver.enabled else None
     options = ScoreOptions(device=resolve_device(cfg.device), ranks=tuple(cfg.metrics.ranks), ap=cfg.metrics.ap,
-                           cross_aspect=cfg.metrics.cross_aspect, progress=cfg.data.progress)
+                           cross_aspect=cfg.metrics.cross_aspect, progress=cfg.data.progress,
+                           verification=verification, calibration_dir=out_dir)
 
     def data_for(hand, preprocess):
         return instantiate(cfg.data, hand=hand, _partial_=True)(preprocess=preprocess)
@@ -53,9 +62,10 @@ def evaluate(cfg: DictConfig) -> dict:
             encoder = zero_shot_encoder(model.model_name, model.pretrained, model.cache_dir)
             entries = [score_zero_shot(encoder, model.model_name, model.pretrained, hand, data_for, options)]
             stem = f"{hand}_zeroshot"
-    files = write_report(entries, Path(cfg.paths.output_root) / "eval", OmegaConf.to_container(cfg, resolve=True),
-                         stem=stem)
-    print(markdown_table(table_rows(entries)), end="")
+    files = write_report(entries, out_dir, OmegaConf.to_container(cfg, resolve=True), stem=stem)
+    if verification is not None and ver.pictures:
+        files.update(write_figures(entries, out_dir, stem))
+    print(markdown_table(table_rows(entries)) + verification_markdown(entries), end="")
     print(f"written: {', '.join(str(p) for p in files.values())}")
     return {"entries": entries, "files": files}
 

@@ -17,6 +17,9 @@ in the same run on the same machine:
   product alone (:func:`similarity_only`) at N x N.
 * ``eval.speedup_vs_argsort_<N>``: time of :func:`argsort_reference_metrics` / time of
   :func:`compute_reid_metrics` at N x N.
+* ``search.queries_per_s``, ``search.peak_mem_vs_index``, ``search.reuse_*``: exact top-k identity search
+  of a batch of queries against a 1M x 512 index, and reopening an unchanged gallery index
+  (:mod:`handclip.bench.search`).
 
 Peak host RSS (reset per block through ``/proc/self/clear_refs`` where Linux allows it) and peak GPU
 memory are recorded for every measured block.
@@ -42,6 +45,7 @@ from handclip.bench.eval import bench_eval
 from handclip.bench.machine import cpu_info, device_name, device_slug, slugify
 from handclip.bench.measure import CpuShare
 from handclip.bench.report import evaluate_goals, format_table, result_path, size_label
+from handclip.bench.search import bench_search
 from handclip.bench.settings import PARTS, bench_settings
 from handclip.bench.train import bench_train, build_module
 from handclip.utils.devices import resolve_device, usable_cpus
@@ -121,6 +125,8 @@ def _run(s: dict, device: torch.device, started: float, say: Say) -> dict:
                 t = s["train"]
                 module = build_module(t["model_name"], int(t["num_classes"]), float(t["lr"]), float(t["weight_decay"]))
             result["eval"], memory["eval"] = bench_eval(s["eval"], device, module, seed, say)
+        elif part == "search":
+            result["search"], memory["search"] = bench_search(s["search"], device, scratch, seed, say)
         part_s[part] = round(time.perf_counter() - part_start, 1)
         others[part] = part_share.stop()
         if others[part] is not None and others[part] > 0.1:

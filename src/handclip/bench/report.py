@@ -12,6 +12,11 @@ GOALS = (
     ("train.vs_bare_loop", ">=", 0.9, "HandCLIP (Lightning) images/s / bare PyTorch loop images/s"),
     ("eval.metrics_vs_matmul_{goal}", "<=", 2.0, "compute_reid_metrics time / similarity product time"),
     ("eval.speedup_vs_argsort_{goal}", ">=", 10.0, "argsort reference time / compute_reid_metrics time"),
+    ("search.queries_per_s", ">=", 20.0, "exact top-k identities per second, one batch against the index"),
+    ("search.peak_mem_vs_index", "<=", 1.5, "peak RSS added by a search (mapped index included) / index size"),
+    ("search.agrees_with_argsort", ">=", 1, "top-k equal to a brute-force stable argsort on a subset (yes = 1)"),
+    ("search.reuse_embedded_images", "<=", 0, "gallery images embedded again when the index is reopened unchanged"),
+    ("search.reuse_decoded_images", "<=", 0, "gallery images decoded again when the index is reopened unchanged"),
 )
 
 
@@ -104,6 +109,17 @@ def format_table(result: dict) -> str:
             mem = entry["metrics_memory"]
             key = "peak_gpu_delta_mb" if mem.get("peak_gpu_delta_mb") is not None else "peak_rss_delta_mb"
             rows.append((f"eval: {label} metrics peak mem delta MiB", _fmt(mem[key])))
+    srch = result.get("search")
+    if srch:
+        rows += [
+            (f"search: {srch['gallery']:,} x {srch['dim']} {srch['dtype']}, {srch['queries']} queries, "
+             f"top-{srch['top_k']}: queries/s", _fmt(srch["queries_per_s"])),
+            ("search: peak memory / index size", f"{_fmt(srch['peak_mem_vs_index'])} (index {srch['index_mb']} MiB)"),
+            ("search: equals a brute-force argsort", _fmt(srch["agrees_with_argsort"])),
+            (f"search: reopen an unchanged {srch['reuse_images']:,}-image index s", _fmt(srch["index_reuse_s"])),
+            ("search: images decoded / embedded on reopening",
+             f"{srch['reuse_decoded_images']} / {srch['reuse_embedded_images']}"),
+        ]
     width = max((len(r[0]) for r in rows), default=10)
     lines = [f"HandCLIP benchmark on {result['device']} (torch {result['torch']}"
              f"{', quick' if result.get('quick') else ''})", ""]

@@ -12,8 +12,10 @@ from open_clip.transform import PreprocessCfg
 
 from handclip.data.datamodule import HandDataModule
 from handclip.errors import HandCLIPError
+from handclip.evaluation.calibration import calibrate_or_reuse, sidecar_path
 from handclip.evaluation.report import FINE_TUNED, ZERO_SHOT
 from handclip.evaluation.runs import evaluate_hand
+from handclip.evaluation.verification import VerificationOptions, verify_runs
 from handclip.models.checkpoint import load_module, read_checkpoint_meta
 from handclip.models.encoder import ImageEncoder
 from handclip.run_folder import trained_checkpoint
@@ -33,16 +35,38 @@ class ScoreOptions:
     ap: str = "standard"
     cross_aspect: bool = False
     progress: bool = True
+    #: Verification figures, open-set threshold and examples (None: Rank-k and mAP only).
+    verification: VerificationOptions | None = None
+    #: Where the zero-shot model's calibration files go (``<hand>_zeroshot.calibration.json``).
+    calibration_dir: Path | None = None
 
 
-def _score(encoder: ImageEncoder, data_for: DataFor, hand: str, options: ScoreOptions) -> dict:
-    return evaluate_hand(encoder, data_for(hand, encoder.preprocess), options.device, ranks=options.ranks,
-                         ap=options.ap, cross_aspect=options.cross_aspect, progress=options.progress)
+def _score(encoder: ImageEncoder, data_for: DataFor, hand: str, options: ScoreOptions,
+           calibration_path: Path | None = None, checkpoint: Path | None = None) -> dict:
+    datamodule = data_for(hand, encoder.preprocess)
+    extra = None
+    if options.verification is not None:
+        vopt = options.verification
+        calibration = calibrate_or_reuse(encoder, datamodule, options.device, vopt.target_fmr, calibration_path,
+                                         checkpoint, progress=options.progress)
+        threshold = calibration["threshold"] if calibration else None
+
+        def extra(features, test):
+            summary = None if calibration is None else {
+                k: calibration.get(k) for k in ("threshold", "target_fmr", "fmr", "tar", "eer", "val_unknown_rate",
+                                                "genuine_scores", "impostor_scores", "resolved")}
+            if summary is not None and calibration_path is not None:
+                summary["file"] = str(calibration_path)
+            return {"verification": {**verify_runs(features, test, threshold, vopt), "calibration": summary}}
+
+    return evaluate_hand(encoder, datamodule, options.device, ranks=options.ranks, ap=options.ap,
+                         cross_aspect=options.cross_aspect, progress=options.progress, extra=extra)
 
 
 def score_zero_shot(encoder: ImageEncoder, model_name: str, pretrained: str | None, hand: str, data_for: DataFor,
                     options: ScoreOptions) -> dict:
-    result = _score(encoder, data_for, hand, options)
+    path = options.calibration_dir / f"{hand}_zeroshot.calibration.json" if options.calibration_dir else None
+    result = _score(encoder, data_for, hand, options, calibration_path=path)
     return {"model": ZERO_SHOT, "model_name": model_name, "pretrained": pretrained, "checkpoint": None,
             "status": "ok", **result}
 
@@ -56,7 +80,9 @@ def score_checkpoint(ckpt_path: Path, hand: str, data_for: DataFor, options: Sco
             f"pass hand={meta['hand']}, or allow_hand_mismatch=true to score it on {hand!r} anyway"
         )
     module = load_module(ckpt_path)
-    result = _score(module.encoder, data_for, hand, options)
+    # The sidecar belongs to the hand type the checkpoint was trained on: written only when scoring that one.
+    path = sidecar_path(ckpt_path) if meta["hand"] == hand else None
+    result = _score(module.encoder, data_for, hand, options, calibration_path=path, checkpoint=ckpt_path)
     return {"model": FINE_TUNED, "model_name": meta["model_name"], "pretrained": meta.get("pretrained"),
             "trained_on": meta["hand"], "checkpoint": str(ckpt_path), "status": "ok", **result}
 

@@ -8,6 +8,7 @@ import json
 import logging
 from pathlib import Path
 
+from handclip.evaluation import verification_report
 from handclip.hands import HAND_TYPES
 from handclip.utils.files import atomic_write
 
@@ -74,7 +75,8 @@ def csv_text(entries: list[dict]) -> str:
     out = io.StringIO()
     fields = ["protocol", "hand", "model", "status", "num_runs", "rank1_mean", "rank1_std", "rank5_mean", "rank5_std",
               "rank10_mean", "rank10_std", "mAP_mean", "mAP_std", "num_queries", "gallery_size", "checkpoint"]
-    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+    fields += verification_report.csv_fields(entries)
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n", restval="")
     writer.writeheader()
     for entry in entries + cross_aspect_entries(entries):
         s = entry.get("summary", {})
@@ -85,6 +87,8 @@ def csv_text(entries: list[dict]) -> str:
         for key in ("rank1", "rank5", "rank10", "mAP"):
             row[f"{key}_mean"] = s[key]["mean"] if key in s else ""
             row[f"{key}_std"] = s[key]["std"] if key in s else ""
+        if entry.get("protocol") != "cross-aspect":
+            row.update(verification_report.csv_values(entry))
         writer.writerow(row)
     return out.getvalue()
 
@@ -98,6 +102,7 @@ def write_report(entries: list[dict], out_dir: Path, config: dict, stem: str = "
     if cross:
         md += "\n## Cross-aspect: query{i} against gallery{i}_all (all four aspects' galleries)\n\n"
         md += markdown_table(table_rows(cross))
+    md += verification_report.verification_markdown(entries)
     texts = {
         "md": md,
         "csv": csv_text(entries),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -78,10 +78,12 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def evaluate_hand(encoder: nn.Module, datamodule: HandDataModule, device: torch.device, ranks=(1, 5, 10),
-                  ap: str = "standard", cross_aspect: bool = False, progress: bool = True) -> dict:
+                  ap: str = "standard", cross_aspect: bool = False, progress: bool = True,
+                  extra: Callable[[torch.Tensor, TestImages], dict] | None = None) -> dict:
     """Embed the hand's test images once, score every run, summarise.
 
     With ``cross_aspect`` the result also holds ``cross_aspect``: the runs against ``gallery{i}_all``.
+    ``extra(features, test)`` adds its own entries to the result from the same embeddings.
     """
     test = datamodule.test_images(cross_aspect=cross_aspect)
     loader = datamodule.image_dataloader(test.paths, desc="test")
@@ -92,4 +94,6 @@ def evaluate_hand(encoder: nn.Module, datamodule: HandDataModule, device: torch.
     if cross_aspect:
         cross = [r for run, r in zip(test.runs, scored) if run.get("cross_aspect")]
         result["cross_aspect"] = {"runs": cross, "summary": summarize(cross)}
+    if extra is not None:
+        result.update(extra(features, test))
     return result

@@ -33,6 +33,10 @@ Public functions (one module each)
   opinion used by tests and as the speed reference in benchmarks.
 * :func:`similarity_only` (``similarity.py``) - only the chunked, normalised similarity products,
   with the same default chunking; lets a benchmark time the matrix product alone.
+* :func:`~handclip.metrics.scores.identity_scores` (``scores.py``) - every query against every gallery
+  identity (an identity scores as its best image): genuine, impostor and non-mated top scores.
+* ``verification.py`` - figures from those scores: the threshold at a target false-match rate, TAR at
+  FMR, EER, the open-set "unknown" rate and DIR (brute-force references in ``tests/reference.py``).
 
 This package imports nothing else of HandCLIP: every layer may use it.
 """

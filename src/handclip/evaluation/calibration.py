@@ -1,0 +1,198 @@
+"""The open-set threshold: calibrated on the validation split, stored in a sidecar file beside the checkpoint.
+
+Each val image is compared with every training identity (an identity scores as its best training image):
+its own identity gives a genuine score, every other one an impostor score. The threshold for a target false
+match rate (default 1 %) is the lowest score at which at most that share of the impostor scores would be
+accepted (:func:`handclip.metrics.verification.threshold_at_fmr`). It is written to
+``<checkpoint stem>.calibration.json`` next to the checkpoint (``checkpoints/best.calibration.json``) at the end
+of training (:class:`handclip.evaluation.calibrate_callback.CalibrationCallback`) and by ``eval``, with what it
+was computed from and the fingerprint of the weights it belongs to; ``identify`` reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from handclip import __version__
+from handclip.data import layout
+from handclip.data.datamodule import HandDataModule
+from handclip.errors import HandCLIPError
+from handclip.evaluation.embed import embed_loader
+from handclip.metrics.scores import identity_scores
+from handclip.metrics.verification import (
+    check_fmr,
+    detection_identification_rate,
+    equal_error_rate,
+    tar_at_fmrs,
+    unknown_rate,
+)
+from handclip.models.encoder import ImageEncoder
+from handclip.models.fingerprint import encoder_fingerprint
+from handclip.utils.files import atomic_write
+
+log = logging.getLogger(__name__)
+
+#: Bump when the meaning of a calibration file changes.
+CALIBRATION_FORMAT = 1
+#: FMR levels whose thresholds every calibration file lists (identify can pick one with target_fmr=...).
+DEFAULT_LEVELS = (0.1, 0.01, 0.001, 0.0001)
+
+
+def sidecar_path(checkpoint: str | Path) -> Path:
+    """``checkpoints/best.ckpt`` -> ``checkpoints/best.calibration.json``."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.stem + ".calibration.json")
+
+
+def calibration_from_embeddings(val_features, val_labels, train_features, train_labels, target_fmr: float = 0.01,
+                                levels=DEFAULT_LEVELS) -> dict:
+    """The threshold at ``target_fmr`` (and at every level of ``levels``) and what it gives on the val images."""
+    target_fmr = check_fmr(target_fmr)
+    scores = identity_scores(val_features, val_labels, train_features, train_labels)
+    genuine, impostor = scores.genuine(), scores.impostor()
+    if genuine.numel() == 0 or impostor.numel() == 0:
+        raise HandCLIPError("calibration needs val images of training identities and at least 2 training "
+                            f"identities (got {genuine.numel()} genuine and {impostor.numel()} impostor scores)")
+    targets = sorted({float(v) for v in levels} | {target_fmr}, reverse=True)
+    rows = tar_at_fmrs(genuine, impostor, targets)
+    main = next(r for r in rows if r["target_fmr"] == target_fmr)
+    threshold = main["threshold"]
+    if not main["resolved"]:
+        log.warning("calibration: %d impostor scores cannot resolve FMR %g (fewer than %d); the threshold allows "
+                    "no false match on the val images", impostor.numel(), target_fmr, math.ceil(1 / target_fmr))
+    return {
+        "format": CALIBRATION_FORMAT,
+        "threshold": threshold,
+        "target_fmr": target_fmr,
+        "fmr": main["fmr"],
+        "tar": main["tar"],
+        "resolved": main["resolved"],
+        "levels": rows,
+        "eer": equal_error_rate(genuine, impostor)["eer"],
+        "val_unknown_rate": unknown_rate(scores.nonmated_top(), threshold),
+        "val_dir": detection_identification_rate(genuine, scores.identified()[scores.mated], threshold),
+        "genuine_scores": int(genuine.numel()),
+        "impostor_scores": int(impostor.numel()),
+        "identity_scoring": "best image",
+    }
+
+
+def data_digest(root: str | Path, hand: str) -> str:
+    """A hash of the val and train files (path, size, mtime): the data a calibration was computed from."""
+    entries = []
+    for split in ("val", "train"):
+        for sample in layout.list_split(root, hand, split):
+            st = sample.path.stat()
+            entries.append([split, str(sample.path.resolve()), st.st_size, st.st_mtime_ns])
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:20]
+
+
+def calibrate(encoder: ImageEncoder, datamodule: HandDataModule, device: torch.device, target_fmr: float = 0.01,
+              levels=DEFAULT_LEVELS, progress: bool = True) -> dict:
+    """Embed the val and training images of ``datamodule`` and calibrate the threshold on them."""
+    datamodule.setup("fit")
+    val_loader, train_loader = datamodule.val_dataloader()
+    hand = datamodule.hand
+    val = embed_loader(encoder, val_loader, device, desc=f"{hand}: calibration (val)", progress=progress)
+    train = embed_loader(encoder, train_loader, device, desc=f"{hand}: calibration (train)", progress=progress)
+    result = calibration_from_embeddings(val, datamodule.val_set.labels, train, datamodule.train_set.labels,
+                                         target_fmr, levels)
+    result["model_fingerprint"] = encoder_fingerprint(encoder)
+    result["computed_from"] = {
+        "query": "val", "gallery": "train", "data_root": str(Path(datamodule.root).resolve()), "hand": hand,
+        "val_images": int(val.shape[0]), "train_images": int(train.shape[0]),
+        "identities": len(datamodule.classes or []), "data_digest": data_digest(datamodule.root, hand),
+    }
+    return result
+
+
+def write_calibration(path: str | Path, calibration: dict, checkpoint: str | Path | None = None) -> Path:
+    """Write a calibration file atomically (with the checkpoint it belongs to, when there is one)."""
+    record = {**calibration, "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "handclip_version": __version__}
+    if checkpoint is not None:
+        st = Path(checkpoint).stat()
+        record["checkpoint"] = {"path": str(Path(checkpoint).resolve()), "size": st.st_size,
+                                "mtime_ns": st.st_mtime_ns}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, json.dumps(record, indent=2) + "\n")
+
+
+def read_calibration(path: str | Path) -> dict:
+    """A calibration file's contents, checked; a clear error when it is missing or not one."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise HandCLIPError(f"calibration file {str(path)!r} not found") from None
+    except (OSError, ValueError) as err:
+        raise HandCLIPError(f"calibration file {str(path)!r} is unreadable or not JSON: {err}") from None
+    ok = (isinstance(data, dict) and data.get("format") == CALIBRATION_FORMAT
+          and isinstance(data.get("threshold"), (int, float)) and math.isfinite(data["threshold"])
+          and isinstance(data.get("model_fingerprint"), str))
+    if not ok:
+        raise HandCLIPError(f"{str(path)!r} is not a HandCLIP calibration file (format {CALIBRATION_FORMAT}: "
+                            "threshold, model_fingerprint)")
+    return data
+
+
+def select_threshold(calibration: dict, path: str | Path, fingerprint: str, target_fmr: float | None,
+                     how_to: str) -> dict:
+    """``{threshold, target_fmr, fmr, tar, ...}`` for ``target_fmr`` (None: the file's own target), after
+    checking that the file belongs to these weights; ``how_to`` says how to compute a fresh one."""
+    if calibration["model_fingerprint"] != fingerprint:
+        raise HandCLIPError(f"calibration {str(path)!r} was computed for other weights than this model's "
+                            f"(fingerprint {calibration['model_fingerprint']} vs {fingerprint}); {how_to}")
+    if target_fmr is None:
+        return {k: calibration[k] for k in ("threshold", "target_fmr", "fmr", "tar", "resolved") if k in calibration}
+    target_fmr = check_fmr(target_fmr)
+    for row in calibration.get("levels", []):
+        if math.isclose(row["target_fmr"], target_fmr, rel_tol=1e-9):
+            return dict(row)
+    known = ", ".join(f"{row['target_fmr']:g}" for row in calibration.get("levels", []))
+    raise HandCLIPError(f"calibration {str(path)!r} has no threshold for FMR {target_fmr:g} (it has {known}); "
+                        f"{how_to}")
+
+
+def calibrate_or_reuse(encoder: ImageEncoder, datamodule: HandDataModule, device: torch.device, target_fmr: float,
+                       path: Path | None, checkpoint: Path | None = None, progress: bool = True) -> dict | None:
+    """The calibration of ``encoder`` on the datamodule's val/train data: reused from ``path`` when it was made
+    for the same weights, target and files, else computed (and written to ``path`` when given). None (with a
+    warning) when the data has no val/train split to calibrate on."""
+    try:
+        digest = data_digest(datamodule.root, datamodule.hand)
+    except HandCLIPError as err:
+        log.warning("%s: no open-set threshold: %s", datamodule.hand, err)
+        return None
+    if path is not None and path.is_file():
+        try:
+            old = read_calibration(path)
+        except HandCLIPError:
+            old = None
+        if (old and old["model_fingerprint"] == encoder_fingerprint(encoder) and old.get("target_fmr") == target_fmr
+                and old.get("computed_from", {}).get("data_digest") == digest):
+            log.info("%s: calibration reused from %s", datamodule.hand, path)
+            return old
+    try:
+        result = calibrate(encoder, datamodule, device, target_fmr, progress=progress)
+    except HandCLIPError as err:  # e.g. one training identity: nothing to compare with
+        log.warning("%s: no open-set threshold: %s", datamodule.hand, err)
+        return None
+    if path is not None:
+        try:
+            write_calibration(path, result, checkpoint)
+        except OSError as err:  # e.g. a checkpoint in a read-only folder: the report still gets its figures
+            log.warning("%s: could not write %s (%s); the threshold is used for this evaluation only",
+                        datamodule.hand, path, err)
+        else:
+            log.info("%s: open-set threshold %.4f at FMR %g written to %s", datamodule.hand, result["threshold"],
+                     target_fmr, path)
+    return result

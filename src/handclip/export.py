@@ -1,0 +1,64 @@
+"""Export for use outside HandCLIP.
+
+    python -m handclip.export format=embeddings ckpt_path=CKPT images=DIR out=embeddings.npz   # or .safetensors
+    python -m handclip.export format=onnx ckpt_path=CKPT out=handclip_image_tower.onnx         # needs .[onnx]
+
+Without ckpt_path the zero-shot model given by `model` is exported. Options: configs/export.yaml.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from handclip.config import hydra_entry
+from handclip.errors import HandCLIPError
+from handclip.identify.embeddings_export import check_out, export_embeddings
+from handclip.identify.run import load_model
+from handclip.models.onnx_export import export_onnx
+from handclip.utils.devices import resolve_device
+
+
+def embeddings(cfg: DictConfig) -> dict:
+    """(a) Embeddings of every image of a folder, with paths and identities (.npz or .safetensors)."""
+    if not cfg.images:
+        raise HandCLIPError("format=embeddings needs images=DIR (<identity>/<image> folders or a flat folder)")
+    check_out(cfg.out, cfg.overwrite)  # before loading the model
+    encoder, model, _ = load_model(cfg)
+    return export_embeddings(encoder, {**model.key, "fingerprint": model.fingerprint}, cfg.images, cfg.out,
+                             resolve_device(cfg.device), cfg.overwrite, cfg.batch_size, cfg.num_workers, cfg.progress)
+
+
+def onnx(cfg: DictConfig) -> dict:
+    """(b) The image tower as ONNX, checked against PyTorch on onnxruntime (CPU)."""
+    out = check_out(cfg.out, cfg.overwrite, suffixes=(".onnx",))
+    encoder, model, meta = load_model(cfg)
+    info = {**model.key, "model_fingerprint": model.fingerprint, "hand": meta.get("hand")}
+    o = cfg.onnx
+    return export_onnx(encoder, out, info, opset=o.opset, check=o.check, check_images=o.check_images,
+                       tolerance=o.tolerance, seed=cfg.seed)
+
+
+#: format -> exporter (each takes the composed config and returns a short report).
+FORMATS: dict[str, Callable[[DictConfig], dict]] = {"embeddings": embeddings, "onnx": onnx}
+
+
+def export(cfg: DictConfig) -> dict:
+    if cfg.format not in FORMATS:
+        raise HandCLIPError(f"format={cfg.format!r}: choose one of {', '.join(FORMATS)}")
+    report = FORMATS[cfg.format](cfg)
+    details = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in report.items()
+                        if k != "path")
+    print(f"written: {Path(report['path'])} ({details})")
+    return report
+
+
+@hydra_entry("export")
+def main(cfg: DictConfig) -> None:
+    export(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Embeddings of any folder of images, with their paths and identities, as ``.npz`` or ``.safetensors``.
+
+Contents (both formats): ``embeddings`` float32 ``(N, D)``, L2-normalised (cosine similarity = dot product);
+the files' ``paths`` (absolute) and ``identities`` (``<identity>/<image>`` folders, or the file name without
+suffix in a flat folder), row by row; and ``meta`` (JSON: the model, its fingerprint, the preprocessing, the
+folder, unreadable files left out). In ``.npz`` these are arrays (``meta`` a 0-d string); in ``.safetensors``
+``embeddings`` is the one tensor and ``paths``, ``identities`` and ``meta`` are JSON strings in its metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from handclip import __version__
+from handclip.errors import HandCLIPError
+from handclip.identify.images import embed_files, report_failures
+from handclip.identify.sources import scan_gallery
+from handclip.models.encoder import ImageEncoder
+from handclip.utils.files import temp_path
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".npz", ".safetensors")
+
+
+def check_out(out: str | Path | None, overwrite: bool, suffixes=SUFFIXES) -> Path:
+    """The output file: a known suffix, and not an existing file unless ``overwrite``."""
+    if not out:
+        raise HandCLIPError(f"out=FILE is required (one of: {', '.join(suffixes)})")
+    out = Path(str(out)).expanduser()
+    if out.suffix.lower() not in suffixes:
+        raise HandCLIPError(f"out={str(out)!r}: expected a file name ending in {' or '.join(suffixes)}")
+    if out.is_dir():
+        raise HandCLIPError(f"out={str(out)!r} is a folder; expected a file name")
+    if out.exists() and not overwrite:
+        raise HandCLIPError(f"{str(out)!r} exists; pass overwrite=true to replace it")
+    return out
+
+
+def save_embeddings(out: Path, embeddings: np.ndarray, paths: list[str], identities: list[str], meta: dict) -> Path:
+    """Write the file atomically, in the format its suffix names."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(out.parent, out.name)
+    try:
+        if out.suffix.lower() == ".npz":
+            with open(tmp, "wb") as f:
+                np.savez(f, embeddings=embeddings, paths=np.array(paths, dtype=str),
+                         identities=np.array(identities, dtype=str), meta=np.array(json.dumps(meta)))
+        else:
+            from safetensors.numpy import save_file
+
+            save_file({"embeddings": np.ascontiguousarray(embeddings)}, str(tmp),
+                      metadata={"paths": json.dumps(paths), "identities": json.dumps(identities),
+                                "meta": json.dumps(meta)})
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def export_embeddings(encoder: ImageEncoder, model: dict, images: str | Path, out: str | Path, device: torch.device,
+                      overwrite: bool = False, batch_size: int = 64, num_workers: int | None = None,
+                      progress: bool = True) -> dict:
+    """Embed every image under ``images`` and write them to ``out``; returns a short report."""
+    out = check_out(out, overwrite)
+    files = scan_gallery(images, min_identities=1, what="image folder")
+    embedded = embed_files(encoder, [f.path for f in files], device, batch_size, num_workers, progress,
+                           desc="embedding")
+    report_failures([(files[i].path, msg) for i, msg in embedded.failed], "image")
+    if not embedded.rows:
+        raise HandCLIPError(f"none of the {len(files)} images under {str(images)!r} could be read")
+    kept = [files[i] for i in embedded.rows]
+    meta = {"model": model, "preprocess": dataclasses.asdict(encoder.preprocess),
+            "folder": str(Path(images).expanduser().resolve()), "normalised": True, "count": len(kept),
+            "dim": int(embedded.embeddings.shape[1]), "handclip_version": __version__,
+            "unreadable": [{"path": str(files[i].path), "reason": msg} for i, msg in embedded.failed]}
+    save_embeddings(out, embedded.embeddings.numpy().astype(np.float32), [str(f.path) for f in kept],
+                    [f.identity for f in kept], meta)
+    return {"path": str(out), "images": len(kept), "unreadable": len(embedded.failed),
+            "dim": meta["dim"], "format": out.suffix.lower().lstrip(".")}
+
+
+def load_embeddings(path: str | Path) -> dict:
+    """Read a file written by :func:`export_embeddings`: ``embeddings``, ``paths``, ``identities``, ``meta``."""
+    path = Path(path)
+    if path.suffix.lower() == ".npz":
+        with np.load(path) as data:
+            return {"embeddings": data["embeddings"], "paths": data["paths"].tolist(),
+                    "identities": data["identities"].tolist(), "meta": json.loads(str(data["meta"]))}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        header = f.metadata()
+        return {"embeddings": f.get_tensor("embeddings"), "paths": json.loads(header["paths"]),
+                "identities": json.loads(header["identities"]), "meta": json.loads(header["meta"])}

@@ -1,0 +1,211 @@
+"""A gallery index: every gallery image embedded once, kept on disk and reused while nothing changed.
+
+Layout of an index folder::
+
+    meta.json         format, the model (what it is and the fingerprint of its weights and preprocessing),
+                      the gallery folder, count, width, dtype, unreadable files
+    entries.json      one [relative path, identity, size, mtime_ns] per row
+    embeddings.npy    (N, D) L2-normalised embeddings (float16 by default), memory-mapped when read
+
+Opening an index for a gallery and a model:
+
+* same model, same weights, same files (path, size, modification time): reused, nothing decoded or embedded;
+* files added, changed or removed: only those are embedded, the rest is copied ("updated", and said so);
+* same model but other weights (a retrained checkpoint at the same path), or another dtype: rebuilt, said so;
+* made by another model or for another gallery folder: refused, unless ``overwrite`` (then rebuilt);
+* a folder that is not an index: refused (never replaced).
+
+A new or updated index is written to a temporary folder beside it and swapped in whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from handclip import __version__
+from handclip.errors import HandCLIPError
+from handclip.identify.images import embed_files, report_failures
+from handclip.identify.sources import GalleryFile
+from handclip.models.encoder import ImageEncoder
+from handclip.utils.files import atomic_write, swap_in
+
+log = logging.getLogger(__name__)
+
+INDEX_FORMAT = 1
+_MARK = "handclip_gallery_index"
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+@dataclass
+class GalleryIndex:
+    """An opened index: embeddings (memory-mapped), and per row its file and identity."""
+
+    path: Path
+    embeddings: torch.Tensor
+    files: list[str]
+    identities: list[str]
+    meta: dict
+    status: dict = field(default_factory=dict)
+    """What opening it took: ``status`` (reused, built, updated, rebuilt), ``reason``, ``embedded``, ``decoded``."""
+
+    def labels(self) -> tuple[torch.Tensor, list[str]]:
+        """(integer label per row, identity names by label), names sorted."""
+        names = sorted(set(self.identities))
+        number = {n: i for i, n in enumerate(names)}
+        return torch.tensor([number[i] for i in self.identities], dtype=torch.long), names
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the index is built with: a description that names the model, and its fingerprint."""
+
+    key: dict
+    fingerprint: str
+
+
+def _entry(f: GalleryFile) -> list:
+    try:
+        st = f.path.stat()
+    except OSError as err:
+        raise HandCLIPError(f"cannot read gallery image {str(f.path)!r}: {err}") from None
+    return [f.rel, f.identity, st.st_size, st.st_mtime_ns]
+
+
+def _read(path: Path) -> tuple[dict, list[list], np.ndarray] | None:
+    """(meta, entries, memory map) of a complete index, or None when a part is unreadable or inconsistent."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        entries = json.loads((path / "entries.json").read_text())
+        emb = np.load(path / "embeddings.npy", mmap_mode="c")  # copy-on-write: writable for torch, file untouched
+        ok = (meta.get(_MARK) == INDEX_FORMAT and emb.shape == (meta["count"], meta["dim"])
+              and len(entries) == meta["count"] and str(emb.dtype) == meta["dtype"])
+        return (meta, entries, emb) if ok else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _is_index(path: Path) -> bool:
+    try:
+        return _MARK in json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _why_rebuild(meta: dict, model: ModelInfo, gallery: Path, dtype: str, overwrite: bool, path: Path) -> str | None:
+    """None when the index may be updated in place; a reason to rebuild it; or an error when it is foreign."""
+    if meta["model"]["key"] != model.key or meta["gallery"] != str(gallery):
+        what = (f"by another model ({json.dumps(meta['model']['key'])}; this run uses {json.dumps(model.key)})"
+                if meta["model"]["key"] != model.key else f"for another gallery ({meta['gallery']})")
+        if not overwrite:
+            raise HandCLIPError(f"index {str(path)!r} was made {what}; pass index=ANOTHER_PATH, or overwrite=true to "
+                                "replace it")
+        return f"it was made {what} (overwrite=true)"
+    if meta["model"]["fingerprint"] != model.fingerprint:
+        return "the model's weights or preprocessing changed since it was built"
+    if meta["dtype"] != dtype:
+        return f"it stores {meta['dtype']}, {dtype} was asked for"
+    return None
+
+
+def _key(e: list) -> tuple:
+    """What identifies a gallery file's content: (relative path, size, mtime_ns)."""
+    return (e[0], e[2], e[3])
+
+
+def open_index(path: str | Path, gallery: Path, files: list[GalleryFile], encoder: ImageEncoder, model: ModelInfo,
+               device: torch.device, dtype: str = "float16", overwrite: bool = False, batch_size: int = 64,
+               num_workers: int | None = None, progress: bool = True) -> GalleryIndex:
+    """The index of ``files`` (a scan of ``gallery``) at ``path``: reused, updated or built (see the module)."""
+    if dtype not in DTYPES:
+        raise HandCLIPError(f"index_dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    path = Path(path).expanduser().resolve()
+    entries = [_entry(f) for f in files]
+    old, reason = None, None
+    if path.exists():
+        if not path.is_dir() or not _is_index(path):
+            raise HandCLIPError(f"index path {str(path)!r} exists and is not a HandCLIP gallery index; choose another "
+                                "index=PATH (it is never replaced)")
+        old = _read(path)
+        reason = "it is incomplete or unreadable" if old is None else _why_rebuild(old[0], model, gallery, dtype,
+                                                                                    overwrite, path)
+    current = {_key(e) for e in entries}
+    reusable: dict[tuple, int] = {}  # key -> row of the old index
+    skipped_before: dict[tuple, str] = {}  # unreadable files of the old index, not tried again while unchanged
+    if old is not None and reason is None:
+        reusable = {_key(e): row for row, e in enumerate(old[1])}
+        skipped_before = {(s[0], s[1], s[2]): s[3] for s in old[0].get("skipped", []) if (s[0], s[1], s[2]) in current}
+        readable = [e for e in entries if _key(e) not in skipped_before]
+        if old[1] == readable and len(skipped_before) == len(old[0].get("skipped", [])):
+            if skipped_before:
+                log.warning("%d gallery file(s) that could not be read are still left out: %s", len(skipped_before),
+                            "; ".join(skipped_before.values()))
+            return _opened(path, old, {"status": "reused", "embedded": 0, "decoded": 0, "rows": len(old[1])})
+    if reason:
+        log.warning("rebuilding the gallery index %s: %s", path, reason)
+    todo = [i for i, e in enumerate(entries) if _key(e) not in reusable and _key(e) not in skipped_before]
+    embedded = embed_files(encoder, [files[i].path for i in todo], device, batch_size, num_workers, progress,
+                           desc="gallery: embedding")
+    failed = {todo[i]: msg for i, msg in embedded.failed}
+    report_failures([(files[i].path, msg) for i, msg in failed.items()], "gallery")
+    new_row = {todo[r]: n for n, r in enumerate(embedded.rows)}  # entry -> row of the new embeddings
+    kept = [i for i, e in enumerate(entries) if i in new_row or _key(e) in reusable]
+    if len({entries[i][1] for i in kept}) < 2:
+        raise HandCLIPError(f"gallery {str(gallery)!r}: fewer than 2 identities have a readable image")
+    skipped = [[*_key(entries[i]), failed[i]] for i in sorted(failed)]
+    skipped += [[*k, msg] for k, msg in skipped_before.items()]
+    meta = {_MARK: INDEX_FORMAT, "model": {"key": model.key, "fingerprint": model.fingerprint},
+            "gallery": str(gallery), "count": len(kept), "dim": encoder.output_dim, "dtype": dtype,
+            "skipped": skipped, "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "handclip_version": __version__}
+    sources = [("new", new_row[i]) if i in new_row else ("old", reusable[_key(entries[i])]) for i in kept]
+    _write(path, meta, [entries[i] for i in kept], sources, embedded.embeddings.numpy(),
+           None if old is None else old[2])
+    reused = sum(1 for kind, _ in sources if kind == "old")
+    status = {"status": "built" if old is None else ("rebuilt" if reason else "updated"), "reason": reason,
+              "embedded": len(embedded.rows), "decoded": embedded.decoded, "reused_rows": reused,
+              "removed_rows": 0 if old is None or reason else len(old[1]) - reused, "rows": len(kept)}
+    if status["status"] == "updated":
+        log.warning("gallery index %s updated: %d image(s) embedded, %d reused, %d removed", path, status["embedded"],
+                    reused, status["removed_rows"])
+    return _opened(path, _read(path), status)
+
+
+def _write(path: Path, meta: dict, entries: list, sources: list[tuple[str, int]], new: np.ndarray,
+           old: np.ndarray | None, block: int = 65536) -> None:
+    """Write the index to a temporary folder beside ``path`` and swap it in; rows are copied block by block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        out = np.lib.format.open_memmap(tmp / "embeddings.npy", mode="w+", dtype=DTYPES[meta["dtype"]],
+                                        shape=(len(entries), meta["dim"]))
+        for start in range(0, len(sources), block):
+            part = sources[start:start + block]
+            for kind, array in (("new", new), ("old", old)):
+                dst = np.array([start + j for j, (k, _) in enumerate(part) if k == kind], dtype=np.int64)
+                if dst.size:
+                    out[dst] = array[np.array([r for k, r in part if k == kind], dtype=np.int64)]
+        out.flush()
+        del out
+        atomic_write(tmp / "entries.json", json.dumps(entries))
+        atomic_write(tmp / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: marks the folder complete
+        swap_in(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _opened(path: Path, read: tuple | None, status: dict) -> GalleryIndex:
+    if read is None:  # pragma: no cover - only when the disk fails between writing and reading back
+        raise HandCLIPError(f"gallery index {str(path)!r} could not be read back after writing it")
+    meta, entries, emb = read
+    return GalleryIndex(path=path, embeddings=torch.from_numpy(emb), files=[e[0] for e in entries],
+                        identities=[e[1] for e in entries], meta=meta, status=status)

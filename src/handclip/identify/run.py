@@ -1,0 +1,147 @@
+"""Identify new hand photos against a gallery: the steps behind ``python -m handclip.identify``.
+
+1. the model (a checkpoint, or the zero-shot model given by ``model``) and its open-set threshold (the
+   checkpoint's calibration file, ``calibration=FILE``, or ``threshold=VALUE``), checked before any work;
+2. the gallery index, reused or updated (:mod:`handclip.identify.index`);
+3. the query photos embedded (unreadable ones named, counted and left out);
+4. exact top-k identities (:mod:`handclip.identify.search`) and a decision per query: the top identity when
+   its score reaches the threshold, else "unknown";
+5. ``results.json``, ``results.csv`` and a ranking picture per query (:mod:`handclip.identify.results`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from handclip.errors import HandCLIPError
+from handclip.evaluation.calibration import read_calibration, select_threshold, sidecar_path
+from handclip.identify.images import embed_files, report_failures
+from handclip.identify.index import GalleryIndex, ModelInfo, open_index
+from handclip.identify.results import check_output, decide, print_results, write_results
+from handclip.identify.search import top_k_identities
+from handclip.identify.sources import known_identity, resolve_queries, scan_gallery
+from handclip.models.checkpoint import load_module, read_checkpoint_meta
+from handclip.models.encoder import ImageEncoder, zero_shot_encoder
+from handclip.models.fingerprint import encoder_fingerprint
+from handclip.utils.devices import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def load_model(cfg: DictConfig) -> tuple[ImageEncoder, ModelInfo, dict]:
+    """The image encoder to use, what names it (for the index), and its checkpoint metadata (empty: zero-shot)."""
+    if cfg.ckpt_path:
+        ckpt = Path(str(cfg.ckpt_path)).expanduser().resolve()
+        meta = read_checkpoint_meta(ckpt)
+        encoder = load_module(ckpt).encoder
+        key = {"checkpoint": str(ckpt), "model_name": meta["model_name"]}
+    else:
+        torch.manual_seed(cfg.seed)  # random-weight models (tests, the demo) come out as in `eval`
+        encoder = zero_shot_encoder(cfg.model.model_name, cfg.model.pretrained, cfg.model.cache_dir)
+        meta, key = {}, {"zero_shot": cfg.model.model_name, "pretrained": cfg.model.pretrained}
+    return encoder.eval(), ModelInfo(key=key, fingerprint=encoder_fingerprint(encoder)), meta
+
+
+def resolve_threshold(cfg: DictConfig, meta: dict, fingerprint: str) -> dict:
+    """``{threshold, source, ...}`` from ``threshold=``, ``calibration=`` or the checkpoint's calibration file."""
+    if cfg.threshold is not None:
+        return {"threshold": float(cfg.threshold), "source": "threshold= (given)"}
+    ckpt = Path(str(cfg.ckpt_path)).expanduser().resolve() if cfg.ckpt_path else None
+    hand = meta.get("hand", "<hand>")
+    if ckpt is not None:
+        how_to = (f"compute it with `python -m handclip.eval hand={hand} ckpt_path={ckpt}` (on the data it was "
+                  "trained on, e.g. paths.data_dir=...), or pass threshold=VALUE")
+    else:
+        how_to = ("compute one with `python -m handclip.eval hand=HAND` with the same model= settings (it writes "
+                  "outputs/eval/HAND_zeroshot.calibration.json) and pass calibration=FILE, or pass threshold=VALUE")
+    path = Path(str(cfg.calibration)).expanduser() if cfg.calibration else (sidecar_path(ckpt) if ckpt else None)
+    if path is None:
+        raise HandCLIPError(f"the zero-shot model has no calibrated open-set threshold; {how_to}")
+    if not path.is_file():
+        if cfg.calibration:
+            raise HandCLIPError(f"calibration file {str(path)!r} not found; {how_to}")
+        raise HandCLIPError(f"checkpoint {str(ckpt)!r} has no calibrated open-set threshold ({path.name} not found "
+                            f"beside it; training writes it at its end); {how_to}")
+    chosen = select_threshold(read_calibration(path), path, fingerprint, cfg.target_fmr, how_to)
+    return {**chosen, "source": str(path)}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "query"
+
+
+def output_name(cfg: DictConfig) -> str:
+    """``name=`` or ``<query>-vs-<gallery>`` (``<folder>-glob`` for a pattern)."""
+    if cfg.name:
+        return _slug(str(cfg.name))
+    query = Path(str(cfg.query))
+    stem = f"{query.parent.name}-glob" if any(c in str(cfg.query) for c in "*?[") else query.stem
+    return _slug(f"{stem}-vs-{Path(str(cfg.gallery)).name}")
+
+
+def index_path(cfg: DictConfig, gallery: Path, model: ModelInfo) -> Path:
+    """``index=PATH``, or one index per (gallery folder, model) under ``<output_root>/identify/index/``."""
+    if cfg.index:
+        return Path(str(cfg.index)).expanduser()
+    digest = hashlib.sha256(json.dumps([str(gallery), model.key]).encode()).hexdigest()[:12]
+    return Path(cfg.paths.output_root) / "identify" / "index" / f"{_slug(gallery.name)}-{digest}"
+
+
+def gallery_index(cfg: DictConfig, encoder: ImageEncoder, model: ModelInfo, device: torch.device) -> GalleryIndex:
+    files = scan_gallery(str(cfg.gallery))
+    gallery = Path(str(cfg.gallery)).expanduser().resolve()
+    return open_index(index_path(cfg, gallery, model), gallery, files, encoder, model, device, cfg.index_dtype,
+                      cfg.overwrite, cfg.batch_size, cfg.num_workers, cfg.progress)
+
+
+def identify(cfg: DictConfig) -> dict:
+    """Run identification as configured; return the results (as written to ``results.json``)."""
+    for key in ("gallery", "query"):
+        if not cfg.get(key):
+            raise HandCLIPError(f"{key}= is required: python -m handclip.identify ckpt_path=CKPT gallery=DIR "
+                                "query=PHOTO|DIR|'GLOB'")
+    if int(cfg.top_k) < 1:
+        raise HandCLIPError(f"top_k must be >= 1, got {cfg.top_k}")
+    out_dir = Path(cfg.paths.output_root) / "identify" / output_name(cfg)
+    check_output(out_dir, cfg.overwrite)  # refuse early, before any work
+    device = resolve_device(cfg.device)
+    encoder, model, meta = load_model(cfg)
+    threshold = resolve_threshold(cfg, meta, model.fingerprint)
+    queries = resolve_queries(cfg.query)
+    index = gallery_index(cfg, encoder, model, device)
+    log.info("gallery index %s: %s (%d images, %d embedded)", index.path, index.status["status"], len(index.files),
+             index.status["embedded"])
+    embedded = embed_files(encoder, queries, device, cfg.batch_size, cfg.num_workers, cfg.progress,
+                           desc="queries: embedding")
+    report_failures([(queries[i], msg) for i, msg in embedded.failed], "query")
+    if not embedded.rows:
+        raise HandCLIPError(f"none of the {len(queries)} query image(s) could be read")
+    labels, names = index.labels()
+    hits = top_k_identities(embedded.embeddings.to(device), index.embeddings, labels, int(cfg.top_k))
+    gallery_root = Path(index.meta["gallery"])
+    identities = set(names)
+    records = []
+    for n, row in enumerate(embedded.rows):
+        top = [{"rank": r + 1, "identity": names[lab], "score": score, "file": str(gallery_root / index.files[g])}
+               for r, (lab, score, g) in enumerate(zip(hits.labels[n], hits.scores[n], hits.rows[n]))]
+        records.append(decide(queries[row], known_identity(queries[row], identities), top, threshold["threshold"]))
+    result = {
+        "model": {**model.key, "fingerprint": model.fingerprint, "hand": meta.get("hand")},
+        "threshold": threshold,
+        "gallery": {"folder": str(gallery_root), "images": len(index.files), "identities": len(names),
+                    "index": str(index.path), "index_status": index.status,
+                    "unreadable": index.meta.get("skipped", [])},
+        "queries": records,
+        "skipped_queries": [{"query": str(queries[i]), "reason": msg} for i, msg in embedded.failed],
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    files = write_results(result, out_dir, overwrite=cfg.overwrite, pictures=cfg.pictures, progress=cfg.progress)
+    print_results(result, files, limit=int(cfg.print_limit))
+    return {**result, "files": files}
