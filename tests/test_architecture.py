@@ -21,7 +21,8 @@ LAYERS = {
     "data": ("handclip.data",),
     "models": ("handclip.models",),
     "app": ("handclip.evaluation", "handclip.run_folder", "handclip.bench", "handclip.training"),
-    "entry": ("handclip.train", "handclip.eval", "handclip.prepare", "handclip.synth", "handclip.bench.__main__"),
+    "entry": ("handclip.train", "handclip.eval", "handclip.prepare", "handclip.synth", "handclip.bench.__main__",
+              "handclip.export"),
 }
 RANK = {"base": 0, "data": 1, "models": 1, "app": 2, "entry": 3}
 #: Entry points stay about the size of lightning-hydra-template's src/train.py.

@@ -1,16 +1,17 @@
 """Checkpoints: those of earlier versions load, evaluate to the same figures and resume; today's hold only what
 training changes (best.ckpt weights only, last.ckpt with the optimizer state of the trainable parameters), resume
-bit for bit."""
+bit for bit, and export to a plain open_clip model."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, column, eval_cfg, make_layout, read_metrics, tiny_cfg
+from conftest import ROOT, column, eval_cfg, make_layout, read_metrics, run_module, tiny_cfg
 
 from handclip.data.split import prepare_dataset
 from handclip.data.synthetic import generate_dataset
@@ -265,3 +266,66 @@ def test_a_resumed_run_keeps_a_better_best_than_its_last_checkpoint_knew(slim_ru
     train(tiny_cfg(slim_run["data"], tmp_path, "trainer.max_epochs=3", *LEARNING, "ckpt_path=last"))
     assert len(column(read_metrics(folder.parent, version=1), "val/rank1")) == 2
     assert best.read_bytes() == before  # the stock callback would have replaced it after the first resumed epoch
+
+
+# -- export ------------------------------------------------------------------------------------
+def test_open_clip_export_loads_in_open_clip_with_the_same_image_embeddings(slim_run, tmp_path):
+    import open_clip
+
+    out = tmp_path / "model.safetensors"
+    result = run_module("handclip.export", f"ckpt_path={slim_run['best']}", f"out={out}",
+                        f"paths.output_root={tmp_path / 'outputs'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert str(out) in result.stdout
+    clip = open_clip.create_model("HandCLIP-Tiny", pretrained=str(out)).eval()
+    module = load_module(slim_run["best"])
+    images = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(clip.encode_image(module.encoder.normalize(images)), module.encoder.embed(images))
+    # both towers are there: open_clip loads strictly, and the text tower encodes
+    assert clip.encode_text(open_clip.get_tokenizer("HandCLIP-Tiny")(["a hand"])).shape == (1, 64)
+
+
+def _export_cfg(tmp_path: Path, *overrides: str):
+    from handclip.config import compose
+
+    return compose("export", [f"paths.output_root={tmp_path / 'outputs'}", *overrides])
+
+
+def test_export_refuses_to_overwrite_and_unknown_formats(slim_run, tmp_path):
+    from handclip.export import export
+
+    out = tmp_path / "model.safetensors"
+    out.write_bytes(b"keep me")
+    args = (f"ckpt_path={slim_run['best']}", f"out={out}")
+    with pytest.raises(HandCLIPError, match="exists.*force=true"):
+        export(_export_cfg(tmp_path, *args))
+    assert out.read_bytes() == b"keep me"
+    with pytest.raises(HandCLIPError, match="format='tflite'.*open_clip"):
+        export(_export_cfg(tmp_path, *args, "format=tflite"))
+    with pytest.raises(HandCLIPError, match="not found"):
+        export(_export_cfg(tmp_path, f"ckpt_path={tmp_path / 'none.ckpt'}", f"out={tmp_path / 'n.safetensors'}"))
+    assert export(_export_cfg(tmp_path, *args, "force=true")) == out and out.read_bytes() != b"keep me"
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_export_defaults_to_the_trained_best_checkpoint_and_a_file_beside_it(slim_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from handclip.export import export
+    from handclip.models.export import default_output
+
+    run = tmp_path / "outputs" / "train" / "dorsal_right"
+    shutil.copytree(slim_run["best"].parents[1], run)
+    written = export(_export_cfg(tmp_path))
+    expected = run / "checkpoints" / "best.open_clip.safetensors"
+    assert written == default_output(run / "checkpoints" / "best.ckpt") == expected
+    module = load_module(slim_run["best"])
+    tensors = load_file(written)
+    assert all(torch.equal(tensors[f"visual.{k}"], v) for k, v in module.encoder.visual.state_dict().items())
+
+
+def test_export_cli_error_is_one_line(tmp_path):
+    result = run_module("handclip.export", f"ckpt_path={tmp_path / 'none.ckpt'}", f"paths.output_root={tmp_path}")
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: checkpoint")
+    assert "Traceback" not in result.stderr
