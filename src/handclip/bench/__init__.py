@@ -17,6 +17,8 @@ in the same run on the same machine:
   product alone (:func:`similarity_only`) at N x N.
 * ``eval.speedup_vs_argsort_<N>``: time of :func:`argsort_reference_metrics` / time of
   :func:`compute_reid_metrics` at N x N.
+* ``checkpoints.run_share``: seconds a default-recipe run on 11k-sized synthetic data spends writing checkpoints
+  (on the training thread) / its wall time (:mod:`handclip.bench.checkpoints`).
 
 Peak host RSS (reset per block through ``/proc/self/clear_refs`` where Linux allows it) and peak GPU
 memory are recorded for every measured block.
@@ -37,6 +39,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from handclip.bench.checkpoints import bench_checkpoints
 from handclip.bench.data import bench_data
 from handclip.bench.eval import bench_eval
 from handclip.bench.machine import cpu_info, device_name, device_slug, slugify
@@ -121,6 +124,9 @@ def _run(s: dict, device: torch.device, started: float, say: Say) -> dict:
                 t = s["train"]
                 module = build_module(t["model_name"], int(t["num_classes"]), float(t["lr"]), float(t["weight_decay"]))
             result["eval"], memory["eval"] = bench_eval(s["eval"], device, module, seed, say)
+        elif part == "checkpoints":
+            result["checkpoints"], memory["checkpoints"] = bench_checkpoints(s["checkpoints"], device, scratch, seed,
+                                                                             say)
         part_s[part] = round(time.perf_counter() - part_start, 1)
         others[part] = part_share.stop()
         if others[part] is not None and others[part] > 0.1:

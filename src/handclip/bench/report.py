@@ -12,6 +12,7 @@ GOALS = (
     ("train.vs_bare_loop", ">=", 0.9, "HandCLIP (Lightning) images/s / bare PyTorch loop images/s"),
     ("eval.metrics_vs_matmul_{goal}", "<=", 2.0, "compute_reid_metrics time / similarity product time"),
     ("eval.speedup_vs_argsort_{goal}", ">=", 10.0, "argsort reference time / compute_reid_metrics time"),
+    ("checkpoints.run_share", "<=", 0.05, "share of a default-recipe run spent writing checkpoints"),
 )
 
 
@@ -104,6 +105,18 @@ def format_table(result: dict) -> str:
             mem = entry["metrics_memory"]
             key = "peak_gpu_delta_mb" if mem.get("peak_gpu_delta_mb") is not None else "peak_rss_delta_mb"
             rows.append((f"eval: {label} metrics peak mem delta MiB", _fmt(mem[key])))
+    ckpt = result.get("checkpoints")
+    if ckpt:
+        writes = ckpt["writes"]
+        rows += [
+            ("checkpoints: best / last MB", f"{_fmt(ckpt['best_mb'])} / {_fmt(ckpt['last_mb'])}"),
+            ("checkpoints: disk per hand type GB (0.1.0)",
+             f"{_fmt(ckpt['disk_per_hand_gb'])} ({_fmt(ckpt['disk_per_hand_gb_0_1_0'])})"),
+            *((f"checkpoints: {mode} best / last s", f"{_fmt(writes[mode]['best']['blocking_s'])} / "
+               f"{_fmt(writes[mode]['last']['blocking_s'])}") for mode in writes),
+            ("checkpoints: share of the run", _fmt(ckpt["run_share"])),
+            ("checkpoints: projected share, 50 epochs", _fmt(ckpt["projected_share"])),
+        ]
     width = max((len(r[0]) for r in rows), default=10)
     lines = [f"HandCLIP benchmark on {result['device']} (torch {result['torch']}"
              f"{', quick' if result.get('quick') else ''})", ""]
