@@ -1,7 +1,8 @@
 """Writing checkpoints: atomic in their own folder, optionally in a background thread, and a full disk said plainly.
 
 Lightning's ``TorchCheckpointIO`` serialises a checkpoint into memory and lets fsspec stage it in ``$TMPDIR`` and
-copy it over the target, so a full disk (or a kill) during that copy leaves a truncated ``last.ckpt``. Here a
+move it over the target, which is a copy whenever ``$TMPDIR`` is on another file system: a full disk (or a kill)
+during that copy leaves a truncated ``last.ckpt``. Here a
 checkpoint is written to a temporary file ``.<name>.*.tmp`` in the checkpoint folder, flushed to disk and renamed
 over the target: readers see the previous file or the new one, never a part. When the disk fills, the temporary file
 is removed, the previous checkpoint stays as it was and the run stops with a :class:`HandCLIPError` naming the
