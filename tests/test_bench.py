@@ -32,12 +32,12 @@ def positive(value) -> bool:
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """One quick run (every part), with a pretend full result already in out_dir."""
+    """One quick run (data, train, eval; other parts have their own tests), with a pretend full result."""
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "results"
     # One torch thread: the test then stays quick on a CPU shared with other jobs (see bench.threads).
     cfg = compose("bench", ["bench.quick=true", "bench.threads=1", f"bench.out_dir={out}",
-                            f"bench.scratch_dir={tmp / 'scratch'}"])
+                            f"bench.scratch_dir={tmp / 'scratch'}", "bench.parts=[data,train,eval]"])
     slug = device_slug(resolve_device(cfg.bench.device))
     full = out / f"{slug}.json"
     out.mkdir()

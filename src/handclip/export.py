@@ -1,9 +1,13 @@
 """Export for use outside HandCLIP.
 
+    python -m handclip.export hand=dorsal_right                  # outputs/train/dorsal_right/checkpoints/best.ckpt
+    python -m handclip.export ckpt_path=CKPT out=handclip-dorsal-right.safetensors
     python -m handclip.export format=embeddings ckpt_path=CKPT images=DIR out=embeddings.npz   # or .safetensors
     python -m handclip.export format=onnx ckpt_path=CKPT out=handclip_image_tower.onnx         # needs .[onnx]
 
-Without ckpt_path the zero-shot model given by `model` is exported. Options: configs/export.yaml.
+``format=open_clip`` (the default) writes the whole open_clip model with the fine-tuned image tower, loadable with
+``open_clip.create_model(model_name, pretrained=<file>)``. Without ckpt_path, embeddings and onnx export the
+zero-shot model given by `model`. Options: configs/export.yaml.
 """
 
 from __future__ import annotations
@@ -15,14 +19,29 @@ from omegaconf import DictConfig
 
 from handclip.config import hydra_entry
 from handclip.errors import HandCLIPError
+from handclip.hands import check_hand
 from handclip.identify.embeddings_export import check_out, export_embeddings
 from handclip.identify.run import load_model
+from handclip.models.open_clip_export import export_open_clip
 from handclip.models.onnx_export import export_onnx
+from handclip.run_folder import trained_checkpoint
 from handclip.utils.devices import resolve_device
 
 
+def open_clip(cfg: DictConfig) -> dict:
+    """The whole open_clip model (both towers) with the fine-tuned image tower, as .safetensors."""
+    if cfg.ckpt_path:
+        ckpt = Path(str(cfg.ckpt_path)).expanduser().resolve()
+    else:
+        ckpt = trained_checkpoint(cfg.paths.output_root, check_hand(cfg.hand.name))
+    out = export_open_clip(ckpt, cfg.out, pretrained=cfg.pretrained, cache_dir=cfg.cache_dir,
+                           overwrite=cfg.overwrite)
+    return {"path": str(out), "checkpoint": str(ckpt),
+            "load with": "open_clip.create_model(<model_name as trained>, pretrained=<this file>)"}
+
+
 def embeddings(cfg: DictConfig) -> dict:
-    """(a) Embeddings of every image of a folder, with paths and identities (.npz or .safetensors)."""
+    """Embeddings of every image of a folder, with paths and identities (.npz or .safetensors)."""
     if not cfg.images:
         raise HandCLIPError("format=embeddings needs images=DIR (<identity>/<image> folders or a flat folder)")
     check_out(cfg.out, cfg.overwrite)  # before loading the model
@@ -32,7 +51,7 @@ def embeddings(cfg: DictConfig) -> dict:
 
 
 def onnx(cfg: DictConfig) -> dict:
-    """(b) The image tower as ONNX, checked against PyTorch on onnxruntime (CPU)."""
+    """The image tower as ONNX, checked against PyTorch on onnxruntime (CPU)."""
     out = check_out(cfg.out, cfg.overwrite, suffixes=(".onnx",))
     encoder, model, meta = load_model(cfg)
     info = {**model.key, "model_fingerprint": model.fingerprint, "hand": meta.get("hand")}
@@ -41,8 +60,8 @@ def onnx(cfg: DictConfig) -> dict:
                        tolerance=o.tolerance, seed=cfg.seed)
 
 
-#: format -> exporter (each takes the composed config and returns a short report).
-FORMATS: dict[str, Callable[[DictConfig], dict]] = {"embeddings": embeddings, "onnx": onnx}
+#: format -> exporter (each takes the composed config and returns a short report with the path written).
+FORMATS: dict[str, Callable[[DictConfig], dict]] = {"open_clip": open_clip, "embeddings": embeddings, "onnx": onnx}
 
 
 def export(cfg: DictConfig) -> dict:

@@ -158,6 +158,11 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, max_epochs: int |
 def check_resume_compatible(ckpt_path: Path, hparams) -> None:
     """A resumed checkpoint must have been trained with the same model and the same classes."""
     meta = read_checkpoint_meta(ckpt_path)
+    if not meta["resumable"]:
+        raise HandCLIPError(
+            f"checkpoint {ckpt_path} holds weights only, without the optimizer and loop state a run resumes from "
+            "(best.ckpt is written that way); resume from last.ckpt with ckpt_path=last"
+        )
     for key in ("model_name", "hand"):
         if meta.get(key) != hparams[key]:
             raise HandCLIPError(

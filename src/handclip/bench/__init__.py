@@ -20,6 +20,8 @@ in the same run on the same machine:
 * ``search.queries_per_s``, ``search.peak_mem_vs_index``, ``search.reuse_*``: exact top-k identity search
   of a batch of queries against a 1M x 512 index, and reopening an unchanged gallery index
   (:mod:`handclip.bench.search`).
+* ``checkpoints.run_share``: seconds a default-recipe run on 11k-sized synthetic data spends writing checkpoints
+  (on the training thread) / its wall time (:mod:`handclip.bench.checkpoints`).
 
 Peak host RSS (reset per block through ``/proc/self/clear_refs`` where Linux allows it) and peak GPU
 memory are recorded for every measured block.
@@ -40,6 +42,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from handclip.bench.checkpoints import bench_checkpoints
 from handclip.bench.data import bench_data
 from handclip.bench.eval import bench_eval
 from handclip.bench.machine import cpu_info, device_name, device_slug, slugify
@@ -127,6 +130,9 @@ def _run(s: dict, device: torch.device, started: float, say: Say) -> dict:
             result["eval"], memory["eval"] = bench_eval(s["eval"], device, module, seed, say)
         elif part == "search":
             result["search"], memory["search"] = bench_search(s["search"], device, scratch, seed, say)
+        elif part == "checkpoints":
+            result["checkpoints"], memory["checkpoints"] = bench_checkpoints(s["checkpoints"], device, scratch, seed,
+                                                                             say)
         part_s[part] = round(time.perf_counter() - part_start, 1)
         others[part] = part_share.stop()
         if others[part] is not None and others[part] > 0.1:

@@ -17,6 +17,7 @@ GOALS = (
     ("search.agrees_with_argsort", ">=", 1, "top-k equal to a brute-force stable argsort on a subset (yes = 1)"),
     ("search.reuse_embedded_images", "<=", 0, "gallery images embedded again when the index is reopened unchanged"),
     ("search.reuse_decoded_images", "<=", 0, "gallery images decoded again when the index is reopened unchanged"),
+    ("checkpoints.run_share", "<=", 0.05, "share of a default-recipe run spent writing checkpoints"),
 )
 
 
@@ -119,6 +120,18 @@ def format_table(result: dict) -> str:
             (f"search: reopen an unchanged {srch['reuse_images']:,}-image index s", _fmt(srch["index_reuse_s"])),
             ("search: images decoded / embedded on reopening",
              f"{srch['reuse_decoded_images']} / {srch['reuse_embedded_images']}"),
+        ]
+    ckpt = result.get("checkpoints")
+    if ckpt:
+        writes = ckpt["writes"]
+        rows += [
+            ("checkpoints: best / last MB", f"{_fmt(ckpt['best_mb'])} / {_fmt(ckpt['last_mb'])}"),
+            ("checkpoints: disk per hand type GB (0.1.0)",
+             f"{_fmt(ckpt['disk_per_hand_gb'])} ({_fmt(ckpt['disk_per_hand_gb_0_1_0'])})"),
+            *((f"checkpoints: {mode} best / last s", f"{_fmt(writes[mode]['best']['blocking_s'])} / "
+               f"{_fmt(writes[mode]['last']['blocking_s'])}") for mode in writes),
+            ("checkpoints: share of the run", _fmt(ckpt["run_share"])),
+            ("checkpoints: projected share, 50 epochs", _fmt(ckpt["projected_share"])),
         ]
     width = max((len(r[0]) for r in rows), default=10)
     lines = [f"HandCLIP benchmark on {result['device']} (torch {result['torch']}"

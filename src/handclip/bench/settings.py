@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from handclip.errors import HandCLIPError
 from handclip.utils.devices import resolve_device
 
-PARTS = ("data", "train", "eval", "search")
+PARTS = ("data", "train", "eval", "search", "checkpoints")
 
 
 def _per_device(node: Any, device_type: str) -> Any:

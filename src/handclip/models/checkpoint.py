@@ -1,6 +1,7 @@
 """Reading HandCLIP checkpoints: their metadata and the fine-tuned model, with clear errors.
 
-Checkpoints of earlier versions load too (:mod:`handclip.models.migrate`).
+Checkpoints of earlier versions load too (:mod:`handclip.models.migrate`); what a checkpoint holds besides its
+weights is described in :mod:`handclip.models.metadata`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 import torch
 
 from handclip.errors import HandCLIPError
+from handclip.models.encoder import ImageEncoder
+from handclip.models.metadata import META_KEY, preprocess_from_meta
 from handclip.models.migrate import upgrade_state_dict
 from handclip.models.module import HandCLIPModule
 from handclip.models.weights import config_tower, describe, vit_tower
@@ -31,7 +34,13 @@ def _load(path: Path) -> dict:
 
 
 def read_checkpoint_meta(path: str | Path) -> dict:
-    """The saved hyperparameters of a HandCLIP checkpoint: classes, hand, model_name, pretrained..."""
+    """What a HandCLIP checkpoint says about itself.
+
+    The saved hyperparameters (``classes``, ``hand``, ``model_name``, ``pretrained``, ``lr``...), plus
+    ``preprocess`` (a dict, None before format 2), ``metrics`` (the logged figures when it was written), ``threshold``
+    (None: see :mod:`handclip.models.metadata`), ``epoch``, and ``resumable`` (it holds the optimizer and loop state
+    a run resumes from; False for a weights-only ``best.ckpt``).
+    """
     return _meta(_load(Path(path)), path)
 
 
@@ -40,6 +49,10 @@ def _meta(ckpt: dict, path: str | Path) -> dict:
     missing = {"classes", "hand", "model_name"} - set(meta)
     if missing:
         raise HandCLIPError(f"checkpoint {str(path)!r} lacks {', '.join(sorted(missing))}: not a HandCLIP checkpoint")
+    block = ckpt.get(META_KEY) or {}
+    meta.update(preprocess=block.get("preprocess"), metrics=dict(block.get("metrics") or {}),
+                threshold=block.get("threshold"), format=block.get("format", 1), epoch=ckpt.get("epoch"),
+                resumable="optimizer_states" in ckpt and "loops" in ckpt)
     return meta
 
 
@@ -54,7 +67,11 @@ def read_epochs_trained(path: str | Path) -> int:
 
 
 def load_module(path: str | Path, map_location: str | torch.device = "cpu"):
-    """The fine-tuned HandCLIPModule of a checkpoint (architecture rebuilt without downloading weights)."""
+    """The fine-tuned HandCLIPModule of a checkpoint (architecture rebuilt without downloading weights).
+
+    The image tower gets the preprocessing stored in the checkpoint (older checkpoints: open_clip's for the
+    model and pretrained source, as they were trained with).
+    """
     path = Path(path)
     ckpt = _load(path)
     meta = _meta(ckpt, path)
@@ -64,6 +81,9 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu"):
         lr=meta.get("lr", 1e-5), weight_decay=meta.get("weight_decay", 0.01), load_pretrained=False,
     )
     state = upgrade_state_dict(ckpt["state_dict"])
+    stored = preprocess_from_meta(meta["preprocess"])
+    if stored is not None and stored != module.encoder.preprocess:
+        module.encoder = ImageEncoder(module.encoder.visual, stored)
     try:
         module.load_state_dict(state)
     except RuntimeError as err:

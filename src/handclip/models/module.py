@@ -13,6 +13,7 @@ from handclip.errors import HandCLIPError
 from handclip.metrics import compute_reid_metrics
 from handclip.models.clip import create_clip, freeze_text_tower, preprocess_config
 from handclip.models.encoder import ImageEncoder
+from handclip.models.metadata import META_KEY, checkpoint_metadata
 from handclip.models.migrate import upgrade_state_dict
 
 
@@ -35,6 +36,11 @@ class HandCLIPModule(pl.LightningModule):
     whole model stays reachable as :attr:`clip`, but it is deliberately not a registered submodule:
     the text tower is therefore not optimised, not saved in checkpoints and not moved to the
     accelerator. Inputs are ``uint8`` crops; the encoder normalises them on the model's device.
+
+    Nothing that loads a checkpoint needs the text tower, so a module built for a checkpoint
+    (``load_pretrained=False``: resuming, evaluating) is built without fetching pretrained weights, and
+    its :attr:`clip` then holds a randomly initialised text tower. Only the open_clip export uses the
+    text tower: it rebuilds it from the checkpoint's ``pretrained`` source (:mod:`handclip.models.open_clip_export`).
     """
 
     def __init__(
@@ -119,6 +125,11 @@ class HandCLIPModule(pl.LightningModule):
         return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, **kwargs)
 
     # -- checkpoints ---------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Besides the weights: the preprocessing and the logged figures (:mod:`handclip.models.metadata`)."""
+        metrics = self._trainer.callback_metrics if self._trainer is not None else {}
+        checkpoint[META_KEY] = checkpoint_metadata(self.encoder.preprocess, metrics)
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Checkpoints of earlier versions keep the image tower under ``clip.visual.``: map them."""
         checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"])

@@ -11,10 +11,30 @@ from pathlib import Path
 from handclip.errors import HandCLIPError
 
 
+def _read_umask() -> int:
+    try:  # Linux: read it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+#: Mode of a new file under the process's umask (mkstemp alone would make every written file private, 0600).
+FILE_MODE = 0o666 & ~_read_umask()
+
+
 def temp_path(directory: Path, name: str) -> Path:
-    """A new, empty temporary file ``.<name>.*.tmp`` in ``directory`` (same file system as the target)."""
+    """A new, empty temporary file ``.<name>.*.tmp`` in ``directory`` (same file system as the target), with the
+    permissions a plainly created file would get."""
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
+    try:
+        os.fchmod(fd, FILE_MODE)
+    finally:
+        os.close(fd)
     return Path(tmp)
 
 

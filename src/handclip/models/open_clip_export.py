@@ -1,0 +1,72 @@
+"""The fine-tuned model as a plain open_clip model (both towers), for use outside HandCLIP.
+
+HandCLIP checkpoints hold only what training changes (the image tower and the head). The export rebuilds the
+whole open_clip model from the checkpoint's ``pretrained`` source (the text tower, logit scale and everything
+else HandCLIP never trains), puts the fine-tuned image tower into it and writes its state dict as
+``.safetensors``, which ``open_clip.create_model(model_name, pretrained=<file>)`` loads. The classifier head is
+not part of it (open_clip has no place for it; it scores only the training identities).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+import handclip
+from handclip.errors import HandCLIPError
+from handclip.models.checkpoint import load_module, read_checkpoint_meta
+from handclip.models.clip import create_clip, uses_pretrained_weights
+from handclip.utils.files import temp_path
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".open_clip.safetensors"
+
+
+def open_clip_state_dict(image_tower: torch.nn.Module, clip: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of the open_clip model ``clip`` with ``image_tower``'s weights as its ``visual``."""
+    clip.visual.load_state_dict(image_tower.state_dict())
+    # safetensors stores every tensor on its own: contiguous, no shared memory
+    return {name: value.detach().cpu().contiguous().clone() for name, value in clip.state_dict().items()}
+
+
+def default_output(ckpt_path: Path) -> Path:
+    """``checkpoints/best.ckpt`` -> ``checkpoints/best.open_clip.safetensors``."""
+    return ckpt_path.with_name(ckpt_path.stem + SUFFIX)
+
+
+def export_open_clip(ckpt_path: str | Path, out: str | Path | None = None, pretrained: str | None = None,
+                     cache_dir: str | None = None, overwrite: bool = False) -> Path:
+    """Write the fine-tuned open_clip model of a HandCLIP checkpoint; return the file written.
+
+    ``pretrained``: where the text tower comes from (default: the checkpoint's own source, e.g. ``openai``; a file
+    when offline). An existing ``out`` is replaced only with ``overwrite``.
+    """
+    ckpt_path = Path(ckpt_path).expanduser()
+    meta = read_checkpoint_meta(ckpt_path)
+    out = Path(out).expanduser() if out else default_output(ckpt_path)
+    if out.exists() and not overwrite:
+        raise HandCLIPError(f"{out} exists; pass overwrite=true to replace it, or choose another out=...")
+    if out.suffix != ".safetensors":
+        raise HandCLIPError(f"out={str(out)!r}: the open_clip export is a .safetensors file")
+    source = pretrained if pretrained is not None else meta.get("pretrained")
+    module = load_module(ckpt_path)
+    clip = create_clip(meta["model_name"], source, cache_dir or meta.get("cache_dir"))
+    if not uses_pretrained_weights(source):
+        log.warning("the text tower of %s is randomly initialised (pretrained=%r): only the image tower is trained",
+                    meta["model_name"], source)
+    state = open_clip_state_dict(module.encoder.visual, clip)
+    metadata = {"format": "pt", "model_name": meta["model_name"], "text_tower": str(source), "hand": meta["hand"],
+                "handclip_version": handclip.__version__, "source_checkpoint": str(ckpt_path.resolve())}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(out.parent, out.name)
+    try:
+        save_file(state, str(tmp), metadata=metadata)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out

@@ -1,0 +1,1 @@
+"""Pieces of the training loop around the model: how checkpoints are written and when."""
