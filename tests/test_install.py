@@ -56,7 +56,8 @@ def test_wheel_holds_every_module_and_config(installed):
 def test_installed_entry_points_run_from_another_directory(installed, tmp_path):
     work = tmp_path / "elsewhere"
     work.mkdir()
-    where = run_installed(installed, work, "-c", "import handclip.config as c; print(c.__file__); print(c.config_dir())")
+    where = run_installed(installed, work, "-c",
+                          "import handclip.config as c; print(c.__file__); print(c.config_dir())")
     assert where.returncode == 0, where.stderr
     assert str(ROOT) not in where.stdout and "site" in where.stdout
 

@@ -22,8 +22,8 @@ from handclip.errors import HandCLIPError
 from handclip.hands import check_hand
 from handclip.identify.embeddings_export import check_out, export_embeddings
 from handclip.identify.run import load_model
-from handclip.models.open_clip_export import export_open_clip
 from handclip.models.onnx_export import export_onnx
+from handclip.models.open_clip_export import export_open_clip
 from handclip.run_folder import trained_checkpoint
 from handclip.utils.devices import resolve_device
 
