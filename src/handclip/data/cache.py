@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import os
 import warnings
 from collections import deque
@@ -40,6 +41,8 @@ from handclip.data.images import ImageLoader
 from handclip.errors import HandCLIPError
 from handclip.utils.devices import usable_cpus
 from handclip.utils.files import atomic_write, fsync_file, temp_path
+
+log = logging.getLogger(__name__)
 
 #: Bump when the storage layout or the meaning of a row changes: old caches are then ignored.
 FORMAT_VERSION = 1
@@ -97,6 +100,8 @@ def cached_crops(
         if len(sources) == len(wanted):
             break
 
+    log.info("%s: decoding %d of %d images into the crop cache %s", desc, len(set(entries) - set(sources)),
+             len(entries), directory)
     _build(directory, key, entries, sources, loader, settings, row_shape, num_workers, progress, desc)
     cache = _open_cache(manifest_path, settings, row_shape)
     if cache is None or cache[0] != entries:  # pragma: no cover - only on a concurrent writer or a disk fault
