@@ -20,7 +20,7 @@ LAYERS = {
              "handclip.utils"),
     "data": ("handclip.data",),
     "models": ("handclip.models",),
-    "app": ("handclip.evaluation", "handclip.run_folder", "handclip.bench"),
+    "app": ("handclip.evaluation", "handclip.run_folder", "handclip.launch", "handclip.bench"),
     "entry": ("handclip.train", "handclip.eval", "handclip.prepare", "handclip.synth", "handclip.bench.__main__"),
 }
 RANK = {"base": 0, "data": 1, "models": 1, "app": 2, "entry": 3}

@@ -31,10 +31,14 @@ def holds_run(output_dir: Path) -> bool:
     )
 
 
-def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run; refuse to mix with an earlier run."""
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, rank_zero: bool = True) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run; refuse to mix with an earlier run.
+
+    ``rank_zero=False`` (the other processes of a multi-process run) skips the refusals about what the
+    folder already holds: rank 0 has checked the folder, and may already have written into it.
+    """
     checkpoint_dir = output_dir / "checkpoints"
-    existing = holds_run(output_dir)
+    existing = rank_zero and holds_run(output_dir)
     if ckpt_path is None:
         if existing:
             found = sorted(p.name for p in checkpoint_dir.glob("*.ckpt")) if checkpoint_dir.is_dir() else []
