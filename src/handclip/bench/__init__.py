@@ -42,6 +42,7 @@ from handclip.bench.eval import bench_eval
 from handclip.bench.machine import cpu_info, device_name, device_slug, slugify
 from handclip.bench.measure import CpuShare
 from handclip.bench.report import evaluate_goals, format_table, result_path, size_label
+from handclip.bench.scaling import bench_scaling
 from handclip.bench.settings import PARTS, bench_settings
 from handclip.bench.train import bench_train, build_module
 from handclip.utils.devices import resolve_device, usable_cpus
@@ -80,7 +81,7 @@ def _run(s: dict, device: torch.device, started: float, say: Say) -> dict:
     scratch = Path(s["scratch_dir"]).expanduser()
     scratch.mkdir(parents=True, exist_ok=True)
     name, slug = device_name(device), device_slug(device)
-    out_path = result_path(Path(s["out_dir"]).expanduser(), slug, quick)
+    out_path = result_path(Path(s["out_dir"]).expanduser(), slug, quick, s["parts"])
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     cores = usable_cpus()
 
@@ -121,6 +122,8 @@ def _run(s: dict, device: torch.device, started: float, say: Say) -> dict:
                 t = s["train"]
                 module = build_module(t["model_name"], int(t["num_classes"]), float(t["lr"]), float(t["weight_decay"]))
             result["eval"], memory["eval"] = bench_eval(s["eval"], device, module, seed, say)
+        elif part == "scaling":  # in processes of its own: no memory figures
+            result["scaling"] = bench_scaling(s["scaling"], device, scratch / "scaling", seed, say)
         part_s[part] = round(time.perf_counter() - part_start, 1)
         others[part] = part_share.stop()
         if others[part] is not None and others[part] > 0.1:

@@ -12,6 +12,7 @@ GOALS = (
     ("train.vs_bare_loop", ">=", 0.9, "HandCLIP (Lightning) images/s / bare PyTorch loop images/s"),
     ("eval.metrics_vs_matmul_{goal}", "<=", 2.0, "compute_reid_metrics time / similarity product time"),
     ("eval.speedup_vs_argsort_{goal}", ">=", 10.0, "argsort reference time / compute_reid_metrics time"),
+    ("scaling.cuda_efficiency_2", ">=", 0.9, "images/s on 2 GPUs (DDP) / (2 x images/s on 1 GPU)"),
 )
 
 
@@ -104,6 +105,14 @@ def format_table(result: dict) -> str:
             mem = entry["metrics_memory"]
             key = "peak_gpu_delta_mb" if mem.get("peak_gpu_delta_mb") is not None else "peak_rss_delta_mb"
             rows.append((f"eval: {label} metrics peak mem delta MiB", _fmt(mem[key])))
+    for count, entry in ((result.get("scaling") or {}).get("processes") or {}).items():
+        if "skipped" in entry:
+            rows.append((f"scaling: {count} process(es)", entry["skipped"]))
+            continue
+        value = f"{_fmt(entry['images_per_s'])} images/s"
+        if "speedup_vs_1" in entry:
+            value += f" ({_fmt(entry['speedup_vs_1'])}x one process; gradient sync {entry['grad_sync_share']:.0%})"
+        rows.append((f"scaling: {count} process(es) x b{result['scaling']['batch_size_per_process']}", value))
     width = max((len(r[0]) for r in rows), default=10)
     lines = [f"HandCLIP benchmark on {result['device']} (torch {result['torch']}"
              f"{', quick' if result.get('quick') else ''})", ""]
@@ -120,6 +129,10 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def result_path(out_dir: Path, slug: str, quick: bool) -> Path:
-    """``<slug>.json`` for a full run, ``<slug>-quick.json`` for a quick one (never the full file)."""
-    return Path(out_dir) / f"{slug}{'-quick' if quick else ''}.json"
+def result_path(out_dir: Path, slug: str, quick: bool, parts=None) -> Path:
+    """``<slug>.json`` for a full run, ``<slug>-quick.json`` for a quick one (never the full file); a run of
+    other parts than a full run's adds them to the name (``<slug>-scaling.json``)."""
+    from handclip.bench.settings import FULL_RUN
+
+    label = "" if parts is None or sorted(parts) == sorted(FULL_RUN) else "-" + "-".join(parts)
+    return Path(out_dir) / f"{slug}{label}{'-quick' if quick else ''}.json"
