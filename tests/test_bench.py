@@ -219,6 +219,7 @@ def test_scaling_part_times_one_and_two_processes(tmp_path):
         assert "skipped" in two
         return
     assert positive(one["images_per_s"]) and positive(two["images_per_s"]) and two["global_batch"] == 16
+    assert positive(one["startup_s"]) and positive(two["startup_s"])
     assert two["speedup_vs_1"] == pytest.approx(two["images_per_s"] / one["images_per_s"])
     assert two["efficiency_vs_linear"] == pytest.approx(two["speedup_vs_1"] / 2)
     assert 0.0 <= two["grad_sync_share"] < 1.0 and positive(two["allreduce_s"])

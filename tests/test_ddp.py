@@ -132,6 +132,8 @@ def test_slurm_preset_ties_gpus_and_tasks_to_the_trainer():
     assert launcher.timeout_min > 0 and launcher.max_num_timeout > 0
     assert cfg.ckpt_path == "auto"  # requeued jobs continue from their last.ckpt
     assert cfg.hydra.launcher.submitit_folder.startswith(str(Path(cfg.paths.output_root) / "train"))
+    one_gpu = _hydra_cfg(["launcher=slurm", "trainer=gpu"]).hydra.launcher  # trainer=gpu has no num_nodes
+    assert (one_gpu.gpus_per_node, one_gpu.tasks_per_node, one_gpu.nodes) == (1, 1, 1)
 
 
 def test_local_preset_gives_each_job_one_device(monkeypatch):

@@ -4,8 +4,8 @@ Each process count runs in fresh processes (``torch.multiprocessing``, spawn) jo
 ``torch.distributed`` (gloo on the CPU, NCCL with one GPU per process), with HandCLIPModule wrapped in
 ``DistributedDataParallel`` as Lightning's DDP strategy wraps it, the module's own AdamW, and per-process
 batches of ``batch_size`` random crops. A step is timed from a barrier to the end of the optimizer step
-and its time is the slowest process's. Every count is timed twice: with the gradient all-reduce, and
-under ``no_sync()`` (the same step without it); the share of a step spent syncing gradients is
+and its time is the slowest process's. Every count is timed twice, step by step in turn: with the
+gradient all-reduce, and under ``no_sync()`` (the same step without it); the share of a step spent syncing gradients is
 ``1 - no_sync / sync`` (what the all-reduce adds to the step, after its overlap with the backward pass).
 On the CPU the processes share the same cores (each gets cores / N threads, as Lightning sets them), so
 N processes cannot be faster than one: the figures show what DDP costs there, not what it gains.
@@ -52,7 +52,8 @@ def _steps(model, module, optimizer, images, labels, device: torch.device, total
     return times
 
 
-def _worker(rank: int, world: int, s: dict, device_type: str, threads: int, init_file: str, out_file: str) -> None:
+def _worker(rank: int, world: int, s: dict, device_type: str, threads: int, init_file: str, out_file: str,
+            spawned: float) -> None:
     """One process: DDP-wrapped HandCLIPModule, timed steps with and without the all-reduce."""
     torch.set_num_threads(threads)
     device = torch.device(f"cuda:{rank}") if device_type == "cuda" else torch.device("cpu")
@@ -72,15 +73,20 @@ def _worker(rank: int, world: int, s: dict, device_type: str, threads: int, init
 
             model = DistributedDataParallel(module, device_ids=[rank] if device.type == "cuda" else None)
         optimizer = module.configure_optimizers()
+        startup = time.time() - spawned  # process start, imports, process group, model built and wrapped
         generator = torch.Generator().manual_seed(int(s["seed"]) + rank)
         size = tuple(int(v) for v in module.encoder.preprocess.input_size)
         batch = int(s["batch_size"])
         images = torch.randint(0, 256, (batch, *size), dtype=torch.uint8, generator=generator).to(device)
         labels = torch.randint(0, int(s["num_classes"]), (batch,), generator=generator).to(device)
         warmup, steps = int(s["warmup_steps"]), int(s["steps"])
-        timed = {}
-        for sync in (True, False) if world > 1 else (True,):
-            timed[sync] = _steps(model, module, optimizer, images, labels, device, warmup + steps, sync)[warmup:]
+        # Steps with and without the all-reduce alternate, so that a change in the machine's load meets both.
+        timed: dict[bool, list[float]] = {True: [], False: []}
+        for step in range(warmup + steps):
+            for sync in (True, False) if world > 1 else (True,):
+                took = _steps(model, module, optimizer, images, labels, device, 1, sync)
+                if step >= warmup:
+                    timed[sync] += took
         allreduce = None
         if world > 1:  # the gradient volume alone, all-reduced as one flat tensor (no overlap with compute)
             flat = torch.zeros(sum(p.numel() for p in module.parameters() if p.requires_grad), device=device)
@@ -93,7 +99,7 @@ def _worker(rank: int, world: int, s: dict, device_type: str, threads: int, init
                     torch.cuda.synchronize(device)
                 allreduce.append(time.perf_counter() - start)
             allreduce = allreduce[1:]
-        mine = {"sync": timed[True], "no_sync": timed.get(False), "allreduce": allreduce,
+        mine = {"startup_s": startup, "sync": timed[True], "no_sync": timed[False] or None, "allreduce": allreduce,
                 "parameters": sum(p.numel() for p in module.parameters() if p.requires_grad)}
         everyone = [None] * world
         if world > 1:
@@ -117,8 +123,8 @@ def _run(world: int, s: dict, device_type: str, threads: int, scratch: Path) -> 
 
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         init_file, out_file = os.path.join(tmp, "init"), os.path.join(tmp, "out.json")
-        mp.start_processes(_worker, args=(world, s, device_type, threads, init_file, out_file), nprocs=world,
-                           join=True, start_method="spawn")
+        mp.start_processes(_worker, args=(world, s, device_type, threads, init_file, out_file, time.time()),
+                           nprocs=world, join=True, start_method="spawn")
         return json.loads(Path(out_file).read_text())
 
 
@@ -148,7 +154,9 @@ def bench_scaling(s: dict, device: torch.device, scratch: Path, seed: int, say: 
         step = _slowest([r["sync"] for r in ranks])
         entry = {"threads_per_process": threads, "global_batch": world * batch,
                  "images_per_s": world * batch / statistics.median(step), "step": summary(step),
-                 "wall_s": round(time.perf_counter() - started, 1), "parameters": ranks[0]["parameters"]}
+                 "wall_s": round(time.perf_counter() - started, 1), "parameters": ranks[0]["parameters"],
+                 # from spawning the processes to all of them ready to step (imports, process group, model)
+                 "startup_s": max(r["startup_s"] for r in ranks)}
         if world > 1:
             no_sync = _slowest([r["no_sync"] for r in ranks])
             allreduce = _slowest([r["allreduce"] for r in ranks])
