@@ -38,7 +38,7 @@ $(PY):
 endif
 
 install: $(PY_PREREQ) ## Install HandCLIP (editable) and its test tools into the environment; quick when already there
-	@$(PY) -c "import torch, torchvision, open_clip, pytorch_lightning, hydra, omegaconf, torchmetrics, PIL, matplotlib, pytest, xdist, pytest_timeout, tqdm, onnx, onnxscript, onnxruntime" 2>/dev/null \
+	@$(PY) -c "import torch, torchvision, open_clip, pytorch_lightning, hydra, omegaconf, torchmetrics, PIL, matplotlib, pytest, xdist, pytest_timeout, tqdm, onnx, onnxscript, onnxruntime, submitit" 2>/dev/null \
 		&& $(PY) -m pip show -q handclip >/dev/null 2>&1 \
 		|| $(PY) -m pip install -e ".[test]" $(TORCH_PIN)
 

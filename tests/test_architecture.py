@@ -20,8 +20,8 @@ LAYERS = {
              "handclip.utils"),
     "data": ("handclip.data",),
     "models": ("handclip.models",),
-    "app": ("handclip.evaluation", "handclip.run_folder", "handclip.hydra_callbacks", "handclip.bench",
-            "handclip.identify", "handclip.training"),
+    "app": ("handclip.evaluation", "handclip.run_folder", "handclip.hydra_callbacks", "handclip.launch",
+            "handclip.bench", "handclip.identify", "handclip.training"),
     "entry": ("handclip.train", "handclip.eval", "handclip.prepare", "handclip.synth", "handclip.bench.__main__",
               "handclip.identify.__main__", "handclip.export"),
 }

@@ -159,6 +159,10 @@ def test_names():
     assert slugify("cpu: Intel(R) Xeon(R) Processor (2 cores)") == "cpu-intel-xeon-processor-2-cores"
     assert result_path(Path("r"), "x", quick=True) == Path("r/x-quick.json")
     assert result_path(Path("r"), "x", quick=False) == Path("r/x.json")
+    assert result_path(Path("r"), "x", quick=False, parts=["eval", "data", "train"]) == Path("r/x.json")
+    # a run of other parts never replaces the full result
+    assert result_path(Path("r"), "x", quick=False, parts=["scaling"]) == Path("r/x-scaling.json")
+    assert result_path(Path("r"), "x", quick=True, parts=["eval"]) == Path("r/x-eval-quick.json")
 
 
 def test_goals_skip_parts_not_run():
@@ -216,3 +220,29 @@ def test_command_line_rejects_an_unknown_part(tmp_path):
                       f"bench.scratch_dir={tmp_path / 's'}", cwd=tmp_path, timeout=300)
     assert proc.returncode == 2
     assert "unknown part" in proc.stderr
+
+
+@pytest.mark.slow
+def test_scaling_part_times_one_and_two_processes(tmp_path):
+    """bench.parts=[scaling]: the training step on 1 and 2 gloo processes, in its own result file."""
+    out = tmp_path / "out"
+    cfg = compose("bench", ["bench.quick=true", "bench.parts=[scaling]", "bench.device=cpu", f"bench.out_dir={out}",
+                            f"bench.scratch_dir={tmp_path / 'scratch'}"])
+    messages: list[str] = []
+    result = run_benchmark(cfg, say=messages.append)
+    assert Path(result["path"]) == out / f"{device_slug(resolve_device('cpu'))}-scaling-quick.json"
+    scaling = json.loads(Path(result["path"]).read_text())["scaling"]
+    assert scaling["backend"] == "gloo" and scaling["model_name"] == "HandCLIP-Tiny"
+    one, two = scaling["processes"]["1"], scaling["processes"]["2"]
+    if scaling["cores"] < 2:
+        assert "skipped" in two
+        return
+    assert positive(one["images_per_s"]) and positive(two["images_per_s"]) and two["global_batch"] == 16
+    assert positive(one["startup_s"]) and positive(two["startup_s"])
+    assert two["speedup_vs_1"] == pytest.approx(two["images_per_s"] / one["images_per_s"])
+    assert two["efficiency_vs_linear"] == pytest.approx(two["speedup_vs_1"] / 2)
+    assert 0.0 <= two["grad_sync_share"] < 1.0 and positive(two["allreduce_s"])
+    assert two["grad_sync_share"] == pytest.approx(
+        max(0.0, 1 - two["step_no_sync"]["median_s"] / two["step"]["median_s"]))
+    assert "scaling.cuda_efficiency_2" not in result["goals"]  # a GPU goal: CPU processes share the cores
+    assert any("scaling: 2 process(es)" in line for line in format_table(result).splitlines())

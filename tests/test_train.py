@@ -122,13 +122,38 @@ def test_vit_b32_embedding_is_512_wide():
 
 def test_val_rank1_matches_brute_force(module, monkeypatch):
     g = torch.Generator().manual_seed(0)
-    query, gallery = torch.randn(30, 8, generator=g), torch.randn(50, 8, generator=g)
-    qlab, glab = torch.randint(0, 6, (30,), generator=g), torch.randint(0, 6, (50,), generator=g)
+    query, gallery = torch.randn(30, 64, generator=g), torch.randn(50, 64, generator=g)  # tiny: 64-d embeddings
+    qlab, glab = torch.randint(0, 3, (30,), generator=g), torch.randint(0, 3, (50,), generator=g)
     logged = {}
     monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.__setitem__(name, value))
-    module._val_outputs = {0: [(query[:13], qlab[:13]), (query[13:], qlab[13:])], 1: [(gallery, glab)]}
+    module._val_outputs = {0: [(query[:13], qlab[:13], torch.arange(13)),
+                               (query[13:], qlab[13:], torch.arange(13, 30))],
+                           1: [(gallery, glab, torch.arange(50))]}
     module.on_validation_epoch_end()
     assert float(logged["val/rank1"]) == pytest.approx(brute_force_rank1(query, qlab, gallery, glab))
+
+
+def test_val_figures_use_each_image_once_in_dataset_order(monkeypatch):
+    """Gathered validation outputs in any order, with a DistributedSampler's padding duplicates: the figures
+    are those of the whole val set in dataset order (rank-1 ties go to the earlier gallery image)."""
+    module = HandCLIPModule(classes=["a", "b", "c"], hand="dorsal_right", model_name="HandCLIP-Tiny", pretrained=None)
+    module.head = torch.nn.Linear(4, 3)
+    g = torch.Generator().manual_seed(1)
+    query, qlab = torch.randn(7, 4, generator=g), torch.randint(0, 3, (7,), generator=g)
+    # two gallery images identical to query 0's nearest, with different labels: a tie broken by gallery order
+    gallery, glab = torch.randn(9, 4, generator=g), torch.arange(9) % 3
+    gallery[4], gallery[6], glab[4], glab[6] = query[0], query[0], qlab[0], (qlab[0] + 1) % 3
+    logged = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.__setitem__(name, float(value)))
+    q_order, g_order = torch.tensor([3, 5, 0, 6, 1, 4, 2, 3]), torch.tensor([8, 6, 2, 0, 4, 1, 7, 3, 5, 8])
+    module._val_outputs = {0: [(query[q_order[:5]], qlab[q_order[:5]], q_order[:5]),
+                               (query[q_order[5:]], qlab[q_order[5:]], q_order[5:])],
+                           1: [(gallery[g_order], glab[g_order], g_order)]}
+    module.on_validation_epoch_end()
+    logits = module.head(query)
+    assert logged["val/rank1"] == pytest.approx(brute_force_rank1(query, qlab, gallery, glab))
+    assert logged["val/loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, qlab)))
+    assert logged["val/acc"] == pytest.approx(float((logits.argmax(1) == qlab).float().mean()))
 
 
 # -- training runs -----------------------------------------------------------------------------
@@ -389,8 +414,9 @@ def test_shuffled_training_batches(data, tmp_path):
     torch.manual_seed(0)
     order = torch.cat([y for _, y in dm.train_dataloader()]).tolist()
     assert sorted(order) == sorted(dm.train_set.labels.tolist()) and order != dm.train_set.labels.tolist()
-    val_order = torch.cat([y for _, y in dm.val_dataloader()[0]]).tolist()
-    assert val_order == dm.val_set.labels.tolist()
+    val_batches = list(dm.val_dataloader()[0])
+    assert torch.cat([y for _, y, _ in val_batches]).tolist() == dm.val_set.labels.tolist()
+    assert torch.cat([i for _, _, i in val_batches]).tolist() == list(range(len(dm.val_set)))  # indices for DDP
 
 
 def test_explicit_resume_into_another_run_is_refused(trained, data, tmp_path):

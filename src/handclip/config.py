@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from handclip.errors import exit_on_error
+from handclip.errors import HandCLIPError, exit_on_error
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -38,10 +39,83 @@ def project_root() -> str:
     return str(Path(root).resolve())
 
 
+def _uses_cuda(accelerator: str) -> bool:
+    if str(accelerator).lower() in ("gpu", "cuda"):
+        return True
+    if str(accelerator).lower() != "auto":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def precision_for(accelerator: str) -> str:
+    """``${handclip_precision:<accelerator>}``: bf16-mixed on a CUDA GPU, fp32 elsewhere."""
+    return "bf16-mixed" if _uses_cuda(accelerator) else "32-true"
+
+
+def gpu_count() -> int:
+    """``${handclip_gpu_count:}``: CUDA GPUs visible to this process."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def job_devices(accelerator: str):
+    """``${handclip_job_devices:<accelerator>}``: [GPU k mod GPUs] for job k of a sweep on a GPU machine, else 1."""
+    if not _uses_cuda(accelerator) or gpu_count() == 0:
+        return 1
+    from hydra.core.hydra_config import HydraConfig
+
+    number = HydraConfig.get().job.get("num") if HydraConfig.initialized() else None
+    return [int(number or 0) % gpu_count()]
+
+
+def log_file(path: str) -> str:
+    """``${handclip_log_file:<path>}``: ``path`` in rank 0 of a multi-process run (or alone), else os.devnull."""
+    from handclip.utils.devices import launched_as_rank_zero
+
+    return path if launched_as_rank_zero() else os.devnull
+
+
 def register_resolvers() -> None:
-    """Make ``${handclip_root:}`` known to OmegaConf (idempotent)."""
-    if not OmegaConf.has_resolver("handclip_root"):
-        OmegaConf.register_new_resolver("handclip_root", project_root)
+    """Make ``${handclip_root:}`` and the other ``handclip_*`` resolvers known to OmegaConf (idempotent)."""
+    resolvers = {"handclip_root": project_root, "handclip_precision": precision_for, "handclip_gpu_count": gpu_count,
+                 "handclip_job_devices": job_devices, "handclip_log_file": log_file}
+    for name, resolver in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
+
+
+#: Launcher presets (``launcher=...`` or ``hydra/launcher=...``) and the optional extra they need.
+LAUNCHER_EXTRAS = {"slurm": "cluster", "local": "cluster", "submitit_slurm": "cluster", "submitit_local": "cluster"}
+_LAUNCHER_MODULES = ("hydra_plugins.hydra_submitit_launcher", "submitit")
+
+
+def check_launcher_installed(argv: list[str]) -> None:
+    """A launcher preset named on the command line needs its optional extra: say how to install it."""
+    import importlib.util
+    import re
+
+    for token in argv:
+        match = re.fullmatch(r"[+~]*(?:hydra/)?launcher=(\w+)", token)
+        if not match or match.group(1) not in LAUNCHER_EXTRAS:
+            continue
+        missing = [m for m in _LAUNCHER_MODULES if _find_spec(importlib.util, m) is None]
+        if missing:
+            extra = LAUNCHER_EXTRAS[match.group(1)]
+            raise HandCLIPError(
+                f"{token} needs Hydra's submitit launcher, which is not installed ({', '.join(missing)} not "
+                f"found); install the optional extra: pip install -e \".[{extra}]\" (or pip install "
+                "hydra-submitit-launcher)"
+            )
+
+
+def _find_spec(util, name: str):
+    try:
+        return util.find_spec(name)
+    except (ImportError, ValueError):  # a parent package missing, or a module hidden in sys.modules
+        return None
 
 
 def _in_multirun() -> bool:
@@ -69,7 +143,14 @@ def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], object]], 
         def job(cfg: DictConfig) -> object:
             return task(cfg) if _in_multirun() else one_line(cfg)
 
-        return hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(job)
+        main = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(job)
+
+        @functools.wraps(main)
+        def entry() -> None:
+            exit_on_error(check_launcher_installed)(sys.argv[1:])  # before Hydra composes the launcher
+            main()
+
+        return entry
 
     return wrap
 

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from handclip.errors import HandCLIPError
 from handclip.models.checkpoint import read_checkpoint_meta, read_epochs_trained
+from handclip.utils.devices import launched_as_rank_zero
 from handclip.utils.files import check_writable
 from handclip.utils.locks import try_lock
 
@@ -68,20 +69,13 @@ def check_folders_writable(cfg: DictConfig) -> None:
         check_writable(folder, what)
 
 
-def _rank_zero() -> bool:
-    """True in the process of global rank 0 (the only one of a single-process run)."""
-    from pytorch_lightning.utilities.rank_zero import rank_zero_only
-
-    return getattr(rank_zero_only, "rank", 0) == 0
-
-
 @contextlib.contextmanager
 def claim_run_folder(output_dir: Path) -> Iterator[None]:
     """Hold ``output_dir`` for this training run: another run into it is refused while this one lives.
 
     Only the process of global rank 0 claims it (other ranks of a multi-process run share its folder).
     """
-    if not _rank_zero():
+    if not launched_as_rank_zero():
         yield
         return
     created = next((p for p in reversed([output_dir, *output_dir.parents]) if not p.exists()), None)
@@ -113,15 +107,18 @@ def _remove_if_unused(output_dir: Path, created: Path) -> None:
             return
 
 
-def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, max_epochs: int | None = None) -> Path | None:
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, max_epochs: int | None = None,
+                      rank_zero: bool = True) -> Path | None:
     """The checkpoint to resume from, or None for a fresh run; refuse to mix with an earlier run.
 
     ``ckpt_path``: None (a fresh run; refused where a run wrote checkpoints), ``last``, ``auto`` or a path.
     ``auto`` resumes ``checkpoints/last.ckpt`` when it exists, starts afresh where no run wrote a checkpoint,
     and raises :class:`RunComplete` when last.ckpt has already trained ``max_epochs`` epochs.
+    ``rank_zero=False`` (the other processes of a multi-process run) skips the refusals about what the
+    folder already holds: rank 0 has checked the folder, and may already have written into it.
     """
     checkpoint_dir = output_dir / "checkpoints"
-    existing = holds_run(output_dir)
+    existing = rank_zero and holds_run(output_dir)
     found = ", ".join(sorted(p.name for p in checkpoint_dir.glob("*.ckpt"))) if existing else ""
     if ckpt_path is None:
         if existing:
@@ -184,7 +181,7 @@ def save_config(cfg: DictConfig, output_dir: Path, resumed: bool) -> Path:
     """
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     name = f"config.resumed-{stamp}.yaml" if resumed else "config.yaml"
-    if not _rank_zero():  # the other processes of a multi-process run share rank 0's folder and config
+    if not launched_as_rank_zero():  # the other processes of a multi-process run share rank 0's folder and config
         return output_dir / name
     output_dir.mkdir(parents=True, exist_ok=True)
     if not resumed and (output_dir / name).exists():

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from handclip.config import hydra_entry
 from handclip.hands import check_hand
+from handclip.launch import ddp_job, describe_scale
 from handclip.models.clip import preprocess_config
 from handclip.run_folder import (
     RunComplete,
@@ -29,6 +30,7 @@ from handclip.run_folder import (
     resolve_ckpt_path,
     save_config,
 )
+from handclip.utils.devices import check_trainer_devices, launched_as_rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -37,36 +39,43 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Train one hand type as configured; return the final logged metrics (none when already complete)."""
     check_hand(cfg.hand.name)
     max_epochs = check_max_epochs(cfg.trainer.get("max_epochs"))
-    check_folders_writable(cfg)
+    check_trainer_devices(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("devices", 1))
+    # Under DDP every process runs this function; only rank 0 checks, claims and writes the run folder.
+    rank_zero = launched_as_rank_zero()
+    if rank_zero:
+        check_folders_writable(cfg)
     output_dir = Path(cfg.paths.output_dir)
     with claim_run_folder(output_dir):
         try:
-            ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir, max_epochs)
+            ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir, max_epochs, rank_zero=rank_zero)
         except RunComplete as done:
             log.info("%s: %s", cfg.hand.name, done)
             return {}
-        return _fit(cfg, output_dir, ckpt_path)
+        return _fit(cfg, output_dir, ckpt_path, rank_zero)
 
 
-def _fit(cfg: DictConfig, output_dir: Path, ckpt_path: Path | None) -> dict[str, float]:
+def _fit(cfg: DictConfig, output_dir: Path, ckpt_path: Path | None, rank_zero: bool) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available() and str(cfg.trainer.get("precision")) in ("bf16-mixed", "16-mixed"):
         torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in fp32 (trainer=gpu)
 
-    # The model decides the preprocessing; the data receives it.
+    # The model decides the preprocessing; the data receives it (and decodes images in prepare_data).
     data_for = instantiate(cfg.data, _partial_=True)  # objects are passed at call time, not through OmegaConf
     datamodule = data_for(preprocess=preprocess_config(cfg.model.model_name, cfg.model.pretrained))
-    datamodule.setup("fit")
     # A resumed run takes every weight it uses from its checkpoint: no need to fetch the pretrained ones.
     model = instantiate(cfg.model, classes=datamodule.classes, hand=cfg.hand.name, load_pretrained=ckpt_path is None)
     if ckpt_path is not None:
         check_resume_compatible(ckpt_path, model.hparams)
-    log.info("config saved to %s", save_config(cfg, output_dir, resumed=ckpt_path is not None))
+    if rank_zero:
+        log.info("config saved to %s", save_config(cfg, output_dir, resumed=ckpt_path is not None))
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    if scale := describe_scale(trainer, datamodule.batch_size):
+        log.info(scale)
+    with ddp_job(trainer):  # DDP re-runs this job's command line (not a -m sweep's) for its processes
+        trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     checkpoint = trainer.checkpoint_callback
     if checkpoint is not None and checkpoint.best_model_path:
         score = checkpoint.best_model_score
@@ -77,7 +86,11 @@ def _fit(cfg: DictConfig, output_dir: Path, ckpt_path: Path | None) -> dict[str,
 
 @hydra_entry("train")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    # From the importable module, not __main__: the submitit launchers pickle this task function, and
+    # cloudpickle copies __main__'s functions by value (with what they use; torch.classes cannot be).
+    from handclip.train import train as train_job
+
+    train_job(cfg)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from handclip.bench.eval import bench_eval
 from handclip.bench.machine import cpu_info, device_name, device_slug, slugify
 from handclip.bench.measure import CpuShare
 from handclip.bench.report import evaluate_goals, format_table, result_path, size_label
+from handclip.bench.scaling import bench_scaling
 from handclip.bench.search import bench_search
 from handclip.bench.settings import PARTS, bench_settings
 from handclip.bench.train import bench_train, build_module
@@ -87,7 +88,7 @@ def _run(s: dict, device: torch.device, started: float, say: Say) -> dict:
     scratch = Path(s["scratch_dir"]).expanduser()
     scratch.mkdir(parents=True, exist_ok=True)
     name, slug = device_name(device), device_slug(device)
-    out_path = result_path(Path(s["out_dir"]).expanduser(), slug, quick)
+    out_path = result_path(Path(s["out_dir"]).expanduser(), slug, quick, s["parts"])
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     cores = usable_cpus()
 
@@ -133,6 +134,8 @@ def _run(s: dict, device: torch.device, started: float, say: Say) -> dict:
         elif part == "checkpoints":
             result["checkpoints"], memory["checkpoints"] = bench_checkpoints(s["checkpoints"], device, scratch, seed,
                                                                              say)
+        elif part == "scaling":  # in processes of its own: no memory figures
+            result["scaling"] = bench_scaling(s["scaling"], device, scratch / "scaling", seed, say)
         part_s[part] = round(time.perf_counter() - part_start, 1)
         others[part] = part_share.stop()
         if others[part] is not None and others[part] > 0.1:

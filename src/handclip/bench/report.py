@@ -18,6 +18,7 @@ GOALS = (
     ("search.reuse_embedded_images", "<=", 0, "gallery images embedded again when the index is reopened unchanged"),
     ("search.reuse_decoded_images", "<=", 0, "gallery images decoded again when the index is reopened unchanged"),
     ("checkpoints.run_share", "<=", 0.05, "share of a default-recipe run spent writing checkpoints"),
+    ("scaling.cuda_efficiency_2", ">=", 0.9, "images/s on 2 GPUs (DDP) / (2 x images/s on 1 GPU)"),
 )
 
 
@@ -133,6 +134,14 @@ def format_table(result: dict) -> str:
             ("checkpoints: share of the run", _fmt(ckpt["run_share"])),
             ("checkpoints: projected share, 50 epochs", _fmt(ckpt["projected_share"])),
         ]
+    for count, entry in ((result.get("scaling") or {}).get("processes") or {}).items():
+        if "skipped" in entry:
+            rows.append((f"scaling: {count} process(es)", entry["skipped"]))
+            continue
+        value = f"{_fmt(entry['images_per_s'])} images/s"
+        if "speedup_vs_1" in entry:
+            value += f" ({_fmt(entry['speedup_vs_1'])}x one process; gradient sync {entry['grad_sync_share']:.0%})"
+        rows.append((f"scaling: {count} process(es) x b{result['scaling']['batch_size_per_process']}", value))
     width = max((len(r[0]) for r in rows), default=10)
     lines = [f"HandCLIP benchmark on {result['device']} (torch {result['torch']}"
              f"{', quick' if result.get('quick') else ''})", ""]
@@ -149,6 +158,10 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def result_path(out_dir: Path, slug: str, quick: bool) -> Path:
-    """``<slug>.json`` for a full run, ``<slug>-quick.json`` for a quick one (never the full file)."""
-    return Path(out_dir) / f"{slug}{'-quick' if quick else ''}.json"
+def result_path(out_dir: Path, slug: str, quick: bool, parts=None) -> Path:
+    """``<slug>.json`` for a full run, ``<slug>-quick.json`` for a quick one (never the full file); a run of
+    other parts than a full run's adds them to the name (``<slug>-scaling.json``)."""
+    from handclip.bench.settings import FULL_RUN
+
+    label = "" if parts is None or sorted(parts) == sorted(FULL_RUN) else "-" + "-".join(parts)
+    return Path(out_dir) / f"{slug}{label}{'-quick' if quick else ''}.json"

@@ -10,7 +10,9 @@ from omegaconf import DictConfig, OmegaConf
 from handclip.errors import HandCLIPError
 from handclip.utils.devices import resolve_device
 
-PARTS = ("data", "train", "eval", "search", "checkpoints")
+PARTS = ("data", "train", "eval", "search", "checkpoints", "scaling")
+#: The parts of a full run (``bench.parts`` by default); a run of other parts writes its own file.
+FULL_RUN = ("data", "train", "eval", "search", "checkpoints")
 
 
 def _per_device(node: Any, device_type: str) -> Any:

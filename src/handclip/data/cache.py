@@ -110,6 +110,8 @@ def cached_crops(
         if len(sources) == len(wanted):
             break
 
+    log.info("%s: decoding %d of %d images into the crop cache %s", desc, len(set(entries) - set(sources)),
+             len(entries), directory)
     with shared_lock(directory / LOCK_NAME):
         _build(directory, key, entries, sources, loader, settings, row_shape, num_workers, progress, desc)
     cache = _open_cache(manifest_path, settings, row_shape)

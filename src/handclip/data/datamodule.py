@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from open_clip.transform import PreprocessCfg
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
 from handclip.data import layout
 from handclip.data.cache import cached_crops
-from handclip.data.datasets import DeviceBatchLoader, ImageDataset, TensorImageDataset, batch_collate
+from handclip.data.datasets import (
+    DeviceBatchLoader,
+    ImageDataset,
+    IndexedDataset,
+    TensorImageDataset,
+    batch_collate,
+)
 from handclip.data.images import ImageLoader
+from handclip.data.sampling import EveryImageOnceBatchSampler
 from handclip.errors import HandCLIPError
 from handclip.hands import HAND_TYPES, check_hand, hand_dir_name
 
@@ -37,6 +45,13 @@ class HandDataModule(pl.LightningDataModule):
     ``preprocess`` is the model's (``encoder.preprocess``, or ``preprocess_config(model_name,
     pretrained)``). Batches hold ``uint8`` crops (resize + center crop already applied); the model
     normalises them on its device. With ``cache=True`` each split is decoded once into an on-disk cache.
+
+    Under DDP (Lightning's ``DistributedSampler`` injection, mirrored for device batches), each epoch
+    shows every training image exactly once across processes (``data.batch_size`` per process: the
+    global batch is ``batch_size x devices x nodes``); validation batches carry their indices so that the
+    module can gather them across processes and drop the padding duplicates. The crop cache is built in
+    :meth:`prepare_data`, which Lightning runs on one process per node while the others wait; every
+    process then opens it in :meth:`setup`.
     """
 
     def __init__(
@@ -80,14 +95,20 @@ class HandDataModule(pl.LightningDataModule):
         self.progress = progress
         self.preprocess = preprocess
         self.loader = ImageLoader(preprocess)
-        self.classes: list[str] | None = None
+        self._listed: tuple[list[str], list, list] | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
     # -- listing -------------------------------------------------------------------------------
-    def setup(self, stage: str | None = None) -> None:
-        if self.classes is not None:
-            return
+    @property
+    def classes(self) -> list[str]:
+        """The training identities (sorted folder names: label i is ``classes[i]``), listed on first use."""
+        return self._listing()[0]
+
+    def _listing(self) -> tuple[list[str], list, list]:
+        """(classes, train samples, val samples), listed once; cheap (file names only, nothing decoded)."""
+        if self._listed is not None:
+            return self._listed
         train = layout.list_split(self.root, self.hand, "train")
         classes = layout.class_mapping(train)
         if len(classes) < 2:
@@ -102,20 +123,34 @@ class HandDataModule(pl.LightningDataModule):
                 f"none of the {len(val_all)} images in {self.root / hand_dir_name(self.hand) / 'val'} belongs "
                 "to a training identity (folder names must match those in train/)"
             )
+        log.info("%s: %d classes, %d train and %d val images", self.hand, len(classes), len(train), len(val))
+        self._listed = (classes, train, val)
+        return self._listed
+
+    def prepare_data(self) -> None:
+        """Decode the training and val images into the crop cache (Lightning: one process per node)."""
+        if self.cache:
+            _, train, val = self._listing()
+            for samples, desc in ((train, "train"), (val, "val")):
+                self._cached([s.path for s in samples], desc)
+
+    def setup(self, stage: str | None = None) -> None:
+        """The training and val datasets (opening the crop cache that :meth:`prepare_data` built)."""
+        if self.train_set is not None:
+            return
+        classes, train, val = self._listing()
         index = {c: i for i, c in enumerate(classes)}
-        self.classes = classes
         self.train_set = self._dataset([s.path for s in train], [index[s.identity] for s in train], "train")
         self.val_set = self._dataset([s.path for s in val], [index[s.identity] for s in val], "val")
-        log.info("%s: %d classes, %d train and %d val images", self.hand, len(classes), len(train), len(val))
+
+    def _cached(self, paths: list[Path], desc: str) -> torch.Tensor:
+        return cached_crops(paths, self.loader, self.cache_dir, num_workers=self.cache_workers,
+                            progress=self.progress, desc=f"{self.hand}/{desc}")
 
     def _dataset(self, paths: list[Path], labels: list[int], desc: str) -> Dataset:
         if not self.cache:
             return ImageDataset(paths, labels, self.loader)
-        images = cached_crops(
-            paths, self.loader, self.cache_dir, num_workers=self.cache_workers, progress=self.progress,
-            desc=f"{self.hand}/{desc}",
-        )
-        return TensorImageDataset(images, labels)
+        return TensorImageDataset(self._cached(paths, desc), labels)
 
     # -- loaders -------------------------------------------------------------------------------
     def _device(self):
@@ -134,18 +169,41 @@ class HandDataModule(pl.LightningDataModule):
         free, _ = torch.cuda.mem_get_info(device)
         return dataset.images.numel() < free // 4
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool):
+    def _distributed_sampler(self, dataset: Dataset, shuffle: bool) -> DistributedSampler | None:
+        """The sampler Lightning would inject into a DataLoader of ``dataset`` under DDP, else None."""
+        trainer = getattr(self, "trainer", None)
+        kwargs = trainer.distributed_sampler_kwargs if trainer is not None else None
+        if not kwargs or kwargs.get("num_replicas", 1) <= 1:
+            return None
+        return DistributedSampler(dataset, shuffle=shuffle, seed=int(os.getenv("PL_GLOBAL_SEED", 0)), **kwargs)
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, train: bool = False,
+                with_index: bool = False):
+        """Batches of ``dataset``. ``train``: every image once per epoch across processes (no padding);
+        otherwise Lightning's padded ``DistributedSampler`` under DDP. ``with_index``: batches carry indices."""
+        batches = EveryImageOnceBatchSampler if train else BatchSampler
         if self._use_device_batches(dataset):
             device = self._device() or "cpu"
             if dataset not in self._on_device:  # train and the val/rank1 gallery share one copy
                 self._on_device[dataset] = (dataset.images.to(device), dataset.labels.to(device))
             images, labels = self._on_device[dataset]
-            return DeviceBatchLoader(images, labels, batch_size, shuffle)
+            sampler = self._distributed_sampler(dataset, shuffle)
+            if sampler is None:
+                sampler = RandomSampler(range(len(dataset))) if shuffle else SequentialSampler(range(len(dataset)))
+            return DeviceBatchLoader(images, labels, batch_sampler=batches(sampler, batch_size, drop_last=False),
+                                     with_index=with_index)
         batched = isinstance(dataset, TensorImageDataset)
+        if with_index:
+            dataset = IndexedDataset(dataset)
+        # Under DDP Lightning replaces the sampler by a DistributedSampler (re-creating the batch sampler).
+        if train:
+            sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
+            batching = {"batch_sampler": EveryImageOnceBatchSampler(sampler, batch_size, drop_last=False)}
+        else:
+            batching = {"batch_size": batch_size, "shuffle": shuffle}
         return DataLoader(
             dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
+            **batching,
             # Cached crops are sliced in-process: a worker would only steal a core from the model.
             num_workers=0 if batched else self.num_workers,
             pin_memory=self.pin_memory,
@@ -154,14 +212,24 @@ class HandDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self):
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+        self._check_shareable(self.train_set)
+        return self._loader(self.train_set, self.batch_size, shuffle=True, train=True)
 
     def val_dataloader(self) -> list:
-        """[val images, training images]: the second is the gallery for ``val/rank1``."""
+        """[val images, training images]: the second is the gallery for ``val/rank1``. Batches carry indices."""
         return [
-            self._loader(self.val_set, self.eval_batch_size, shuffle=False),
-            self._loader(self.train_set, self.eval_batch_size, shuffle=False),
+            self._loader(self.val_set, self.eval_batch_size, shuffle=False, with_index=True),
+            self._loader(self.train_set, self.eval_batch_size, shuffle=False, with_index=True),
         ]
+
+    def _check_shareable(self, dataset: Dataset) -> None:
+        trainer = getattr(self, "trainer", None)
+        world = trainer.world_size if trainer is not None else 1
+        if len(dataset) < world:
+            raise HandCLIPError(
+                f"{len(dataset)} training images of {self.hand!r} cannot be shared by {world} processes; "
+                "use fewer devices (trainer.devices) or nodes"
+            )
 
     # -- test query/gallery runs ---------------------------------------------------------------
     def test_images(self, cross_aspect: bool = False) -> TestImages:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import BatchSampler, Dataset, RandomSampler, SequentialSampler
 
 
 class ImageDataset(Dataset):
@@ -55,27 +55,56 @@ def batch_collate(batch):
     return batch
 
 
+class IndexedDataset(Dataset):
+    """``dataset`` whose items (and ``__getitems__`` batches) also carry their index: ``(image, label, index)``.
+
+    Evaluation loaders use it so that results gathered from several processes can be put back in dataset
+    order and the duplicates a ``DistributedSampler`` pads with can be dropped.
+    """
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return (*self.dataset[index], index)
+
+    def __getitems__(self, indices: list[int]):
+        if hasattr(self.dataset, "__getitems__"):  # a whole batch at once (collated by batch_collate)
+            return (*self.dataset.__getitems__(indices), torch.as_tensor(indices, dtype=torch.long))
+        return [self[i] for i in indices]  # items, for the default collate
+
+
 class DeviceBatchLoader:
     """Batches sliced from (uint8 images, labels) tensors that already live on the training device.
 
     When a whole cached split fits in GPU memory (all of 11k Hands at 224 px is 1.55 GiB), drawing
-    batches there needs no DataLoader workers, no pinned copies and no host-to-device transfer. The
-    shuffle order comes from torch's global RNG (seeded by ``seed_everything``), one permutation per epoch.
+    batches there needs no DataLoader workers, no pinned copies and no host-to-device transfer.
+    ``batch_sampler`` gives the indices of each batch, as it would to a DataLoader (the data module passes
+    one over a ``DistributedSampler`` under DDP: Lightning calls its ``set_epoch``); by default, shuffled
+    (torch's global RNG, seeded by ``seed_everything``) or in order. With ``with_index`` every batch also
+    carries its indices.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1, shuffle: bool = False,
+                 batch_sampler=None, with_index: bool = False):
         if images.shape[0] != labels.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
         self.images, self.labels = images, labels.to(images.device)
-        self.batch_size, self.shuffle = batch_size, shuffle
+        if batch_sampler is None:
+            indices = range(images.shape[0])
+            sampler = RandomSampler(indices) if shuffle else SequentialSampler(indices)
+            batch_sampler = BatchSampler(sampler, batch_size, drop_last=False)
+        self.batch_sampler = batch_sampler
+        self.with_index = with_index
 
     def __len__(self) -> int:
-        return -(-self.images.shape[0] // self.batch_size)
+        return len(self.batch_sampler)
 
     def __iter__(self):
-        n = self.images.shape[0]
-        order = torch.randperm(n) if self.shuffle else torch.arange(n)
-        order = order.to(self.images.device)
-        for start in range(0, n, self.batch_size):
-            index = order[start:start + self.batch_size]
-            yield self.images[index], self.labels[index]
+        for indices in self.batch_sampler:
+            index = torch.as_tensor(indices, dtype=torch.long).to(self.images.device)
+            batch = (self.images[index], self.labels[index])
+            yield (*batch, index) if self.with_index else batch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytorch_lightning as pl
 import torch
@@ -15,6 +16,10 @@ from handclip.models.clip import create_clip, freeze_text_tower, preprocess_conf
 from handclip.models.encoder import ImageEncoder
 from handclip.models.metadata import META_KEY, checkpoint_metadata
 from handclip.models.migrate import upgrade_state_dict
+
+# The val figures are computed from embeddings gathered across processes: every process logs the same
+# value, so Lightning's advice to average them across processes (sync_dist) does not apply.
+warnings.filterwarnings("ignore", message=r".*self\.log\('val/(loss|acc|rank1)'.*sync_dist=True")
 
 
 def _number(setting: str, value, positive: bool = False) -> float:
@@ -83,10 +88,9 @@ class HandCLIPModule(pl.LightningModule):
         self.head = nn.Linear(self.encoder.output_dim, len(classes))
         self.loss_fn = nn.CrossEntropyLoss()
         self.train_acc = MulticlassAccuracy(num_classes=len(classes), average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes=len(classes), average="micro")
         if compile:
             self.encoder.visual.compile()  # in place: state-dict keys stay those of open_clip
-        self._val_outputs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._val_outputs: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
 
     @property
     def classes(self) -> list[str]:
@@ -115,7 +119,8 @@ class HandCLIPModule(pl.LightningModule):
                 f"{'' if full else ' or trainer.precision=32-true'}."
             )
         self.train_acc(logits, labels)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        # sync_dist: under DDP, the mean over every process's images (a no-op on one process)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels), sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(labels))
         return loss
 
@@ -135,25 +140,49 @@ class HandCLIPModule(pl.LightningModule):
         checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"])
 
     # -- validation: loss and accuracy on val, rank-1 of val against the training images -------
+    # The figures are those of the whole val set against the whole training set, on one process or many:
+    # embeddings (with labels and dataset indices) are gathered from every process at the end of the
+    # epoch, put back in dataset order with the padding duplicates of a DistributedSampler dropped, and
+    # every process computes the same values from them.
     def on_validation_epoch_start(self) -> None:
         self._val_outputs = {0: [], 1: []}
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        images, labels = batch
-        embeddings = self.encoder.embed(images)
-        if dataloader_idx == 0:
-            logits = self.head(embeddings)
-            self.val_acc(logits, labels)
-            loss = self.loss_fn(logits.float(), labels)
-            self.log("val/loss", loss, prog_bar=True, batch_size=len(labels), add_dataloader_idx=False)
-            self.log("val/acc", self.val_acc, batch_size=len(labels), add_dataloader_idx=False)
-        self._val_outputs[dataloader_idx].append((embeddings.detach().float(), labels))
+        """``batch``: (uint8 images, labels[, dataset indices]); loader 0 is val, loader 1 the training images."""
+        images, labels, *index = batch
+        outputs = self._val_outputs[dataloader_idx]
+        if index:
+            index = index[0]
+        elif self._world_size() > 1:
+            raise RuntimeError("under DDP, validation batches must carry their dataset indices (images, labels, index)")
+        else:  # one process, in order: positions
+            start = sum(len(o[1]) for o in outputs)
+            index = torch.arange(start, start + len(labels), device=labels.device)
+        outputs.append((self.encoder.embed(images).detach().float(), labels, index))
+
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def _gathered(self, outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+        """(embeddings, labels) of every process, in dataset order, each dataset index once."""
+        embeddings, labels, index = (torch.cat(t) for t in zip(*outputs))
+        if self._world_size() > 1:
+            embeddings, labels, index = (self.all_gather(t).flatten(0, 1) for t in (embeddings, labels, index))
+        index, order = torch.sort(index, stable=True)
+        first = torch.ones_like(index, dtype=torch.bool)
+        first[1:] = index[1:] != index[:-1]
+        order = order[first]
+        return embeddings[order], labels[order]
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_outputs.get(0) or not self._val_outputs.get(1):
+        outputs, self._val_outputs = self._val_outputs, {}
+        if not outputs.get(0) or not outputs.get(1):
             return
-        query, query_labels = (torch.cat(t) for t in zip(*self._val_outputs[0]))
-        gallery, gallery_labels = (torch.cat(t) for t in zip(*self._val_outputs[1]))
+        query, query_labels = self._gathered(outputs[0])
+        gallery, gallery_labels = self._gathered(outputs[1])
+        logits = self.head(query)
         rank1 = compute_reid_metrics(query, query_labels, gallery, gallery_labels, ranks=(1,))["rank1"]
-        self.log("val/rank1", rank1, prog_bar=True, add_dataloader_idx=False)
-        self._val_outputs = {}
+        log = {"add_dataloader_idx": False}
+        self.log("val/loss", self.loss_fn(logits, query_labels), prog_bar=True, **log)
+        self.log("val/acc", (logits.argmax(dim=1) == query_labels).float().mean(), **log)
+        self.log("val/rank1", rank1, prog_bar=True, **log)
