@@ -32,19 +32,19 @@ def positive(value) -> bool:
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """One quick run (data, train, eval; other parts have their own tests), with a pretend full result."""
+    """One quick run (data, train, eval, search; other parts have their own tests), with a pretend full result."""
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "results"
     # One torch thread: the test then stays quick on a CPU shared with other jobs (see bench.threads).
     cfg = compose("bench", ["bench.quick=true", "bench.threads=1", f"bench.out_dir={out}",
-                            f"bench.scratch_dir={tmp / 'scratch'}", "bench.parts=[data,train,eval]"])
+                            f"bench.scratch_dir={tmp / 'scratch'}", "bench.parts=[data,train,eval,search]"])
     slug = device_slug(resolve_device(cfg.bench.device))
     full = out / f"{slug}.json"
     out.mkdir()
     full.write_text('{"pretend": "full run"}\n')
     messages: list[str] = []
     result = run_benchmark(cfg, say=messages.append)
-    path = out / f"{slug}-quick.json"
+    path = out / f"{slug}-data-train-eval-search-quick.json"  # not a full run's parts: a file of its own
     return {"cfg": cfg, "result": result, "path": path, "full": full, "messages": messages,
             "json": json.loads(path.read_text()) if path.exists() else None}
 
@@ -122,6 +122,7 @@ def test_quick_goals_and_memory(quick):
     table = format_table(data)
     assert all(figure in table for figure in goals)
     assert any("[3/4] eval" in m for m in quick["messages"])
+    assert any("[4/4] search" in m for m in quick["messages"])
 
 
 def test_quick_search_figures(quick):
@@ -159,7 +160,9 @@ def test_names():
     assert slugify("cpu: Intel(R) Xeon(R) Processor (2 cores)") == "cpu-intel-xeon-processor-2-cores"
     assert result_path(Path("r"), "x", quick=True) == Path("r/x-quick.json")
     assert result_path(Path("r"), "x", quick=False) == Path("r/x.json")
-    assert result_path(Path("r"), "x", quick=False, parts=["eval", "data", "train"]) == Path("r/x.json")
+    full = ["checkpoints", "eval", "search", "data", "train"]  # a full run's parts, in any order
+    assert result_path(Path("r"), "x", quick=False, parts=full) == Path("r/x.json")
+    assert result_path(Path("r"), "x", quick=True, parts=full) == Path("r/x-quick.json")
     # a run of other parts never replaces the full result
     assert result_path(Path("r"), "x", quick=False, parts=["scaling"]) == Path("r/x-scaling.json")
     assert result_path(Path("r"), "x", quick=True, parts=["eval"]) == Path("r/x-eval-quick.json")

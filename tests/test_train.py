@@ -57,7 +57,7 @@ def test_default_recipe_is_the_mission():
     targets = [c["_target_"] for c in cfg.callbacks.values() if c]
     assert not any("EarlyStopping" in t or "LearningRateMonitor" in t for t in targets)
     monitors = {c.get("filename"): c.get("monitor") for c in cfg.callbacks.values()
-                if c and c["_target_"].endswith("ModelCheckpoint")}
+                if c and c["_target_"].endswith("Checkpoint")}
     assert monitors == {"best": "val/rank1", "last": None}
     # the open-set threshold of best.ckpt is calibrated when training ends (tests/test_eval_verification.py)
     assert cfg.callbacks.calibration.target_fmr == 0.01 and cfg.callbacks.calibration.checkpoint.endswith("best.ckpt")
