@@ -25,7 +25,7 @@ TEST_WORKERS ?= $(shell n=$$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2); [
 DEMO_DIR := data/demo
 HANDS := dorsal_right,dorsal_left,palmar_right,palmar_left
 
-.PHONY: help install test test-fast demo demo-data train eval bench clean-demo
+.PHONY: help install test test-fast mutate demo demo-data train eval bench clean-demo
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -47,6 +47,12 @@ test: install ## Run the whole test suite (CPU, offline, a few minutes)
 
 test-fast: install ## The test suite without the slow end-to-end tests (about a minute)
 	$(OFFLINE) $(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
+
+mutate: install ## Mutation testing (mutmut) of the core modules against their fast tests: kill rate per module, survivors
+	@$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install -e ".[test,mutate]" $(TORCH_PIN)
+	rm -rf mutants
+	PYTHONPATH=$(CURDIR)/mutants/src $(OFFLINE) $(PY) -m mutmut run --max-children $(TEST_WORKERS)
+	$(PY) tests/mutation_summary.py
 
 demo-data: install ## Synthetic hands (data/demo/raw) split by the 11k protocol (data/demo/splits)
 	$(PY) -m handclip.synth --out $(DEMO_DIR)/raw --subjects 40 --images-per-aspect 10 --force

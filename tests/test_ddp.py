@@ -279,8 +279,14 @@ def test_ddp_run_writes_one_run_folder(loader, ddp_runs):
     ddp_run = ddp_runs(loader)
     run_dir = ddp_run["run_dir"]
     assert sorted(p.name for p in (ddp_run["out"] / "train").iterdir()) == ["dorsal_right"]
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml", "logs", "train.log"]
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    # .lock: rank 0's hold on the folder while the run lives (tests/test_faults.py)
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "checkpoints", "config.yaml", "logs", "train.log"]
+    # the open-set threshold is calibrated once, by rank 0, on the whole val set
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "best.calibration.json", "best.ckpt", "last.ckpt"]
+    calibration = json.loads((run_dir / "checkpoints" / "best.calibration.json").read_text())
+    assert calibration["computed_from"]["val_images"] == N_IDS and calibration["computed_from"]["train_images"] == (
+        N_IDS * (PER_ID - 1))
     assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["version_0"]
     rows = read_metrics(run_dir)
     for key in FIVE_METRICS:

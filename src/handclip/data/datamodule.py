@@ -178,16 +178,18 @@ class HandDataModule(pl.LightningDataModule):
         return DistributedSampler(dataset, shuffle=shuffle, seed=int(os.getenv("PL_GLOBAL_SEED", 0)), **kwargs)
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, train: bool = False,
-                with_index: bool = False):
+                with_index: bool = False, shard: bool = True):
         """Batches of ``dataset``. ``train``: every image once per epoch across processes (no padding);
-        otherwise Lightning's padded ``DistributedSampler`` under DDP. ``with_index``: batches carry indices."""
+        otherwise Lightning's padded ``DistributedSampler`` under DDP. ``with_index``: batches carry indices.
+        ``shard=False``: every image on this process, whatever the trainer (for a DataLoader, as long as
+        Lightning is not given it)."""
         batches = EveryImageOnceBatchSampler if train else BatchSampler
         if self._use_device_batches(dataset):
             device = self._device() or "cpu"
             if dataset not in self._on_device:  # train and the val/rank1 gallery share one copy
                 self._on_device[dataset] = (dataset.images.to(device), dataset.labels.to(device))
             images, labels = self._on_device[dataset]
-            sampler = self._distributed_sampler(dataset, shuffle)
+            sampler = self._distributed_sampler(dataset, shuffle) if shard else None
             if sampler is None:
                 sampler = RandomSampler(range(len(dataset))) if shuffle else SequentialSampler(range(len(dataset)))
             return DeviceBatchLoader(images, labels, batch_sampler=batches(sampler, batch_size, drop_last=False),
@@ -221,6 +223,12 @@ class HandDataModule(pl.LightningDataModule):
             self._loader(self.val_set, self.eval_batch_size, shuffle=False, with_index=True),
             self._loader(self.train_set, self.eval_batch_size, shuffle=False, with_index=True),
         ]
+
+    def whole_val_and_train_loaders(self) -> tuple:
+        """(val, train) batches of every image in dataset order on this process alone, also after a run on
+        several processes: for work done once when training ends (the open-set threshold's calibration)."""
+        return (self._loader(self.val_set, self.eval_batch_size, shuffle=False, shard=False),
+                self._loader(self.train_set, self.eval_batch_size, shuffle=False, shard=False))
 
     def _check_shareable(self, dataset: Dataset) -> None:
         trainer = getattr(self, "trainer", None)
