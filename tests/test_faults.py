@@ -542,6 +542,31 @@ def test_errors_wrapped_by_hydra_instantiate_give_one_line(capsys):
     assert capsys.readouterr().err == "error: model.lr must be a positive number, got -1\n"
 
 
+@pytest.mark.parametrize(("module", "args", "message"), [
+    ("handclip.train", ["hand=dorsal_up"], "error: unknown hand type 'dorsal_up'; expected one of: dorsal_right, "
+                                           "dorsal_left, palmar_right, palmar_left"),
+    ("handclip.train", ["-m", "hand=dorsal_right,palmr_left"], "error: unknown hand type 'palmr_left'"),
+    ("handclip.eval", ["trainer=dpp"], "error: trainer=dpp: no such trainer config; expected one of: cpu, ddp, "
+                                       "default, gpu"),
+])
+def test_unknown_config_option_gives_one_line(tmp_path, module, args, message):
+    """A config group option that does not exist (Hydra alone: a multi-line report, exit status 1)."""
+    result = run_module(module, *args, f"paths.output_root={tmp_path / 'out'}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(message) and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()  # stopped before anything was written
+
+
+def test_group_options_are_checked_against_the_config_folders():
+    from handclip.config import check_group_options
+
+    check_group_options(["hand=dorsal_right,palmar_left", "trainer=ddp", "experiment=demo", "model=null",
+                         "trainer.max_epochs=3", "hand=glob(*)", "launcher=slurm", "+callbacks.x._target_=y"])
+    check_group_options(["--config-dir=/extra", "hand=my_own_hand"])  # extra configs: left to Hydra
+    with pytest.raises(HandCLIPError, match="model=vit_b23: no such model config; expected one of: tiny, vit_b32"):
+        check_group_options(["model=vit_b23"])
+
+
 def test_other_errors_keep_their_traceback():
     @exit_on_error
     def entry():

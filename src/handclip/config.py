@@ -118,6 +118,32 @@ def _find_spec(util, name: str):
         return None
 
 
+def check_group_options(argv: list[str]) -> None:
+    """``group=option`` on the command line naming no config of that group (``hand=dorsal_up``): one line
+    listing the options, instead of Hydra's multi-line report with exit status 1. Sweeps (``hand=a,b``) are
+    checked option by option; glob(), range() and interpolations are left to Hydra, as is everything when
+    extra config folders are given."""
+    import re
+
+    from handclip.hands import check_hand
+
+    if any(t.startswith(("--config-dir", "-cd", "hydra.searchpath", "+hydra.searchpath")) for t in argv):
+        return
+    root = config_dir()
+    for token in argv:
+        match = re.fullmatch(r"\+{0,2}(\w+)=([\w.,-]+)", token)
+        if not match or not (root / match.group(1)).is_dir():
+            continue
+        group, options = match.groups()
+        known = sorted(p.stem for p in (root / group).glob("*.yaml"))
+        for option in options.split(","):
+            if option in known or option == "null":
+                continue
+            if group == "hand":
+                check_hand(option)  # the hand types' own message
+            raise HandCLIPError(f"{group}={option}: no such {group} config; expected one of: {', '.join(known)}")
+
+
 def _in_multirun() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -148,6 +174,7 @@ def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], object]], 
         @functools.wraps(main)
         def entry() -> None:
             exit_on_error(check_launcher_installed)(sys.argv[1:])  # before Hydra composes the launcher
+            exit_on_error(check_group_options)(sys.argv[1:])
             main()
 
         return entry
