@@ -48,10 +48,11 @@ test: install ## Run the whole test suite (CPU, offline, a few minutes)
 test-fast: install ## The test suite without the slow end-to-end tests (about a minute)
 	$(OFFLINE) $(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
+# mutmut puts mutants/src first on sys.path itself (PYTHONPATH emptied); one torch thread per test process.
 mutate: install ## Mutation testing (mutmut) of the core modules against their fast tests: kill rate per module, survivors
 	@$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install -e ".[test,mutate]" $(TORCH_PIN)
 	rm -rf mutants
-	PYTHONPATH=$(CURDIR)/mutants/src $(OFFLINE) $(PY) -m mutmut run --max-children $(TEST_WORKERS)
+	PYTHONPATH= OMP_NUM_THREADS=1 $(OFFLINE) $(PY) -m mutmut run --max-children $(TEST_WORKERS)
 	$(PY) tests/mutation_summary.py
 
 demo-data: install ## Synthetic hands (data/demo/raw) split by the 11k protocol (data/demo/splits)

@@ -24,8 +24,6 @@ also when it is killed with SIGKILL.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
 import itertools
 import json
 import logging
@@ -41,8 +39,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from handclip.data.cache_keys import Entry, file_entry, folder_name, list_key, settings_of
 from handclip.data.images import ImageLoader
-from handclip.errors import HandCLIPError
 from handclip.utils.devices import usable_cpus
 from handclip.utils.files import atomic_write, fsync_file, temp_path
 from handclip.utils.locks import die_with_parent, shared_lock, try_lock
@@ -56,8 +54,6 @@ FORMAT_VERSION = 2
 #: Lock file of a cache directory, held (shared) by every build that writes there.
 LOCK_NAME = ".lock"
 
-#: (resolved path, size in bytes, st_mtime_ns): a row is reused only if its file still has this key.
-Entry = tuple[str, int, int]
 
 
 class CacheWarning(UserWarning):
@@ -82,17 +78,16 @@ def cached_crops(
 
     Raises :class:`HandCLIPError` naming the file if an image is missing or cannot be decoded.
     """
-    settings = _settings(loader)
+    settings = settings_of(loader)
     row_shape = tuple(int(s) for s in loader.cfg.input_size)
-    entries = [_entry(p) for p in paths]
+    entries = [file_entry(p) for p in paths]
     if not entries:
         return torch.empty((0, *row_shape), dtype=torch.uint8)
 
-    digest = _digest({"format": FORMAT_VERSION, "settings": settings})
-    directory = Path(cache_dir) / f"v{FORMAT_VERSION}-{digest}"
+    directory = Path(cache_dir) / folder_name(FORMAT_VERSION, settings)
     directory.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(directory)
-    key = _digest([e[0] for e in entries])
+    key = list_key(entries)
     manifest_path = directory / f"{key}.json"
 
     primary = _open_cache(manifest_path, settings, row_shape)
@@ -118,27 +113,6 @@ def cached_crops(
     if cache is None or cache[0] != entries:  # pragma: no cover - only on a concurrent writer or a disk fault
         raise RuntimeError(f"image cache {manifest_path} could not be read back after writing it")
     return torch.from_numpy(cache[1])
-
-
-# --------------------------------------------------------------------------------------------- keys
-
-
-def _settings(loader: ImageLoader) -> Any:
-    """The preprocessing settings as plain JSON values (tuples become lists, as after a JSON round trip)."""
-    return json.loads(json.dumps(dataclasses.asdict(loader.cfg), sort_keys=True))
-
-
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def _entry(path: str | Path) -> Entry:
-    try:
-        resolved = Path(path).resolve()
-        st = resolved.stat()
-    except OSError as err:
-        raise HandCLIPError(f"cannot read image {str(path)!r}: {err}") from None
-    return str(resolved), st.st_size, st.st_mtime_ns
 
 
 # -------------------------------------------------------------------------------------------- reading
