@@ -125,3 +125,14 @@ def brute_eer(genuine, impostor) -> float:
             lam = (f0 - n0) / ((fnmr - fmr) - (n0 - f0))
             return f0 + lam * (fmr - f0)
     raise AssertionError("unreachable: at +inf FNMR is 1 and FMR is 0")
+
+
+def brute_open_set(genuine, identified, nonmated_top, t) -> dict:
+    """Match rate, unknown rate and DIR at threshold t, by counting (accepted: score >= t)."""
+    accepted = sum(1 for s in genuine if s >= t)
+    unknown = sum(1 for s in nonmated_top if not s >= t)
+    detected = sum(1 for s, first in zip(genuine, identified) if first and s >= t)
+    nan = float("nan")
+    return {"match_rate": accepted / len(genuine) if genuine else nan,
+            "unknown_rate": unknown / len(nonmated_top) if nonmated_top else nan,
+            "dir": detected / len(genuine) if genuine else nan}

@@ -8,10 +8,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from reference import brute_eer, brute_fmr, brute_identity_scores, brute_threshold_at_fmr
+from reference import brute_eer, brute_fmr, brute_identity_scores, brute_open_set, brute_threshold_at_fmr
 
 from handclip.metrics.scores import identity_scores
 from handclip.metrics.verification import (
+    det_curve,
     detection_identification_rate,
     equal_error_rate,
     match_rate,
@@ -111,6 +112,70 @@ def test_open_set_rates():
     assert unknown_rate([0.2, 0.5, 0.7, 0.9], 0.7) == 0.5  # 0.7 is accepted: not "unknown"
     assert detection_identification_rate([0.9, 0.8, 0.6], [True, False, True], 0.7) == pytest.approx(1 / 3)
     assert math.isnan(unknown_rate([], 0.5))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_open_set_rates_equal_the_brute_force_reference(seed):
+    rng = np.random.default_rng(seed)
+    genuine = np.round(rng.uniform(0, 1, 40), 2)  # rounded: many scores fall exactly on a threshold
+    identified = rng.uniform(size=40) < 0.6
+    nonmated = np.round(rng.uniform(0, 1, 30), 2)
+    for t in (0.0, 0.25, 0.5, float(genuine[3]), float(nonmated[5]), 1.0, 1.5):
+        expected = brute_open_set(genuine.tolist(), identified.tolist(), nonmated.tolist(), t)
+        assert match_rate(genuine, t) == pytest.approx(expected["match_rate"])
+        assert unknown_rate(nonmated, t) == pytest.approx(expected["unknown_rate"])
+        assert detection_identification_rate(genuine, identified, t) == pytest.approx(expected["dir"])
+        # tensors as the evaluation passes them
+        assert detection_identification_rate(torch.tensor(genuine), torch.tensor(identified), t) == pytest.approx(
+            expected["dir"])
+
+
+def test_open_set_rates_of_nothing_are_not_a_number():
+    assert math.isnan(match_rate([], 0.5)) and math.isnan(unknown_rate([], 0.5))
+    assert math.isnan(detection_identification_rate([], [], 0.5))
+
+
+def test_bad_scores_are_named():
+    with pytest.raises(ValueError, match=r"^scores must be 1-D; got shape \(1, 2\)$"):
+        match_rate([[0.1, 0.2]], 0.5)
+    with pytest.raises(ValueError, match="^nonmated_top contains NaN or infinite values$"):
+        unknown_rate([0.1, float("nan")], 0.5)
+    with pytest.raises(ValueError, match="^genuine must be 1-D"):
+        detection_identification_rate([[0.9]], [[True]], 0.5)
+    with pytest.raises(ValueError, match=r"^identified has shape \(2,\), genuine has \(3,\)$"):
+        detection_identification_rate([0.9, 0.8, 0.6], [True, False], 0.7)
+
+
+def test_a_tie_with_another_identity_is_not_a_first_place():
+    """"identified" is documented as strictly above every other identity: an exact tie does not count."""
+    gallery = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # identities 1 and 2 score alike
+    scores = identity_scores(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), [1, 3], gallery, [1, 2, 3])
+    assert scores.identified().tolist() == [False, True]
+    assert scores.nonmated_top().tolist() == [pytest.approx(1.0), pytest.approx(0.0)]
+
+
+def test_identity_scores_refuse_a_bad_chunk_size():
+    q, g = torch.eye(2), torch.eye(2)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="chunk_size must be a positive integer or None"):
+            identity_scores(q, [0, 1], g, [0, 1], chunk_size=bad)
+
+
+def test_empty_or_malformed_scores_are_named():
+    with pytest.raises(ValueError, match="^genuine must be 1-D"):
+        tar_at_fmrs([[0.9]], [0.1, 0.2], [0.1])
+    with pytest.raises(ValueError, match="^impostor must be 1-D"):
+        tar_at_fmrs([0.9], [[0.1, 0.2]], [0.1])
+    with pytest.raises(ValueError, match="^no impostor scores"):
+        tar_at_fmrs([0.9], [], [0.1])
+    with pytest.raises(ValueError, match="^genuine contains NaN"):
+        det_curve([float("inf")], [0.1])
+    with pytest.raises(ValueError, match="^no genuine scores"):
+        det_curve([], [0.1])
+    with pytest.raises(ValueError, match="^impostor must be 1-D"):
+        det_curve([0.9], [[0.1]])
+    with pytest.raises(ValueError, match="^no impostor scores"):
+        det_curve([0.9], [])
 
 
 def test_bad_inputs():

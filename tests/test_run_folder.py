@@ -1,0 +1,154 @@
+"""The run/resume policy of a run folder, unit by unit (no training): which checkpoint a run resumes, what it
+refuses, where its config goes, and what a failed start leaves behind. The same rules end to end: test_train.py,
+test_faults.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from handclip.errors import HandCLIPError
+from handclip.run_folder import (
+    LOCK_NAME,
+    RunComplete,
+    check_resume_compatible,
+    claim_run_folder,
+    holds_run,
+    resolve_ckpt_path,
+    save_config,
+    trained_checkpoint,
+)
+
+HPARAMS = {"classes": ["001", "002", "003"], "hand": "dorsal_right", "model_name": "HandCLIP-Tiny"}
+
+
+def write_ckpt(path: Path, epochs_done: int | None = 2, resumable: bool = True, **hparams) -> Path:
+    """A checkpoint file as Lightning lays it out (no weights: the policy never reads them)."""
+    ckpt = {"hyper_parameters": {**HPARAMS, **hparams}, "state_dict": {}, "epoch": (epochs_done or 0) - 1}
+    if resumable:
+        ckpt["optimizer_states"] = [{}]
+        ckpt["loops"] = {"fit_loop": {"epoch_progress": {"current": {"processed": epochs_done}}}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Path:
+    return tmp_path / "outputs" / "train" / "dorsal_right"
+
+
+def test_where_a_trained_hand_leaves_its_best_checkpoint(tmp_path):
+    expected = tmp_path / "train" / "palmar_left" / "checkpoints" / "best.ckpt"
+    assert trained_checkpoint(tmp_path, "palmar_left") == expected
+
+
+def test_a_folder_holds_a_run_once_a_checkpoint_is_written(run):
+    assert not holds_run(run)
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("a: 1\n")
+    (run / "checkpoints" / "notes.txt").write_text("")
+    assert not holds_run(run)  # a config, logs or other files alone: a run that wrote no checkpoint
+    write_ckpt(run / "checkpoints" / "best.ckpt", resumable=False)
+    assert holds_run(run)
+
+
+def test_a_fresh_run_starts_in_an_empty_folder_and_refuses_a_used_one(run):
+    assert resolve_ckpt_path(None, run) is None
+    write_ckpt(run / "checkpoints" / "last.ckpt")
+    write_ckpt(run / "checkpoints" / "best.ckpt", resumable=False)
+    with pytest.raises(HandCLIPError) as refused:
+        resolve_ckpt_path(None, run)
+    message = str(refused.value)
+    assert message.startswith(f"{run} already holds a run (best.ckpt, last.ckpt). Resume it with ckpt_path=last")
+    assert "ckpt_path=auto" in message and "paths.output_root=DIR" in message
+    # the other processes of a multi-process run: rank 0 has checked, and may have written already
+    assert resolve_ckpt_path(None, run, rank_zero=False) is None
+
+
+def test_last_resumes_the_folders_last_checkpoint(run):
+    with pytest.raises(HandCLIPError, match=r"checkpoint '.*/dorsal_right/checkpoints/last.ckpt' to resume from not "
+                                            "found"):
+        resolve_ckpt_path("last", run)
+    last = write_ckpt(run / "checkpoints" / "last.ckpt")
+    assert resolve_ckpt_path("last", run) == last.resolve()
+
+
+def test_an_explicit_checkpoint_resumes_in_its_own_folder_or_an_empty_one(run, tmp_path):
+    own = write_ckpt(run / "checkpoints" / "epoch3.ckpt")
+    assert resolve_ckpt_path(str(own), run) == own.resolve()
+    other = write_ckpt(tmp_path / "elsewhere" / "checkpoints" / "last.ckpt")
+    with pytest.raises(HandCLIPError, match=f"{run} already holds another run; resuming {other} there would mix"):
+        resolve_ckpt_path(str(other), run)
+    empty = tmp_path / "outputs" / "train" / "palmar_left"
+    assert resolve_ckpt_path(str(other), empty) == other.resolve()  # continued in an empty folder
+    with pytest.raises(HandCLIPError, match=r"checkpoint '.*nowhere.ckpt' to resume from not found"):
+        resolve_ckpt_path(str(tmp_path / "nowhere.ckpt"), empty)
+
+
+def test_auto_starts_resumes_or_skips(run):
+    assert resolve_ckpt_path("auto", run, max_epochs=3) is None  # nothing there: a fresh run
+    last = write_ckpt(run / "checkpoints" / "last.ckpt", epochs_done=2)
+    assert resolve_ckpt_path("auto", run, max_epochs=3) == last.resolve()  # 2 of 3 epochs: resume
+    with pytest.raises(RunComplete, match=r"already complete \(.*last.ckpt has trained 3 epoch\(s\), "
+                                          r"trainer.max_epochs=3\)"):
+        write_ckpt(last, epochs_done=3)
+        resolve_ckpt_path("auto", run, max_epochs=3)
+    with pytest.raises(RunComplete):
+        resolve_ckpt_path("auto", run, max_epochs=2)  # more than asked for: complete as well
+    last.unlink()
+    write_ckpt(run / "checkpoints" / "best.ckpt", resumable=False)
+    with pytest.raises(HandCLIPError, match=f"{run} holds best.ckpt but no last.ckpt to resume from"):
+        resolve_ckpt_path("auto", run, max_epochs=3)
+
+
+def test_resume_needs_the_same_model_hand_and_identities(tmp_path):
+    ckpt = write_ckpt(tmp_path / "last.ckpt")
+    check_resume_compatible(ckpt, dict(HPARAMS))
+    for key, value in (("model_name", "ViT-B-32-quickgelu"), ("hand", "palmar_left")):
+        with pytest.raises(HandCLIPError, match=f"was trained with {key}='{HPARAMS[key]}', but this run uses "
+                                                f"{key}='{value}'"):
+            check_resume_compatible(ckpt, {**HPARAMS, key: value})
+    with pytest.raises(HandCLIPError, match="trained on 3 identities that differ from the 4 training identities"):
+        check_resume_compatible(ckpt, {**HPARAMS, "classes": ["001", "002", "003", "004"]})
+    with pytest.raises(HandCLIPError, match="trained on 3 identities that differ from the 3 training"):
+        check_resume_compatible(ckpt, {**HPARAMS, "classes": ["001", "002", "004"]})
+    best = write_ckpt(tmp_path / "best.ckpt", resumable=False)
+    with pytest.raises(HandCLIPError, match="holds weights only.*resume from last.ckpt with ckpt_path=last"):
+        check_resume_compatible(best, dict(HPARAMS))
+
+
+def test_config_is_saved_beside_the_run_and_never_over_an_earlier_one(run):
+    cfg = OmegaConf.create({"seed": 1, "paths": {"x": "${seed}"}})
+    first = save_config(cfg, run, resumed=False)
+    assert first == run / "config.yaml" and OmegaConf.load(first) == {"seed": 1, "paths": {"x": 1}}  # resolved
+    resumed = save_config(OmegaConf.create({"seed": 2}), run, resumed=True)
+    assert resumed.name.startswith("config.resumed-") and resumed.suffix == ".yaml"
+    assert OmegaConf.load(first).seed == 1 and OmegaConf.load(resumed).seed == 2  # the first one kept
+    # a new attempt in a folder whose run wrote no checkpoint keeps the earlier config aside
+    again = save_config(OmegaConf.create({"seed": 3}), run, resumed=False)
+    kept = sorted(run.glob("config.no-checkpoint-*.yaml"))
+    assert again == first and OmegaConf.load(again).seed == 3
+    assert len(kept) == 1 and OmegaConf.load(kept[0]).seed == 1
+
+
+def test_a_run_that_fails_to_start_removes_only_the_folders_it_made(tmp_path):
+    root = tmp_path / "outputs"
+    run = root / "train" / "dorsal_right"
+    with pytest.raises(RuntimeError), claim_run_folder(run):
+        assert (run / LOCK_NAME).exists()
+        raise RuntimeError("stopped before writing anything")
+    assert not root.exists()  # every folder it created, and nothing above them
+    assert tmp_path.exists()
+    (run / "logs").mkdir(parents=True)
+    with pytest.raises(RuntimeError), claim_run_folder(run):
+        raise RuntimeError("stopped")
+    assert (run / "logs").is_dir()  # the folder existed before: kept as it was
+    fresh = run / "nested" / "deeper"
+    with pytest.raises(RuntimeError), claim_run_folder(fresh):
+        (fresh / "train.log").write_text("something was written")
+        raise RuntimeError("stopped after writing")
+    assert (fresh / "train.log").exists()  # what a run wrote is never removed
