@@ -451,3 +451,15 @@ def test_prepare_runs_the_self_check(raw: Path, tmp_path: Path, monkeypatch: pyt
     with pytest.raises(HandCLIPError, match="self-check"):
         prepare_dataset(raw, tmp_path / "out", runs=1)
     assert not (tmp_path / "out").exists()
+
+
+def test_thresholds_from_the_command_line() -> None:
+    from handclip.data.split.plan import parse_thresholds
+
+    assert parse_thresholds(" dorsal_right=1050, palmar_l = 1042 ,") == {"dorsal_right": 1050, "palmar_l": 1042}
+    assert parse_thresholds("") == {}
+    for bad in ("dorsal_right", "dorsal_right=", "dorsal_right=10=50", "dorsal_right=-5", "dorsal_right=1e3"):
+        with pytest.raises(HandCLIPError, match=f"^bad threshold '{bad}'; expected HAND=ID, e.g. dorsal_right=1050$"):
+            parse_thresholds(bad)
+    with pytest.raises(HandCLIPError, match="^unknown hand type 'dorsal_up' in thresholds"):
+        parse_thresholds("dorsal_up=1000")
