@@ -62,6 +62,16 @@ def test_eer_by_hand():
     assert 0 < eer < 1
 
 
+def test_eer_threshold_is_the_first_operating_point_with_fnmr_at_least_fmr():
+    # separable: FNMR = FMR = 0 first at t = 0.6
+    assert equal_error_rate([0.6, 0.7], [0.1, 0.2]) == {"eer": 0.0, "threshold": 0.6}
+    # the crossing right after the lowest score: at t = 0.1 (FMR 1, FNMR 0), at t = 0.9 (FMR 1/2, FNMR 1);
+    # the line between them meets FNMR = FMR at 2/3
+    result = equal_error_rate([0.1, 0.1, 0.1], [0.1, 0.9])
+    assert result == {"eer": pytest.approx(2 / 3), "threshold": 0.9}
+    assert result["eer"] == pytest.approx(brute_eer([0.1, 0.1, 0.1], [0.1, 0.9]))
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_figures_equal_the_brute_force_reference(seed):
     rng = np.random.default_rng(seed)
@@ -136,6 +146,8 @@ def test_open_set_rates_of_nothing_are_not_a_number():
 
 
 def test_bad_scores_are_named():
+    with pytest.raises(ValueError, match="^impostor must be 1-D"):
+        threshold_at_fmr([[0.1, 0.2]], 0.1)
     with pytest.raises(ValueError, match=r"^scores must be 1-D; got shape \(1, 2\)$"):
         match_rate([[0.1, 0.2]], 0.5)
     with pytest.raises(ValueError, match="^nonmated_top contains NaN or infinite values$"):
@@ -159,6 +171,15 @@ def test_identity_scores_refuse_a_bad_chunk_size():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="chunk_size must be a positive integer or None"):
             identity_scores(q, [0, 1], g, [0, 1], chunk_size=bad)
+
+
+def test_scores_from_tensors_arrays_and_lists_agree():
+    as_list = [0.9, 0.8, 0.55, 0.3]
+    for scores in (torch.tensor(as_list, dtype=torch.float64), np.array(as_list), as_list,
+                   torch.tensor(as_list, dtype=torch.float32, requires_grad=True)):
+        assert match_rate(scores, 0.55) == 0.75
+    with pytest.raises(ValueError, match="target false-match rate must be a number in \\(0, 1\\); got '0.1'"):
+        threshold_at_fmr([0.1, 0.2], "0.1")
 
 
 def test_empty_or_malformed_scores_are_named():
