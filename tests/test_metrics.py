@@ -229,9 +229,9 @@ def test_queries_without_matches_are_excluded_and_counted():
 
 def test_all_queries_invalid_raises():
     gf = torch.randn(5, 3)
-    with pytest.raises(ValueError, match="no valid query"):
+    with pytest.raises(ValueError, match="none of the 3 query identities has a true match in the gallery"):
         compute_reid_metrics(torch.randn(3, 3), [10, 11, 12], gf, [0, 1, 2, 3, 4])
-    with pytest.raises(ValueError, match="no valid query"):
+    with pytest.raises(ValueError, match="none of the 3 query identities has a true match in the gallery"):
         argsort_reference_metrics(torch.randn(3, 3), [10, 11, 12], gf, [0, 1, 2, 3, 4])
     with pytest.raises(ValueError, match="no valid query"):
         compute_reid_metrics(torch.zeros(0, 3), [], gf, [0, 1, 2, 3, 4])
