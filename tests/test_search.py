@@ -74,6 +74,8 @@ def test_top_k_identities_score_each_identity_by_its_best_image(seed):
 def test_chunk_rows_bound_the_temporary_memory():
     rows = chunk_rows(num_queries=256, dim=512, budget=256 * 2**20)
     assert rows * 4 * (512 + 256) <= 256 * 2**20 < (rows + 1) * 4 * (512 + 256)
+    assert isinstance(rows, int)  # a number of rows, used to slice
+    assert chunk_rows(num_queries=256, dim=512, budget=100) == 1  # at least one row, however small the budget
     with pytest.raises(ValueError, match="k must be >= 1"):
         top_k_images(torch.ones(1, 2), torch.ones(3, 2), 0)
 
