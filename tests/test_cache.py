@@ -271,3 +271,22 @@ def test_same_size_but_other_mtime_is_redecoded(images, tmp_path):
     loader = CountingLoader(CFG)
     cached_crops(images, loader, cache, num_workers=0, progress=False)
     assert loader.decoded == [target.name]
+
+
+def test_cache_keys(tmp_path):
+    """A file's key is its resolved path, size and modification time; digests ignore key order."""
+    from handclip.data.cache_keys import digest, file_entry, list_key
+
+    image = tmp_path / "a.png"
+    image.write_bytes(b"12345")
+    path, size, mtime = file_entry(tmp_path / "." / "a.png")
+    assert (path, size, mtime) == (str(image.resolve()), 5, image.stat().st_mtime_ns)
+    assert digest({"a": 1, "b": [2, 3]}) == digest({"b": [2, 3], "a": 1}) != digest({"a": 1, "b": [3, 2]})
+    assert len(digest("x")) == 20
+    # the cache file of a list of images is named by their paths, in order
+    first, second = (str(tmp_path / "a.png"), 5, 1), (str(tmp_path / "b.png"), 5, 1)
+    assert list_key([first, second]) == list_key([(first[0], 9, 2), (second[0], 7, 3)])
+    assert list_key([first, second]) != list_key([second, first])
+    assert list_key([first]) != list_key([(str(tmp_path / "c.png"), 5, 1)])
+    with pytest.raises(HandCLIPError, match=f"^cannot read image '{tmp_path / 'missing.png'}': "):
+        file_entry(tmp_path / "missing.png")

@@ -458,8 +458,56 @@ def test_thresholds_from_the_command_line() -> None:
 
     assert parse_thresholds(" dorsal_right=1050, palmar_l = 1042 ,") == {"dorsal_right": 1050, "palmar_l": 1042}
     assert parse_thresholds("") == {}
+    assert parse_thresholds("dorsal_right=0") == {"dorsal_right": 0}  # every identity on the test side
+    from handclip.data.split.plan import resolve_thresholds
+
+    for bad in (-1, True, 1.5, "7"):
+        with pytest.raises(HandCLIPError, match=f"^threshold for palmar_left must be a non-negative integer id, got "
+                                                f"{bad!r}$".replace("(", r"\(").replace(".", r"\.")):
+            resolve_thresholds({"palmar_l": bad})
+    with pytest.raises(HandCLIPError, match=r"expected one of dorsal_right, dorsal_left, palmar_right, palmar_left "
+                                            r"\(or dorsal_r, dorsal_l, palmar_r, palmar_l\)$"):
+        resolve_thresholds({"dorsal": 5})
     for bad in ("dorsal_right", "dorsal_right=", "dorsal_right=10=50", "dorsal_right=-5", "dorsal_right=1e3"):
         with pytest.raises(HandCLIPError, match=f"^bad threshold '{bad}'; expected HAND=ID, e.g. dorsal_right=1050$"):
             parse_thresholds(bad)
     with pytest.raises(HandCLIPError, match="^unknown hand type 'dorsal_up' in thresholds"):
         parse_thresholds("dorsal_up=1000")
+
+
+def test_one_hand_planned_from_hand_written_records() -> None:
+    """plan_hand on records written here: ids in numeric order, accessories excluded and counted, an identity
+    with only accessory photos dropped, single-image test ids in no query, and a side left empty refused."""
+    from handclip.data.split.plan import _check_plan_sides, plan_hand
+    from handclip.data.split.raw import Record
+
+    rows = [("0000010", "a", False), ("0000010", "b", False), ("0000009", "c", False), ("0000009", "d", True),
+            ("0000100", "e", False), ("0000100", "f", False), ("0000100", "g", False), ("0000050", "h", True)]
+    records = [Record(line=n, identity=i, hand="dorsal_right", image=f"{img}.jpg", accessories=acc)
+               for n, (i, img, acc) in enumerate(rows, start=2)]
+    plan = plan_hand("dorsal_right", records, seed=0, runs=2, split="threshold", threshold=10)
+    assert plan.train_ids == ["0000009", "0000010"] and plan.test_ids == ["0000100"]
+    assert plan_hand("dorsal_right", records, seed=0, runs=1, split="threshold", threshold=0).train_ids == []
+    assert plan.excluded_images == 2 and plan.no_usable_images == ["0000050"]
+    assert plan.single_image_train == ["0000009"] and plan.splits["train"]["0000009"] == ["c.jpg"]
+    assert "0000009" not in plan.splits["val"]
+    for run in range(2):
+        (gallery,) = plan.splits[f"gallery{run}"]["0000100"]
+        assert sorted(plan.splits[f"query{run}"]["0000100"] + [gallery]) == ["e.jpg", "f.jpg", "g.jpg"]
+    single = plan_hand("dorsal_right", records[:4], seed=0, runs=1, split="threshold", threshold=9)
+    assert single.test_ids == ["0000010"] and "0000010" in single.splits["query0"]  # two images: one query
+    lone = [Record(line=2, identity="0000200", hand="dorsal_right", image="z.jpg", accessories=False)]
+    one_test = plan_hand("dorsal_right", records + lone, seed=0, runs=1, split="threshold", threshold=10)
+    assert one_test.single_image_test == ["0000200"] and "0000200" not in one_test.splits["query0"]
+    with pytest.raises(HandCLIPError, match=r"^dorsal_right: no test identities with threshold 1000 \(identities "
+                                            r"0000009, 0000010, 0000100\.\.\.\); adjust --thresholds or use "
+                                            r"--split half$"):
+        _check_plan_sides(plan_hand("dorsal_right", records, seed=0, runs=1, split="threshold", threshold=1000),
+                          "threshold", 1000)
+    with pytest.raises(HandCLIPError, match=r"^dorsal_right: no train identities with threshold 5 "):
+        _check_plan_sides(plan_hand("dorsal_right", records, seed=0, runs=1, split="threshold", threshold=5),
+                          "threshold", 5)
+    with pytest.raises(HandCLIPError, match=r"^dorsal_right: no test identities with --split half \(identities "
+                                            r"0000010\.\.\.\)"):
+        _check_plan_sides(plan_hand("dorsal_right", records[:2], seed=0, runs=1, split="half", threshold=0),
+                          "half", 0)
