@@ -138,6 +138,23 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 # -- subprocesses ------------------------------------------------------------------------------
+def fake_checkpoint(path: Path, epochs: int = 2, resumable: bool = True, **hparams) -> Path:
+    """A checkpoint file laid out as Lightning writes one, without weights (what the run/resume policy reads):
+    HandCLIP's hyperparameters and, when ``resumable``, optimizer and loop state after ``epochs`` epochs."""
+    import torch
+
+    ckpt = {"state_dict": {}, "epoch": epochs - 1,
+            "hyper_parameters": {"classes": ["001", "002", "003"], "hand": "dorsal_right",
+                                 "model_name": "HandCLIP-Tiny", **hparams}}
+    if resumable:
+        progress = {"ready": epochs, "started": epochs, "processed": epochs, "completed": epochs - 1}
+        ckpt["optimizer_states"] = [{}]
+        ckpt["loops"] = {"fit_loop": {"epoch_progress": {"total": progress, "current": progress}}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return path
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     """Environment for ``python -m handclip.*`` in a subprocess: this checkout's sources, offline."""
     path = str(ROOT / "src") + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")

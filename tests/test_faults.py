@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, cli_env, make_layout, run_module, tiny_cfg, write_image
+from conftest import ROOT, TINY, cli_env, fake_checkpoint, make_layout, run_module, tiny_cfg, write_image
 from PIL import Image
 
 from handclip.data import cache as cache_mod
@@ -431,27 +431,18 @@ def test_writability_check_leaves_nothing_behind(tmp_path):
 
 
 # -- 9. ckpt_path=auto and sweeps that go on ---------------------------------------------------
-def _fake_checkpoint(path: Path, epochs: int) -> Path:
-    """A checkpoint file with what resolve_ckpt_path reads: Lightning's loop progress after ``epochs`` epochs."""
-    progress = {"ready": epochs, "started": epochs, "processed": epochs, "completed": epochs - 1}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": {}, "hyper_parameters": {"classes": ["a", "b"], "hand": "dorsal_right",
-                                                       "model_name": "HandCLIP-Tiny"},
-                "epoch": epochs - 1, "loops": {"fit_loop": {"epoch_progress": {"total": progress,
-                                                                                "current": progress}}}}, path)
-    return path
-
-
 def test_ckpt_path_auto(tmp_path):
     run = tmp_path / "train" / "dorsal_right"
     assert resolve_ckpt_path("auto", run, 5) is None  # no folder: start afresh
     run.mkdir(parents=True)
     (run / "config.yaml").write_text("an attempt that wrote no checkpoint\n")
     assert resolve_ckpt_path("auto", run, 5) is None
-    last = _fake_checkpoint(run / "checkpoints" / "last.ckpt", epochs=3)
+    last = fake_checkpoint(run / "checkpoints" / "last.ckpt", epochs=3)
     assert resolve_ckpt_path("auto", run, 5) == last.resolve()
     with pytest.raises(RunComplete, match=r"already complete .*trained 3 epoch\(s\), trainer.max_epochs=3"):
         resolve_ckpt_path("auto", run, 3)
+    with pytest.raises(RunComplete):
+        resolve_ckpt_path("auto", run, 2)  # more epochs than asked for: complete as well
     last.rename(run / "checkpoints" / "best.ckpt")
     with pytest.raises(HandCLIPError, match="holds best.ckpt but no last.ckpt to resume from"):
         resolve_ckpt_path("auto", run, 5)

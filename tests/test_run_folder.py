@@ -7,13 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import fake_checkpoint
 from omegaconf import OmegaConf
 
 from handclip.errors import HandCLIPError
 from handclip.run_folder import (
     LOCK_NAME,
-    RunComplete,
     check_resume_compatible,
     claim_run_folder,
     holds_run,
@@ -23,17 +22,6 @@ from handclip.run_folder import (
 )
 
 HPARAMS = {"classes": ["001", "002", "003"], "hand": "dorsal_right", "model_name": "HandCLIP-Tiny"}
-
-
-def write_ckpt(path: Path, epochs_done: int | None = 2, resumable: bool = True, **hparams) -> Path:
-    """A checkpoint file as Lightning lays it out (no weights: the policy never reads them)."""
-    ckpt = {"hyper_parameters": {**HPARAMS, **hparams}, "state_dict": {}, "epoch": (epochs_done or 0) - 1}
-    if resumable:
-        ckpt["optimizer_states"] = [{}]
-        ckpt["loops"] = {"fit_loop": {"epoch_progress": {"current": {"processed": epochs_done}}}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ckpt, path)
-    return path
 
 
 @pytest.fixture
@@ -52,14 +40,14 @@ def test_a_folder_holds_a_run_once_a_checkpoint_is_written(run):
     (run / "config.yaml").write_text("a: 1\n")
     (run / "checkpoints" / "notes.txt").write_text("")
     assert not holds_run(run)  # a config, logs or other files alone: a run that wrote no checkpoint
-    write_ckpt(run / "checkpoints" / "best.ckpt", resumable=False)
+    fake_checkpoint(run / "checkpoints" / "best.ckpt", resumable=False)
     assert holds_run(run)
 
 
 def test_a_fresh_run_starts_in_an_empty_folder_and_refuses_a_used_one(run):
     assert resolve_ckpt_path(None, run) is None
-    write_ckpt(run / "checkpoints" / "last.ckpt")
-    write_ckpt(run / "checkpoints" / "best.ckpt", resumable=False)
+    fake_checkpoint(run / "checkpoints" / "last.ckpt")
+    fake_checkpoint(run / "checkpoints" / "best.ckpt", resumable=False)
     with pytest.raises(HandCLIPError) as refused:
         resolve_ckpt_path(None, run)
     message = str(refused.value)
@@ -73,14 +61,14 @@ def test_last_resumes_the_folders_last_checkpoint(run):
     with pytest.raises(HandCLIPError, match=r"checkpoint '.*/dorsal_right/checkpoints/last.ckpt' to resume from not "
                                             "found"):
         resolve_ckpt_path("last", run)
-    last = write_ckpt(run / "checkpoints" / "last.ckpt")
+    last = fake_checkpoint(run / "checkpoints" / "last.ckpt")
     assert resolve_ckpt_path("last", run) == last.resolve()
 
 
 def test_an_explicit_checkpoint_resumes_in_its_own_folder_or_an_empty_one(run, tmp_path):
-    own = write_ckpt(run / "checkpoints" / "epoch3.ckpt")
+    own = fake_checkpoint(run / "checkpoints" / "epoch3.ckpt")
     assert resolve_ckpt_path(str(own), run) == own.resolve()
-    other = write_ckpt(tmp_path / "elsewhere" / "checkpoints" / "last.ckpt")
+    other = fake_checkpoint(tmp_path / "elsewhere" / "checkpoints" / "last.ckpt")
     with pytest.raises(HandCLIPError, match=f"{run} already holds another run; resuming {other} there would mix"):
         resolve_ckpt_path(str(other), run)
     empty = tmp_path / "outputs" / "train" / "palmar_left"
@@ -89,24 +77,8 @@ def test_an_explicit_checkpoint_resumes_in_its_own_folder_or_an_empty_one(run, t
         resolve_ckpt_path(str(tmp_path / "nowhere.ckpt"), empty)
 
 
-def test_auto_starts_resumes_or_skips(run):
-    assert resolve_ckpt_path("auto", run, max_epochs=3) is None  # nothing there: a fresh run
-    last = write_ckpt(run / "checkpoints" / "last.ckpt", epochs_done=2)
-    assert resolve_ckpt_path("auto", run, max_epochs=3) == last.resolve()  # 2 of 3 epochs: resume
-    with pytest.raises(RunComplete, match=r"already complete \(.*last.ckpt has trained 3 epoch\(s\), "
-                                          r"trainer.max_epochs=3\)"):
-        write_ckpt(last, epochs_done=3)
-        resolve_ckpt_path("auto", run, max_epochs=3)
-    with pytest.raises(RunComplete):
-        resolve_ckpt_path("auto", run, max_epochs=2)  # more than asked for: complete as well
-    last.unlink()
-    write_ckpt(run / "checkpoints" / "best.ckpt", resumable=False)
-    with pytest.raises(HandCLIPError, match=f"{run} holds best.ckpt but no last.ckpt to resume from"):
-        resolve_ckpt_path("auto", run, max_epochs=3)
-
-
 def test_resume_needs_the_same_model_hand_and_identities(tmp_path):
-    ckpt = write_ckpt(tmp_path / "last.ckpt")
+    ckpt = fake_checkpoint(tmp_path / "last.ckpt")
     check_resume_compatible(ckpt, dict(HPARAMS))
     for key, value in (("model_name", "ViT-B-32-quickgelu"), ("hand", "palmar_left")):
         with pytest.raises(HandCLIPError, match=f"was trained with {key}='{HPARAMS[key]}', but this run uses "
@@ -116,7 +88,7 @@ def test_resume_needs_the_same_model_hand_and_identities(tmp_path):
         check_resume_compatible(ckpt, {**HPARAMS, "classes": ["001", "002", "003", "004"]})
     with pytest.raises(HandCLIPError, match="trained on 3 identities that differ from the 3 training"):
         check_resume_compatible(ckpt, {**HPARAMS, "classes": ["001", "002", "004"]})
-    best = write_ckpt(tmp_path / "best.ckpt", resumable=False)
+    best = fake_checkpoint(tmp_path / "best.ckpt", resumable=False)
     with pytest.raises(HandCLIPError, match="holds weights only.*resume from last.ckpt with ckpt_path=last"):
         check_resume_compatible(best, dict(HPARAMS))
 
