@@ -11,7 +11,6 @@ was computed from and the fingerprint of the weights it belongs to; ``identify``
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -22,6 +21,7 @@ import torch
 
 from handclip import __version__
 from handclip.data import layout
+from handclip.data.cache_keys import digest, file_entry
 from handclip.data.datamodule import HandDataModule
 from handclip.errors import HandCLIPError
 from handclip.evaluation.embed import embed_loader
@@ -86,12 +86,8 @@ def calibration_from_embeddings(val_features, val_labels, train_features, train_
 
 def data_digest(root: str | Path, hand: str) -> str:
     """A hash of the val and train files (path, size, mtime): the data a calibration was computed from."""
-    entries = []
-    for split in ("val", "train"):
-        for sample in layout.list_split(root, hand, split):
-            st = sample.path.stat()
-            entries.append([split, str(sample.path.resolve()), st.st_size, st.st_mtime_ns])
-    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:20]
+    return digest([[split, *file_entry(sample.path)] for split in ("val", "train")
+                   for sample in layout.list_split(root, hand, split)])
 
 
 def calibrate(encoder: ImageEncoder, datamodule: HandDataModule, device: torch.device, target_fmr: float = 0.01,
