@@ -69,7 +69,7 @@ def _fit(cfg: DictConfig, output_dir: Path, ckpt_path: Path | None, rank_zero: b
     if rank_zero:
         log.info("config saved to %s", save_config(cfg, output_dir, resumed=ckpt_path is not None))
 
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    callbacks = [cb for cb in (instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c) if cb is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if scale := describe_scale(trainer, datamodule.batch_size):

@@ -153,17 +153,19 @@ class HandDataModule(pl.LightningDataModule):
         return TensorImageDataset(self._cached(paths, desc), labels)
 
     # -- loaders -------------------------------------------------------------------------------
-    def _device(self):
+    def _device(self, device: torch.device | str | None = None) -> torch.device | None:
+        """``device`` when given (loaders used outside a Trainer), else the trainer's, else None."""
+        if device is not None:
+            return torch.device(device)
         trainer = getattr(self, "trainer", None)
         return trainer.strategy.root_device if trainer is not None else None
 
-    def _use_device_batches(self, dataset: Dataset) -> bool:
+    def _use_device_batches(self, dataset: Dataset, device: torch.device | None) -> bool:
         """Cached crops go to the device when asked, or (auto) on CUDA when they take < 1/4 of free memory."""
         if not isinstance(dataset, TensorImageDataset) or self.device_batches is False:
             return False
         if self.device_batches is True:
             return True
-        device = self._device()
         if device is None or device.type != "cuda":
             return False
         free, _ = torch.cuda.mem_get_info(device)
@@ -178,14 +180,18 @@ class HandDataModule(pl.LightningDataModule):
         return DistributedSampler(dataset, shuffle=shuffle, seed=int(os.getenv("PL_GLOBAL_SEED", 0)), **kwargs)
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, train: bool = False,
-                with_index: bool = False, shard: bool = True):
+                with_index: bool = False, shard: bool = True, device: torch.device | str | None = None):
         """Batches of ``dataset``. ``train``: every image once per epoch across processes (no padding);
         otherwise Lightning's padded ``DistributedSampler`` under DDP. ``with_index``: batches carry indices.
         ``shard=False``: every image on this process, whatever the trainer (for a DataLoader, as long as
-        Lightning is not given it)."""
+        Lightning is not given it). ``device``: where the batches will be used, for loaders used outside a
+        Trainer (evaluation): cached crops are sliced there (``device_batches``), or else copied from pinned
+        memory when it is a GPU."""
         batches = EveryImageOnceBatchSampler if train else BatchSampler
-        if self._use_device_batches(dataset):
-            device = self._device() or "cpu"
+        pin = self.pin_memory or (device is not None and torch.device(device).type == "cuda")
+        device = self._device(device)
+        if self._use_device_batches(dataset, device):
+            device = device or "cpu"
             if dataset not in self._on_device:  # train and the val/rank1 gallery share one copy
                 self._on_device[dataset] = (dataset.images.to(device), dataset.labels.to(device))
             images, labels = self._on_device[dataset]
@@ -208,7 +214,7 @@ class HandDataModule(pl.LightningDataModule):
             **batching,
             # Cached crops are sliced in-process: a worker would only steal a core from the model.
             num_workers=0 if batched else self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=pin,
             collate_fn=batch_collate if batched else None,
             persistent_workers=bool(self.num_workers) and not batched,
         )
@@ -224,11 +230,12 @@ class HandDataModule(pl.LightningDataModule):
             self._loader(self.train_set, self.eval_batch_size, shuffle=False, with_index=True),
         ]
 
-    def whole_val_and_train_loaders(self) -> tuple:
+    def whole_val_and_train_loaders(self, device: torch.device | str | None = None) -> tuple:
         """(val, train) batches of every image in dataset order on this process alone, also after a run on
-        several processes: for work done once when training ends (the open-set threshold's calibration)."""
-        return (self._loader(self.val_set, self.eval_batch_size, shuffle=False, shard=False),
-                self._loader(self.train_set, self.eval_batch_size, shuffle=False, shard=False))
+        several processes: for work done once when training ends (the open-set threshold's calibration).
+        ``device``: where they will be embedded."""
+        return (self._loader(self.val_set, self.eval_batch_size, shuffle=False, shard=False, device=device),
+                self._loader(self.train_set, self.eval_batch_size, shuffle=False, shard=False, device=device))
 
     def _check_shareable(self, dataset: Dataset) -> None:
         trainer = getattr(self, "trainer", None)
@@ -291,7 +298,8 @@ class HandDataModule(pl.LightningDataModule):
             ]
         return TestImages(paths=paths, identities=identities, runs=runs)
 
-    def image_dataloader(self, paths: list[Path], desc: str = "test"):
-        """Loader over arbitrary image files (labels are their positions), large batches, in order."""
+    def image_dataloader(self, paths: list[Path], desc: str = "test", device: torch.device | str | None = None):
+        """Loader over arbitrary image files (labels are their positions), large batches, in order. ``device``:
+        where they will be embedded (cached crops are sliced there when ``device_batches`` allows)."""
         dataset = self._dataset(paths, list(range(len(paths))), desc)
-        return self._loader(dataset, self.eval_batch_size, shuffle=False)
+        return self._loader(dataset, self.eval_batch_size, shuffle=False, device=device)

@@ -94,7 +94,7 @@ def calibrate(encoder: ImageEncoder, datamodule: HandDataModule, device: torch.d
               levels=DEFAULT_LEVELS, progress: bool = True) -> dict:
     """Embed the val and training images of ``datamodule`` and calibrate the threshold on them."""
     datamodule.setup("fit")
-    val_loader, train_loader = datamodule.whole_val_and_train_loaders()  # not sharded, even after DDP
+    val_loader, train_loader = datamodule.whole_val_and_train_loaders(device)  # not sharded, even after DDP
     hand = datamodule.hand
     val = embed_loader(encoder, val_loader, device, desc=f"{hand}: calibration (val)", progress=progress)
     train = embed_loader(encoder, train_loader, device, desc=f"{hand}: calibration (train)", progress=progress)

@@ -86,7 +86,7 @@ def evaluate_hand(encoder: nn.Module, datamodule: HandDataModule, device: torch.
     ``extra(features, test)`` adds its own entries to the result from the same embeddings.
     """
     test = datamodule.test_images(cross_aspect=cross_aspect)
-    loader = datamodule.image_dataloader(test.paths, desc="test")
+    loader = datamodule.image_dataloader(test.paths, desc="test", device=device)
     features = embed_loader(encoder, loader, device, desc=f"{datamodule.hand}: embedding", progress=progress)
     scored = score_runs(features, test, ranks=ranks, ap=ap)
     runs = [r for run, r in zip(test.runs, scored) if not run.get("cross_aspect")]

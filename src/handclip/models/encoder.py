@@ -47,9 +47,19 @@ class ImageEncoder(nn.Module):
             return int(self.visual.output_dim)
         return int(self.visual.proj.shape[1])
 
+    def compile_tower(self, **options) -> None:
+        """``torch.compile`` the image tower in place (state-dict keys stay open_clip's). The batch dimension is
+        marked dynamic from the first call, so that one graph serves the full batches and the short last batch of
+        an epoch (otherwise a second compile per process). ``options`` go to ``torch.compile`` (e.g. backend)."""
+        self.visual.compile(**options)
+        self._dynamic_batch = True
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Image-tower embeddings (not normalised) of a batch of uint8 crops."""
-        return self.visual(self.normalize(images))
+        images = self.normalize(images)
+        if getattr(self, "_dynamic_batch", False):
+            torch._dynamo.maybe_mark_dynamic(images, 0)
+        return self.visual(images)
 
     forward = embed
 

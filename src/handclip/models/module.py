@@ -21,6 +21,9 @@ from handclip.models.migrate import upgrade_state_dict
 # value, so Lightning's advice to average them across processes (sync_dist) does not apply.
 warnings.filterwarnings("ignore", message=r".*self\.log\('val/(loss|acc|rank1)'.*sync_dist=True")
 
+#: Training losses are checked for NaN/inf (one host sync) at least this often, in steps.
+NONFINITE_CHECK_EVERY = 50
+
 
 def _number(setting: str, value, positive: bool = False) -> float:
     """A finite number >= 0 (> 0 when ``positive``) from the config, or an error naming the setting."""
@@ -31,6 +34,24 @@ def _number(setting: str, value, positive: bool = False) -> float:
     if not math.isfinite(number) or number < 0 or (positive and number == 0):
         raise HandCLIPError(f"{setting} must be a {'positive' if positive else 'non-negative'} number, got {value!r}")
     return number
+
+
+#: Param-group settings that choose how AdamW runs on this device, not what it computes.
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def adamw_implementation(device: torch.device) -> dict:
+    """How AdamW runs on ``device``: fused kernels on CUDA, torch's default elsewhere."""
+    return {"fused": True} if device.type == "cuda" else {}
+
+
+def _keep_implementation(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+    """Resuming keeps this run's AdamW implementation (e.g. fused on CUDA) whatever device the checkpoint came
+    from: ``load_state_dict`` would otherwise restore the saved groups' ``fused=None`` of a CPU run."""
+    groups = [dict(saved) for saved in state_dict.get("param_groups", [])]
+    for saved, current in zip(groups, optimizer.param_groups):
+        saved.update({k: current[k] for k in IMPLEMENTATION_KEYS if k in current})
+    return {**state_dict, "param_groups": groups}
 
 
 class HandCLIPModule(pl.LightningModule):
@@ -87,10 +108,12 @@ class HandCLIPModule(pl.LightningModule):
         self.__dict__["_clip"] = clip  # not a submodule on purpose (see the class docstring)
         self.head = nn.Linear(self.encoder.output_dim, len(classes))
         self.loss_fn = nn.CrossEntropyLoss()
-        self.train_acc = MulticlassAccuracy(num_classes=len(classes), average="micro")
+        # validate_args=False: the argument checks read the labels on the host (a sync every step)
+        self.train_acc = MulticlassAccuracy(num_classes=len(classes), average="micro", validate_args=False)
         if compile:
-            self.encoder.visual.compile()  # in place: state-dict keys stay those of open_clip
+            self.encoder.compile_tower()
         self._val_outputs: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self._unchecked_losses: list[tuple[torch.Tensor, int, int, int]] = []
 
     @property
     def classes(self) -> list[str]:
@@ -111,23 +134,49 @@ class HandCLIPModule(pl.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = self.loss_fn(logits, labels)
-        if not torch.isfinite(loss):
-            full = "32" in str(getattr(self._trainer, "precision", "32"))  # fp32 already: only the lr is left to try
-            raise HandCLIPError(
-                f"training loss became {loss.item()} at global step {self.global_step} "
-                f"(epoch {self.current_epoch}, batch {batch_idx}); stopping. Try a lower model.lr"
-                f"{'' if full else ' or trainer.precision=32-true'}."
-            )
+        # No host sync per step: the losses are checked for NaN/inf every NONFINITE_CHECK_EVERY steps, before
+        # each validation and at each epoch end (before any checkpoint of that epoch is written).
+        self._unchecked_losses.append((loss.detach(), self.global_step, self.current_epoch, batch_idx))
+        if len(self._unchecked_losses) >= NONFINITE_CHECK_EVERY:
+            self.check_losses_finite()
         self.train_acc(logits, labels)
-        # sync_dist: under DDP, the mean over every process's images (a no-op on one process)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels), sync_dist=True)
+        # sync_dist: under DDP, the mean over every process's images (a no-op on one process). Not prog_bar: Lightning
+        # would read it back from the device after every step; the progress bar reads it when it redraws.
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(labels), sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(labels))
         return loss
 
+    def check_losses_finite(self) -> None:
+        """Stop, naming the first step, if a training loss since the last check was NaN or infinite (one sync)."""
+        pending, self._unchecked_losses = self._unchecked_losses, []
+        if not pending:
+            return
+        finite = torch.isfinite(torch.stack([loss for loss, *_ in pending])).tolist()
+        if all(finite):
+            return
+        loss, step, epoch, batch_idx = pending[finite.index(False)]
+        full = "32" in str(getattr(self._trainer, "precision", "32"))  # fp32 already: only the lr is left to try
+        raise HandCLIPError(
+            f"training loss became {loss.item()} at global step {step} "
+            f"(epoch {epoch}, batch {batch_idx}); stopping. Try a lower model.lr"
+            f"{'' if full else ' or trainer.precision=32-true'}."
+        )
+
+    def on_validation_start(self) -> None:
+        self.check_losses_finite()
+
+    def on_train_epoch_end(self) -> None:
+        self.check_losses_finite()
+
+    def on_train_end(self) -> None:
+        self.check_losses_finite()
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.encoder.parameters() if p.requires_grad] + list(self.head.parameters())
-        kwargs = {"fused": True} if self.device.type == "cuda" else {}
-        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, **kwargs)
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
+                                      **adamw_implementation(self.device))
+        optimizer.register_load_state_dict_pre_hook(_keep_implementation)
+        return optimizer
 
     # -- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

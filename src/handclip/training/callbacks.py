@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 
 from handclip.errors import HandCLIPError
 from handclip.models.checkpoint import read_checkpoint_meta
@@ -154,3 +154,25 @@ class BestCheckpoint(ModelCheckpoint):
         self.best_k_models = {str(path): saved}
         self.kth_best_model_path = self.best_model_path = str(path)
         self.kth_value = self.best_model_score = saved
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, redrawn every ``refresh_rate`` steps, showing the latest training loss.
+
+    The loss is read from the device only when the bar is redrawn: a step-logged ``prog_bar`` value is read back
+    by Lightning after every step, a host sync that stalls a GPU."""
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        loss = trainer.callback_metrics.get("train/loss_step")
+        if loss is not None and trainer.training:
+            metrics["train/loss"] = f"{float(loss):.3f}"
+        return metrics
+
+
+def progress_bar(enabled: bool = True, refresh_rate: int = 10) -> ProgressBar | None:
+    """The :class:`ProgressBar`, or ``None`` (no callback) when the trainer's bar is off
+    (``enabled: ${trainer.enable_progress_bar}``)."""
+    if refresh_rate < 1:
+        raise HandCLIPError(f"callbacks.progress_bar.refresh_rate must be >= 1, got {refresh_rate}")
+    return ProgressBar(refresh_rate=refresh_rate) if enabled else None
