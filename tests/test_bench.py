@@ -37,7 +37,8 @@ def quick(tmp_path_factory):
     out = tmp / "results"
     # One torch thread: the test then stays quick on a CPU shared with other jobs (see bench.threads).
     cfg = compose("bench", ["bench.quick=true", "bench.threads=1", f"bench.out_dir={out}",
-                            f"bench.scratch_dir={tmp / 'scratch'}", "bench.parts=[data,train,eval,search]"])
+                            f"bench.scratch_dir={tmp / 'scratch'}", "bench.parts=[data,train,eval,search]",
+                            "bench.train.device_batches=true"])
     slug = device_slug(resolve_device(cfg.bench.device))
     full = out / f"{slug}.json"
     out.mkdir()
@@ -138,6 +139,46 @@ def test_quick_search_figures(quick):
     assert s["index_build_embedded"] == s["reuse_images"] == 200
     assert (s["reuse_status"], s["reuse_decoded_images"], s["reuse_embedded_images"]) == ("reused", 0, 0)
     assert quick["json"]["goals"]["search.reuse_embedded_images"]["met"] is True
+
+
+def test_quick_train_times_crops_on_the_device(quick):
+    """bench.train.device_batches (the default on CUDA): the Lightning step on batches sliced where the model is."""
+    train = quick["result"]["train"]
+    db = train["device_batches"]
+    assert positive(db["images_per_s"]) and positive(db["images_per_s_end_to_end"]) and 0 <= db["data_fraction"] <= 1
+    assert db["vs_bare_loop"] == pytest.approx(db["images_per_s"] / train["bare_images_per_s"])
+    assert "compiled" not in train  # compile is off on the CPU by default
+    assert "train: crops on the device" in format_table(quick["result"])
+
+
+def test_a_tower_that_fails_to_compile_is_recorded_beside_the_eager_figures(tmp_path, monkeypatch):
+    from handclip.bench import train as bench_train
+
+    original = bench_train.build_module
+
+    def no_compiler(*args, compile=False, **kwargs):
+        if compile:
+            raise RuntimeError("no C++ compiler here")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(bench_train, "build_module", no_compiler)
+    cfg = compose("bench", ["bench.quick=true", "bench.threads=1", "bench.parts=[train]", "bench.device=cpu",
+                            f"bench.out_dir={tmp_path}", f"bench.scratch_dir={tmp_path / 'scratch'}",
+                            "bench.train.compile=true"])
+    result = run_benchmark(cfg, say=lambda message: None)
+    assert result["train"]["compiled"] == {"error": "RuntimeError: no C++ compiler here"}
+    assert positive(result["train"]["images_per_s"])
+    assert "RuntimeError: no C++ compiler here" in format_table(result)
+
+
+def test_gpu_goals_apply_to_cuda_runs_only():
+    train = {"images_per_s": 9500.0, "vs_bare_loop": 0.95, "device_batches": {"data_fraction": 0.01,
+             "vs_bare_loop": 0.97}, "compiled": {"vs_bare_loop": 0.85}}
+    goals = evaluate_goals({"config": {"device": "cuda:0"}, "train": train}, None)
+    assert {k: g["met"] for k, g in goals.items()} == {
+        "train.vs_bare_loop": True, "train.images_per_s": False, "train.device_batches.data_fraction": True,
+        "train.device_batches.vs_bare_loop": True, "train.compiled.vs_bare_loop": False}
+    assert list(evaluate_goals({"config": {"device": "cpu"}, "train": train}, None)) == ["train.vs_bare_loop"]
 
 
 def test_full_run_defaults():

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from handclip.bench.measure import PeakMemory, larger, ratio, summary, sync
-from handclip.data.datasets import TensorImageDataset, batch_collate
+from handclip.data.datasets import DeviceBatchLoader, TensorImageDataset, batch_collate
 from handclip.models.module import HandCLIPModule
 
 Say = Callable[[str], None]
@@ -151,8 +151,8 @@ def _quiet_lightning() -> Iterator[None]:
                 lg.setLevel(level)
 
 
-def build_module(model_name: str, num_classes: int, lr: float, weight_decay: float):
-    """HandCLIPModule with random weights (no download)."""
+def build_module(model_name: str, num_classes: int, lr: float, weight_decay: float, compile: bool = False):
+    """HandCLIPModule with random weights (no download); ``compile``: as ``model.compile=true``."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # open_clip logs every build step, and random weights on purpose, on root
@@ -161,7 +161,7 @@ def build_module(model_name: str, num_classes: int, lr: float, weight_decay: flo
             warnings.simplefilter("ignore")
             return HandCLIPModule(
                 [f"id{i:04d}" for i in range(num_classes)], hand="bench", model_name=model_name,
-                pretrained=None, lr=lr, weight_decay=weight_decay,
+                pretrained=None, lr=lr, weight_decay=weight_decay, compile=compile,
             )
     finally:
         root.setLevel(level)
@@ -240,4 +240,64 @@ def bench_train(s: dict, device: torch.device, scratch: Path, seed: int, say: Sa
         "bare_step_before_lightning_median_s": statistics.median(bare_before),
         "bare_step_after_lightning_median_s": statistics.median(bare_after) if bare_after else None,
     }
+    if s.get("device_batches"):
+        say(f"  Lightning Trainer, batches sliced from crops on {device.type} (data.device_batches): "
+            f"{warmup}+{steps} steps ...")
+        with PeakMemory(device) as mem, _quiet_lightning():
+            loader = DeviceBatchLoader(images.to(device), labels.to(device), batch_size=batch, shuffle=True)
+            timer, fetch = _lightning_loop(module, loader, device, total, scratch)
+        memory["lightning_device_batches"] = mem.result
+        module.zero_grad(set_to_none=True)
+        result["device_batches"] = _lightning_figures(timer, fetch, warmup, batch, bare_ips)
+    if s.get("compile"):
+        result["compiled"], memory["compiled"] = _bench_compiled(s, device, images, labels, scratch, seed, say)
+        if "images_per_s" in result["compiled"]:
+            result["compiled"]["speedup_vs_eager"] = ratio(result["compiled"]["images_per_s"], ips)
     return result, memory, module
+
+
+def _lightning_figures(timer, fetch: list[float], warmup: int, batch: int, bare_ips: float) -> dict:
+    steps_s = timer.steps[warmup:]
+    iterations_s = timer.iterations[warmup:] or steps_s
+    fetch_s = fetch[warmup:] or fetch
+    ips, ips_e2e = batch / statistics.median(steps_s), batch / statistics.median(iterations_s)
+    return {
+        "images_per_s": ips,
+        "vs_bare_loop": ratio(ips, bare_ips),
+        "images_per_s_end_to_end": ips_e2e,
+        "vs_bare_loop_end_to_end": ratio(ips_e2e, bare_ips),
+        "data_fraction": min(1.0, statistics.median(fetch_s) / statistics.median(iterations_s)),
+        "lightning_step": summary(steps_s),
+    }
+
+
+def _bench_compiled(s: dict, device: torch.device, images, labels, scratch: Path, seed: int, say: Say):
+    """The same bare loop and Lightning run with the image tower compiled (``model.compile=true``): the time of
+    the first steps (compiling) and the step time after it. A failure to compile is recorded, not raised."""
+    batch, warmup, steps = int(s["batch_size"]), int(s["warmup_steps"]), int(s["steps"])
+    memory: dict[str, dict] = {}
+    say(f"  compiled image tower (model.compile=true): bare loop and Lightning, {warmup}+{steps} steps each ...")
+    try:
+        torch.manual_seed(seed)
+        module = build_module(s["model_name"], int(s["num_classes"]), float(s["lr"]), float(s["weight_decay"]),
+                              compile=True)
+        module.to(device)
+        with PeakMemory(device) as mem:
+            start = time.perf_counter()
+            first = _bare_loop(module, _train_loader(images, labels, batch), device, 1)
+            compile_s = time.perf_counter() - start
+            bare = _bare_loop(module, _train_loader(images, labels, batch), device, warmup + steps)[warmup:]
+        memory["bare_loop"] = mem.result
+        module.zero_grad(set_to_none=True)
+        with PeakMemory(device) as mem, _quiet_lightning():
+            timer, fetch = _lightning_loop(module, _train_loader(images, labels, batch), device, warmup + steps,
+                                           scratch)
+        memory["lightning"] = mem.result
+    except Exception as error:  # noqa: BLE001 - recorded in the result: the eager figures stand on their own
+        say(f"  compiling failed: {type(error).__name__}: {error}")
+        return {"error": f"{type(error).__name__}: {str(error)[:2000]}"}, memory
+    bare_ips = batch / statistics.median(bare)
+    figures = _lightning_figures(timer, fetch, warmup, batch, bare_ips)
+    # The first step compiles (forward and backward graphs); later steps reuse them, the short last batch too.
+    return {"first_step_s": compile_s, "compile_s": max(0.0, first[0] - statistics.median(bare)),
+            "bare_images_per_s": bare_ips, "bare_step": summary(bare), **figures}, memory
