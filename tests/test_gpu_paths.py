@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_layout, tiny_cfg
 from torch.utils.data import DataLoader
 
-from conftest import make_layout, tiny_cfg
 from handclip.data.datamodule import HandDataModule
 from handclip.data.datasets import DeviceBatchLoader
 from handclip.evaluation.runs import evaluate_hand
