@@ -290,3 +290,17 @@ def test_cache_keys(tmp_path):
     assert list_key([first]) != list_key([(str(tmp_path / "c.png"), 5, 1)])
     with pytest.raises(HandCLIPError, match=f"^cannot read image '{tmp_path / 'missing.png'}': "):
         file_entry(tmp_path / "missing.png")
+
+
+def test_cache_names_are_stable_across_versions():
+    """A cache folder or file name that changed would make every user's cache be decoded again: the names of
+    this storage format are pinned (the values of HandCLIP 0.3, written out)."""
+    from handclip.data.cache_keys import digest, folder_name, list_key, settings_of
+    from handclip.models.clip import preprocess_config
+
+    assert digest({"b": [1, 2], "a": "x"}) == "5125d018f84d57c49a8d"
+    assert folder_name(2, {"size": [224, 224], "mode": "RGB"}) == "v2-20bda0d4d390602ddcfd"
+    assert list_key([("/d/a.jpg", 10, 5), ("/d/b.jpg", 11, 6)]) == "4023f8147cf49e07ba7f"
+    vit = settings_of(ImageLoader(preprocess_config("ViT-B-32-quickgelu", None)))
+    assert vit["size"] == 224 and vit["interpolation"] == "bicubic" and vit["resize_mode"] == "shortest"
+    assert folder_name(2, vit) == "v2-1d238472924061f986c9"  # ViT-B/32's crops

@@ -342,6 +342,42 @@ def test_many_matches_under_tiny_memory_budget(monkeypatch):
     assert_same(argsort_reference_metrics(qf, ql, gf, gl), expected["standard"])
 
 
+def test_memory_budget_decides_how_the_work_is_split(monkeypatch):
+    """A query costs G x (4 bytes of similarity + 4 per true match of 0/1 comparisons; 8 from 2**24 gallery items,
+    where float32 would stop counting exactly): the chunks and comparison passes are the largest that fit."""
+    from handclip.metrics.rank import _ChunkScorer, _chunks, _indicator_dtype
+
+    assert _indicator_dtype(2**24 - 1) is torch.float32 and _indicator_dtype(2**24) is torch.float64
+    monkeypatch.setattr(metrics_inputs, "DEFAULT_MEMORY_BUDGET_BYTES", 10_000)
+    assert metrics_inputs.default_rows(10, 3) == 10_000 // (10 * (4 + 4 * 3))
+    assert metrics_inputs.default_rows(10, 0) == metrics_inputs.default_rows(10, 1) == 10_000 // 80
+    assert metrics_inputs.default_rows(1000, 5) == 1  # never less than one query
+    monkeypatch.setattr(metrics_inputs, "DEFAULT_MEMORY_BUDGET_BYTES", 10**9)
+    assert metrics_inputs.default_rows(2**24, 1) == 10**9 // (2**24 * 12)
+    assert metrics_inputs.default_rows(2**24 - 1, 1) == 10**9 // ((2**24 - 1) * 8)
+
+    monkeypatch.setattr(metrics_inputs, "DEFAULT_MEMORY_BUDGET_BYTES", 2_000)
+    counts = torch.tensor([1, 1, 1, 2, 2, 3, 3, 3, 5, 8, 8, 13])  # ascending, as the match table orders them
+    chunks = list(_chunks(counts, 10, None))
+    assert chunks[0][0] == 0 and chunks[-1][1] == len(counts)
+    assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(chunks, chunks[1:]))
+    assert all(j - i <= metrics_inputs.default_rows(10, int(counts[j - 1])) for i, j in chunks)  # each one fits
+    rows = metrics_inputs.default_rows(10, 2)
+    assert [j - i for i, j in _chunks(torch.full((40,), 2), 10, None)] == [rows] * (40 // rows) + [40 % rows]
+    assert list(_chunks(counts, 10, 5)) == [(0, 5), (5, 10), (10, 12)]  # a given chunk size is used as is
+
+    queries, gallery = torch.nn.functional.normalize(torch.randn(3, 4), dim=1), torch.randn(10, 4)
+    match_idx = torch.tensor([[0, 1, 2, 3, 4, 5]] * 3)
+    for budget, slots in ((120 + 4 * 120, 4), (120 + 4 * 120 + 119, 4), (120 + 50, 1), (10**6, 6)):
+        monkeypatch.setattr(metrics_inputs, "DEFAULT_MEMORY_BUDGET_BYTES", budget)
+        scorer = _ChunkScorer(torch.nn.functional.normalize(gallery, dim=1))
+        positions = scorer.positions(queries, match_idx)  # similarities: 3 x 10 x 4 bytes = 120
+        assert scorer.ind_buf.numel() == 3 * slots * 10, budget
+        sim = queries @ torch.nn.functional.normalize(gallery, dim=1).t()
+        expected = (sim.unsqueeze(1) > sim.gather(1, match_idx).unsqueeze(2)).sum(dim=2)
+        assert torch.equal(positions, expected)
+
+
 def test_similarity_only_runs():
     qf, _, gf, _ = random_reid_data()
     assert similarity_only(qf, gf) is None

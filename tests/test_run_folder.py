@@ -4,6 +4,8 @@ test_faults.py."""
 
 from __future__ import annotations
 
+import re
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from omegaconf import OmegaConf
 from handclip.errors import HandCLIPError
 from handclip.run_folder import (
     LOCK_NAME,
+    RunComplete,
     check_resume_compatible,
     claim_run_folder,
     holds_run,
@@ -124,3 +127,73 @@ def test_a_run_that_fails_to_start_removes_only_the_folders_it_made(tmp_path):
         (fresh / "train.log").write_text("something was written")
         raise RuntimeError("stopped after writing")
     assert (fresh / "train.log").exists()  # what a run wrote is never removed
+
+
+def test_every_refusal_is_one_complete_line(run, tmp_path):
+    """The whole text of each message: what users read (and search for) is part of the policy."""
+    fake_checkpoint(run / "checkpoints" / "best.ckpt", resumable=False)
+    with pytest.raises(HandCLIPError) as fresh:
+        resolve_ckpt_path(None, run)
+    assert str(fresh.value) == (
+        f"{run} already holds a run (best.ckpt). Resume it with ckpt_path=last (or ckpt_path=auto, which also "
+        "skips a finished run), start elsewhere with paths.output_root=DIR, or move that folder away.")
+    with pytest.raises(HandCLIPError) as auto:
+        resolve_ckpt_path("auto", run, max_epochs=5)
+    assert str(auto.value) == (
+        f"{run} holds best.ckpt but no last.ckpt to resume from; resume a checkpoint with ckpt_path=PATH, or move "
+        "that folder away to start afresh")
+    other = fake_checkpoint(tmp_path / "elsewhere" / "last.ckpt")
+    with pytest.raises(HandCLIPError) as mixed:
+        resolve_ckpt_path(str(other), run)
+    assert str(mixed.value) == (
+        f"{run} already holds another run; resuming {other.resolve()} there would mix the two runs. Resume a "
+        "checkpoint in its own run folder, or continue it in an empty one with paths.output_root=DIR.")
+    last = fake_checkpoint(run / "checkpoints" / "last.ckpt", epochs=3)
+    with pytest.raises(RunComplete) as complete:
+        resolve_ckpt_path("auto", run, max_epochs=3)
+    assert str(complete.value) == (
+        f"{run}: already complete ({last} has trained 3 epoch(s), trainer.max_epochs=3); nothing to do")
+    assert resolve_ckpt_path("auto", run, max_epochs=4) == last.resolve()
+    assert resolve_ckpt_path("auto", run) == last.resolve()  # no max_epochs: never complete
+
+    weights = fake_checkpoint(tmp_path / "w" / "best.ckpt", resumable=False, **HPARAMS)
+    with pytest.raises(HandCLIPError) as weights_only:
+        check_resume_compatible(weights, HPARAMS)
+    assert str(weights_only.value) == (
+        f"checkpoint {weights} holds weights only, without the optimizer and loop state a run resumes from "
+        "(best.ckpt is written that way); resume from last.ckpt with ckpt_path=last")
+    other_model = fake_checkpoint(tmp_path / "m" / "last.ckpt", **{**HPARAMS, "model_name": "ViT-B-32-quickgelu"})
+    with pytest.raises(HandCLIPError) as model:
+        check_resume_compatible(other_model, HPARAMS)
+    assert str(model.value) == (
+        f"checkpoint {other_model} was trained with model_name='ViT-B-32-quickgelu', but this run uses "
+        "model_name='HandCLIP-Tiny'; resume with the same config or start a new run")
+    fewer = fake_checkpoint(tmp_path / "c" / "last.ckpt", **{**HPARAMS, "classes": ["001", "002"]})
+    with pytest.raises(HandCLIPError) as classes:
+        check_resume_compatible(fewer, HPARAMS)
+    assert str(classes.value) == (
+        f"checkpoint {fewer} was trained on 2 identities that differ from the 3 training identities of this data; "
+        "resume on the same data")
+
+
+def test_a_live_run_holds_its_folder(run):
+    with claim_run_folder(run):
+        with pytest.raises(HandCLIPError) as busy, claim_run_folder(run):
+            pass
+    assert str(busy.value) == (
+        f"{run} is in use by another training run that is still running; wait for it to end, or train elsewhere "
+        "with paths.output_root=DIR")
+    with claim_run_folder(run):  # released when the first run ends
+        pass
+
+
+def test_saved_config_names_carry_a_sortable_utc_time(run):
+    resumed = save_config(OmegaConf.create({"seed": 1}), run, resumed=True)
+    assert re.fullmatch(r"config\.resumed-\d{8}T\d{12}Z\.yaml", resumed.name), resumed.name
+    save_config(OmegaConf.create({"seed": 2}), run, resumed=False)
+    save_config(OmegaConf.create({"seed": 3}), run, resumed=False)
+    (kept,) = run.glob("config.no-checkpoint-*.yaml")
+    assert re.fullmatch(r"config\.no-checkpoint-\d{8}T\d{12}Z\.yaml", kept.name), kept.name
+    stamp = kept.name.removeprefix("config.no-checkpoint-").removesuffix(".yaml")
+    now = datetime.now(timezone.utc)
+    assert abs((now - datetime.strptime(stamp, "%Y%m%dT%H%M%S%fZ").replace(tzinfo=timezone.utc)).total_seconds()) < 60

