@@ -345,7 +345,7 @@ def test_many_matches_under_tiny_memory_budget(monkeypatch):
 def test_memory_budget_decides_how_the_work_is_split(monkeypatch):
     """A query costs G x (4 bytes of similarity + 4 per true match of 0/1 comparisons; 8 from 2**24 gallery items,
     where float32 would stop counting exactly): the chunks and comparison passes are the largest that fit."""
-    from handclip.metrics.rank import _ChunkScorer, _chunks, _indicator_dtype
+    from handclip.metrics.rank import _chunks, _ChunkScorer, _indicator_dtype
 
     assert _indicator_dtype(2**24 - 1) is torch.float32 and _indicator_dtype(2**24) is torch.float64
     monkeypatch.setattr(metrics_inputs, "DEFAULT_MEMORY_BUDGET_BYTES", 10_000)
