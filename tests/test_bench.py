@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT, run_module
 
 from handclip.bench import (
+    bench_settings,
     device_slug,
     evaluate_goals,
     format_table,
@@ -21,6 +22,7 @@ from handclip.bench import (
     slugify,
 )
 from handclip.config import compose
+from handclip.errors import HandCLIPError
 
 TOP_LEVEL = ("device", "device_slug", "torch", "quick", "timestamp", "config", "host", "data", "train", "eval",
              "search", "memory", "goals", "total_s")
@@ -259,6 +261,12 @@ def test_command_line_entry_point(tmp_path):
     assert (scratch / "hydra").is_dir()
 
 
+def test_unknown_part_is_refused():
+    with pytest.raises(HandCLIPError, match=r"bench.parts: unknown part\(s\) \['nope'\]; choose from"):
+        bench_settings(compose("bench", ["bench.parts=[data,nope]"]))
+
+
+@pytest.mark.slow  # a new Python process (~8 s); in-process: test_unknown_part_is_refused
 def test_command_line_rejects_an_unknown_part(tmp_path):
     proc = run_module("handclip.bench", "bench.parts=[disk]", f"bench.out_dir={tmp_path}",
                       f"bench.scratch_dir={tmp_path / 's'}", cwd=tmp_path, timeout=300)

@@ -113,7 +113,7 @@ io_mod.AtomicCheckpointIO().save_checkpoint({"w": torch.ones(10)}, sys.argv[1])
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
 def test_a_write_killed_midway_leaves_the_previous_checkpoint_and_the_next_write_cleans_up(tmp_path, sig):
     target = tmp_path / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(10)}, target)
@@ -240,6 +240,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.slow  # the CLI in a new process; in-process: test_disk_full_during_training_keeps_the_previous_checkpoints
 def test_a_real_full_disk_stops_the_cli_with_one_line(data, tmp_path, small_disk):
     result = run_module("handclip.train", "experiment=demo", f"paths.data_dir={data}",
                         f"paths.output_root={small_disk}", f"paths.cache_dir={tmp_path / 'cache'}",

@@ -328,6 +328,7 @@ def test_export_defaults_to_the_trained_best_checkpoint_and_a_file_beside_it(sli
     assert all(torch.equal(tensors[f"visual.{k}"], v) for k, v in module.encoder.visual.state_dict().items())
 
 
+@pytest.mark.slow  # a new Python process (~8 s)
 def test_export_cli_error_is_one_line(tmp_path):
     result = run_module("handclip.export", f"ckpt_path={tmp_path / 'none.ckpt'}", f"paths.output_root={tmp_path}")
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: checkpoint")

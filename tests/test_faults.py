@@ -259,7 +259,7 @@ def _wait_for(condition, timeout: float, what: str):
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to follow the decode workers")
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
 def test_killed_cache_build_leaves_no_worker_and_no_temporary(tmp_path, sig):
     for i in range(40):
         write_image(tmp_path / "img" / f"{i:02d}.png", seed=i, size=(80, 60))
@@ -406,6 +406,7 @@ def test_unwritable_folder_is_refused_before_any_work(data, tmp_path, read_only,
     assert not (tmp_path / "out" / "train").exists()
 
 
+@pytest.mark.slow  # the CLI in a new process; in-process: test_unwritable_folder_is_refused_before_any_work
 def test_cli_read_only_output_root_gives_one_line(data, tmp_path, read_only):
     result = run_module("handclip.train", "experiment=demo", f"paths.data_dir={data}",
                         f"paths.output_root={read_only}/outputs", f"paths.cache_dir={tmp_path / 'cache'}")
@@ -538,9 +539,11 @@ def test_errors_wrapped_by_hydra_instantiate_give_one_line(capsys):
 @pytest.mark.parametrize(("module", "args", "message"), [
     ("handclip.train", ["hand=dorsal_up"], "error: unknown hand type 'dorsal_up'; expected one of: dorsal_right, "
                                            "dorsal_left, palmar_right, palmar_left"),
-    ("handclip.train", ["-m", "hand=dorsal_right,palmr_left"], "error: unknown hand type 'palmr_left'"),
-    ("handclip.eval", ["trainer=dpp"], "error: trainer=dpp: no such trainer config; expected one of: cpu, ddp, "
-                                       "default, gpu"),
+    # the other entry points and -m sweeps: in make test (a new Python process costs ~8 s here)
+    pytest.param("handclip.train", ["-m", "hand=dorsal_right,palmr_left"], "error: unknown hand type 'palmr_left'",
+                 marks=pytest.mark.slow),
+    pytest.param("handclip.eval", ["trainer=dpp"], "error: trainer=dpp: no such trainer config; expected one of: "
+                                                   "cpu, ddp, default, gpu", marks=pytest.mark.slow),
 ])
 def test_unknown_config_option_gives_one_line(tmp_path, module, args, message):
     """A config group option that does not exist (Hydra alone: a multi-line report, exit status 1)."""
