@@ -302,6 +302,50 @@ def test_temporaries_of_a_live_build_are_kept(tmp_path):
     assert not live.exists()
 
 
+@pytest.fixture(params=["tmpfs", "injected"])
+def full_cache_disk(request, tmp_path, monkeypatch):
+    """A cache folder with room for one small cache, not for a large one: a real 1 MB tmpfs where mounting is
+    allowed (skipped where it is refused), and ENOSPC injected into the space reservation."""
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    if request.param == "injected":
+        real = os.posix_fallocate
+
+        def fallocate(fd, offset, length):
+            if length > 1_000_000:
+                raise OSError(28, "No space left on device")
+            return real(fd, offset, length)
+
+        monkeypatch.setattr(cache_mod.os, "posix_fallocate", fallocate)
+        yield folder
+        return
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_full_disk_while_caching_is_one_error_and_loses_nothing(tmp_path, full_cache_disk):
+    """Writing the pages of a sparse memory map on a full disk kills the process (SIGBUS) with no message: the
+    cache reserves its space first. A cache already there is kept; no temporary file is left."""
+    images = [write_image(tmp_path / "img" / f"{i:03d}.png", seed=i, size=(64, 64)) for i in range(120)]
+    small = cached_crops(images[:4], ImageLoader(TINY), full_cache_disk, num_workers=0, progress=False)
+    folder = next(p for p in full_cache_disk.iterdir() if p.is_dir())
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(HandCLIPError) as full:
+        cached_crops(images, ImageLoader(TINY), full_cache_disk, num_workers=0, progress=False)
+    assert re.fullmatch(
+        rf"no space left in {re.escape(str(folder))} for the crop cache of 120 images: it needs 1 MB \([\d,]+ MB "
+        r"free\); nothing was lost. Free space there, or put the cache elsewhere with data.cache_dir=DIR \(data.cache="
+        r"false decodes the images every epoch instead\)", str(full.value)), str(full.value)
+    assert sorted(p.name for p in folder.iterdir()) == before  # no temporary file left
+    again = cached_crops(images[:4], ImageLoader(TINY), full_cache_disk, num_workers=0, progress=False)
+    assert torch.equal(again, small)  # the earlier cache still opens
+
+
 # -- 6. a killed prepare; 13. the output root's mode -------------------------------------------
 SLOW_PREPARE = """
 import sys, time

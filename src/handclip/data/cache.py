@@ -41,8 +41,9 @@ from tqdm.auto import tqdm
 
 from handclip.data.cache_keys import Entry, file_entry, folder_name, list_key, settings_of
 from handclip.data.images import ImageLoader
+from handclip.errors import HandCLIPError
 from handclip.utils.devices import usable_cpus
-from handclip.utils.files import atomic_write, fsync_file, temp_path
+from handclip.utils.files import atomic_write, free_bytes, fsync_file, is_disk_full, temp_path
 from handclip.utils.locks import die_with_parent, shared_lock, try_lock
 
 log = logging.getLogger(__name__)
@@ -244,6 +245,7 @@ def _build(
     data_tmp = temp_path(directory, data_path.name)
     try:
         out = np.lib.format.open_memmap(data_tmp, mode="w+", dtype=np.uint8, shape=shape)
+        _reserve(data_tmp, directory, len(entries))
         for entry, rows in rows_of.items():
             if entry in sources:
                 array, src_row = sources[entry]
@@ -270,6 +272,24 @@ def _build(
         atomic_write(manifest_path, json.dumps(manifest))
     finally:
         data_tmp.unlink(missing_ok=True)
+
+
+def _reserve(path: Path, directory: Path, images: int) -> None:
+    """Allocate every block of the memory-mapped ``path`` now: on a full disk, writing a page of a sparse mapping
+    kills the process (SIGBUS) with no message; reserving first gives one clear error instead."""
+    size = path.stat().st_size
+    try:
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        free = free_bytes(directory)
+        free_text = f"{free / 1e6:,.0f} MB free" if free is not None else "free space unknown"
+        raise HandCLIPError(
+            f"no space left in {directory} for the crop cache of {images} images: it needs {size / 1e6:,.0f} MB "
+            f"({free_text}); nothing was lost. Free space there, or put the cache elsewhere with data.cache_dir=DIR "
+            "(data.cache=false decodes the images every epoch instead)") from None
 
 
 def _remove_stale_temporaries(directory: Path) -> None:

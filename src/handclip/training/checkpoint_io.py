@@ -14,10 +14,8 @@ training thread, the file written in a worker thread) with a bounded queue and e
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import shutil
 import sys
 from concurrent.futures import Future
 from pathlib import Path
@@ -29,12 +27,10 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from pytorch_lightning.plugins.io import AsyncCheckpointIO
 
 from handclip.errors import HandCLIPError
-from handclip.utils.files import temp_path
+from handclip.utils.files import free_bytes, is_disk_full, temp_path
 
 log = logging.getLogger(__name__)
 
-#: Errors that mean "the file system has no room for this file".
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 MB = 1e6
 
 
@@ -55,29 +51,6 @@ def checkpoint_nbytes(checkpoint: Any) -> int:
 
     visit(checkpoint)
     return sum(seen.values())
-
-
-def _is_disk_full(err: BaseException) -> bool:
-    """True when ``err`` or an error it was raised from is an out-of-space ``OSError``.
-
-    ``torch.save`` reports a failed write of a Python file object as a ``RuntimeError`` raised while handling the
-    file's ``OSError``, so the chain is followed.
-    """
-    seen = set()
-    node: BaseException | None = err
-    while node is not None and id(node) not in seen:
-        seen.add(id(node))
-        if isinstance(node, OSError) and node.errno in DISK_FULL:
-            return True
-        node = node.__cause__ or node.__context__
-    return False
-
-
-def _free_bytes(folder: Path) -> int | None:
-    try:
-        return shutil.disk_usage(folder).free
-    except OSError:
-        return None
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -134,9 +107,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         except BaseException as err:
             tmp.unlink(missing_ok=True)
-            if isinstance(err, (OSError, RuntimeError)) and _is_disk_full(err):
+            if isinstance(err, (OSError, RuntimeError)) and is_disk_full(err):
                 needed = checkpoint_nbytes(checkpoint)
-                raise HandCLIPError(disk_full_message(path, needed, _free_bytes(folder))) from err
+                raise HandCLIPError(disk_full_message(path, needed, free_bytes(folder))) from err
             raise
         if self.durable:
             _fsync_folder(folder)

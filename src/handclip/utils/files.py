@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -9,6 +10,33 @@ from collections.abc import Callable
 from pathlib import Path
 
 from handclip.errors import HandCLIPError
+
+#: Errors that mean "the file system has no room for this file".
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """True when ``err`` or an error it was raised from is an out-of-space ``OSError``.
+
+    ``torch.save`` reports a failed write of a Python file object as a ``RuntimeError`` raised while handling the
+    file's ``OSError``, so the chain is followed.
+    """
+    seen = set()
+    node: BaseException | None = err
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        if isinstance(node, OSError) and node.errno in DISK_FULL:
+            return True
+        node = node.__cause__ or node.__context__
+    return False
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Free bytes on the file system of ``folder`` (None when that cannot be read)."""
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
 
 
 def _read_umask() -> int:
