@@ -116,3 +116,20 @@ def test_onnx_parity_with_pytorch_on_onnxruntime(folder, tmp_path):
             want = encoder.embed(batch).numpy()
         unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
         assert np.abs(unit(got) - unit(want)).max() <= 1e-4
+
+
+def test_output_file_rules_are_the_same_for_every_format(tmp_path):
+    from handclip.utils.files import check_output_file
+
+    with pytest.raises(HandCLIPError, match=r"^out=FILE is required \(one of: \.npz, \.safetensors\)$"):
+        check_output_file(None, False, (".npz", ".safetensors"))
+    with pytest.raises(HandCLIPError, match=r"^out='.*x\.pt': expected a file name ending in \.safetensors$"):
+        check_output_file(tmp_path / "x.pt", False, (".safetensors",))
+    (tmp_path / "d.onnx").mkdir()
+    with pytest.raises(HandCLIPError, match=r"^out='.*d\.onnx' is a folder; expected a file name$"):
+        check_output_file(tmp_path / "d.onnx", True, (".onnx",))
+    (tmp_path / "e.ONNX").write_text("")
+    with pytest.raises(HandCLIPError, match=r"^'.*e\.ONNX' exists; pass overwrite=true to replace it, or choose "
+                                            r"another out=FILE$"):
+        check_output_file(tmp_path / "e.ONNX", False, (".onnx",))
+    assert check_output_file(str(tmp_path / "e.ONNX"), True, (".onnx",)) == tmp_path / "e.ONNX"

@@ -20,12 +20,13 @@ from omegaconf import DictConfig
 from handclip.config import hydra_entry
 from handclip.errors import HandCLIPError
 from handclip.hands import check_hand
-from handclip.identify.embeddings_export import check_out, export_embeddings
+from handclip.identify.embeddings_export import SUFFIXES, export_embeddings
 from handclip.identify.run import load_model
 from handclip.models.onnx_export import export_onnx
 from handclip.models.open_clip_export import export_open_clip
 from handclip.run_folder import trained_checkpoint
 from handclip.utils.devices import resolve_device
+from handclip.utils.files import check_output_file
 
 
 def open_clip(cfg: DictConfig) -> dict:
@@ -44,7 +45,7 @@ def embeddings(cfg: DictConfig) -> dict:
     """Embeddings of every image of a folder, with paths and identities (.npz or .safetensors)."""
     if not cfg.images:
         raise HandCLIPError("format=embeddings needs images=DIR (<identity>/<image> folders or a flat folder)")
-    check_out(cfg.out, cfg.overwrite)  # before loading the model
+    check_output_file(cfg.out, cfg.overwrite, SUFFIXES)  # before loading the model
     encoder, model, _ = load_model(cfg)
     return export_embeddings(encoder, {**model.key, "fingerprint": model.fingerprint}, cfg.images, cfg.out,
                              resolve_device(cfg.device), cfg.overwrite, cfg.batch_size, cfg.num_workers, cfg.progress)
@@ -52,7 +53,7 @@ def embeddings(cfg: DictConfig) -> dict:
 
 def onnx(cfg: DictConfig) -> dict:
     """The image tower as ONNX, checked against PyTorch on onnxruntime (CPU)."""
-    out = check_out(cfg.out, cfg.overwrite, suffixes=(".onnx",))
+    out = check_output_file(cfg.out, cfg.overwrite, (".onnx",))
     encoder, model, meta = load_model(cfg)
     info = {**model.key, "model_fingerprint": model.fingerprint, "hand": meta.get("hand")}
     o = cfg.onnx

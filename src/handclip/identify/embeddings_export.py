@@ -23,25 +23,11 @@ from handclip.errors import HandCLIPError
 from handclip.identify.images import embed_files, report_failures
 from handclip.identify.sources import scan_gallery
 from handclip.models.encoder import ImageEncoder
-from handclip.utils.files import temp_path
+from handclip.utils.files import check_output_file, temp_path
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".npz", ".safetensors")
-
-
-def check_out(out: str | Path | None, overwrite: bool, suffixes=SUFFIXES) -> Path:
-    """The output file: a known suffix, and not an existing file unless ``overwrite``."""
-    if not out:
-        raise HandCLIPError(f"out=FILE is required (one of: {', '.join(suffixes)})")
-    out = Path(str(out)).expanduser()
-    if out.suffix.lower() not in suffixes:
-        raise HandCLIPError(f"out={str(out)!r}: expected a file name ending in {' or '.join(suffixes)}")
-    if out.is_dir():
-        raise HandCLIPError(f"out={str(out)!r} is a folder; expected a file name")
-    if out.exists() and not overwrite:
-        raise HandCLIPError(f"{str(out)!r} exists; pass overwrite=true to replace it")
-    return out
 
 
 def save_embeddings(out: Path, embeddings: np.ndarray, paths: list[str], identities: list[str], meta: dict) -> Path:
@@ -69,7 +55,7 @@ def export_embeddings(encoder: ImageEncoder, model: dict, images: str | Path, ou
                       overwrite: bool = False, batch_size: int = 64, num_workers: int | None = None,
                       progress: bool = True) -> dict:
     """Embed every image under ``images`` and write them to ``out``; returns a short report."""
-    out = check_out(out, overwrite)
+    out = check_output_file(out, overwrite, SUFFIXES)
     files = scan_gallery(images, min_identities=1, what="image folder")
     embedded = embed_files(encoder, [f.path for f in files], device, batch_size, num_workers, progress,
                            desc="embedding")

@@ -17,10 +17,9 @@ import torch
 from safetensors.torch import save_file
 
 import handclip
-from handclip.errors import HandCLIPError
 from handclip.models.checkpoint import load_module, read_checkpoint_meta
 from handclip.models.clip import create_clip, uses_pretrained_weights
-from handclip.utils.files import temp_path
+from handclip.utils.files import check_output_file, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +47,7 @@ def export_open_clip(ckpt_path: str | Path, out: str | Path | None = None, pretr
     """
     ckpt_path = Path(ckpt_path).expanduser()
     meta = read_checkpoint_meta(ckpt_path)
-    out = Path(out).expanduser() if out else default_output(ckpt_path)
-    if out.exists() and not overwrite:
-        raise HandCLIPError(f"{out} exists; pass overwrite=true to replace it, or choose another out=...")
-    if out.suffix != ".safetensors":
-        raise HandCLIPError(f"out={str(out)!r}: the open_clip export is a .safetensors file")
+    out = check_output_file(out or default_output(ckpt_path), overwrite, (".safetensors",))
     source = pretrained if pretrained is not None else meta.get("pretrained")
     module = load_module(ckpt_path)
     clip = create_clip(meta["model_name"], source, cache_dir or meta.get("cache_dir"))

@@ -134,6 +134,21 @@ def check_output_folder(out: Path, force: bool, replaced: str, owned: Callable[[
             )
 
 
+def check_output_file(out: str | Path | None, overwrite: bool, suffixes: tuple[str, ...]) -> Path:
+    """An output file name: given, with one of ``suffixes``, not a folder, and not an existing file unless
+    ``overwrite``; an error naming it otherwise."""
+    if not out:
+        raise HandCLIPError(f"out=FILE is required (one of: {', '.join(suffixes)})")
+    out = Path(str(out)).expanduser()
+    if out.suffix.lower() not in suffixes:
+        raise HandCLIPError(f"out={str(out)!r}: expected a file name ending in {' or '.join(suffixes)}")
+    if out.is_dir():
+        raise HandCLIPError(f"out={str(out)!r} is a folder; expected a file name")
+    if out.exists() and not overwrite:
+        raise HandCLIPError(f"{str(out)!r} exists; pass overwrite=true to replace it, or choose another out=FILE")
+    return out
+
+
 def check_writable(folder: str | Path, what: str) -> None:
     """Fail at once, naming ``folder`` and ``what`` it is for, when it cannot be created or written (read-only
     file system, no permission, a file in the way). Nothing is left behind by the check."""
