@@ -319,7 +319,8 @@ def full_cache_disk(request, tmp_path, monkeypatch):
         monkeypatch.setattr(cache_mod.os, "posix_fallocate", fallocate)
         yield folder
         return
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True, text=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True,
+                          text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:

@@ -225,17 +225,17 @@ class HandDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> list:
         """[val images, training images]: the second is the gallery for ``val/rank1``. Batches carry indices."""
-        return [
-            self._loader(self.val_set, self.eval_batch_size, shuffle=False, with_index=True),
-            self._loader(self.train_set, self.eval_batch_size, shuffle=False, with_index=True),
-        ]
+        return list(self._val_and_train(with_index=True))
 
     def whole_val_and_train_loaders(self, device: torch.device | str | None = None) -> tuple:
         """(val, train) batches of every image in dataset order on this process alone, also after a run on
         several processes: for work done once when training ends (the open-set threshold's calibration).
         ``device``: where they will be embedded."""
-        return (self._loader(self.val_set, self.eval_batch_size, shuffle=False, shard=False, device=device),
-                self._loader(self.train_set, self.eval_batch_size, shuffle=False, shard=False, device=device))
+        return self._val_and_train(shard=False, device=device)
+
+    def _val_and_train(self, **options) -> tuple:
+        return tuple(self._loader(dataset, self.eval_batch_size, shuffle=False, **options)
+                     for dataset in (self.val_set, self.train_set))
 
     def _check_shareable(self, dataset: Dataset) -> None:
         trainer = getattr(self, "trainer", None)

@@ -35,14 +35,14 @@ def _delta(entry: dict, baseline: dict | None, key: str) -> str:
 def table_rows(entries: list[dict]) -> list[dict]:
     """One row per (hand, model), hands in canonical order, the baseline first."""
     order = {h: i for i, h in enumerate(HAND_TYPES)}
-    models = {ZERO_SHOT: 0, FINE_TUNED: 1}
+    models = {ZERO_SHOT: 0, FINE_TUNED: 1}  # pragma: no mutate (any larger number keeps the order)
     rows = []
     for entry in sorted(entries, key=lambda e: (order.get(e["hand"], 99), models.get(e["model"], 9))):
         baseline = next((e for e in entries if e["hand"] == entry["hand"] and e["model"] == ZERO_SHOT), None)
         summary = entry.get("summary")
         if summary is None:
             cells = (entry["hand"], entry["model"], entry.get("status", "-"))
-            rows.append(dict(zip(COLUMNS, cells + ("",) * (len(COLUMNS) - len(cells)))))
+            rows.append({column: "" for column in COLUMNS} | dict(zip(COLUMNS, cells)))
             continue
         rows.append({
             "hand": entry["hand"],
@@ -76,17 +76,17 @@ def csv_text(entries: list[dict]) -> str:
     fields = ["protocol", "hand", "model", "status", "num_runs", "rank1_mean", "rank1_std", "rank5_mean", "rank5_std",
               "rank10_mean", "rank10_std", "mAP_mean", "mAP_std", "num_queries", "gallery_size", "checkpoint"]
     fields += verification_report.csv_fields(entries)
-    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n", restval="")
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")  # missing and None values: empty cells
     writer.writeheader()
     for entry in entries + cross_aspect_entries(entries):
         s = entry.get("summary", {})
         row = {"protocol": entry.get("protocol", "same-aspect"), "hand": entry["hand"], "model": entry["model"],
                "status": entry.get("status", "ok"),
-               "num_runs": s.get("num_runs", ""), "num_queries": s.get("num_valid_queries", ""),
-               "gallery_size": s.get("gallery_size", ""), "checkpoint": entry.get("checkpoint") or ""}
+               "num_runs": s.get("num_runs"), "num_queries": s.get("num_valid_queries"),
+               "gallery_size": s.get("gallery_size"), "checkpoint": entry.get("checkpoint")}
         for key in ("rank1", "rank5", "rank10", "mAP"):
-            row[f"{key}_mean"] = s[key]["mean"] if key in s else ""
-            row[f"{key}_std"] = s[key]["std"] if key in s else ""
+            if key in s:
+                row[f"{key}_mean"], row[f"{key}_std"] = s[key]["mean"], s[key]["std"]
         if entry.get("protocol") != "cross-aspect":
             row.update(verification_report.csv_values(entry))
         writer.writerow(row)
