@@ -365,6 +365,10 @@ def test_memory_budget_decides_how_the_work_is_split(monkeypatch):
     rows = metrics_inputs.default_rows(10, 2)
     assert [j - i for i, j in _chunks(torch.full((40,), 2), 10, None)] == [rows] * (40 // rows) + [40 % rows]
     assert list(_chunks(counts, 10, 5)) == [(0, 5), (5, 10), (10, 12)]  # a given chunk size is used as is
+    # a chunk sized for its first count is cut back to fit the larger count that it would reach
+    step = torch.tensor([1] * 24 + [13] * 36)
+    assert [j - i for i, j in _chunks(step, 10, None)][:2] == [3, 3]
+    assert all(j - i <= metrics_inputs.default_rows(10, int(step[j - 1])) for i, j in _chunks(step, 10, None))
 
     queries, gallery = torch.nn.functional.normalize(torch.randn(3, 4), dim=1), torch.randn(10, 4)
     match_idx = torch.tensor([[0, 1, 2, 3, 4, 5]] * 3)

@@ -6,6 +6,7 @@ import csv
 import errno
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -511,3 +512,31 @@ def test_one_hand_planned_from_hand_written_records() -> None:
                                             r"0000010\.\.\.\)"):
         _check_plan_sides(plan_hand("dorsal_right", records[:2], seed=0, runs=1, split="half", threshold=0),
                           "half", 0)
+
+
+def test_whole_dataset_plan_from_hand_written_records() -> None:
+    """plan_dataset on records written here: every hand type present is planned (also after a missing one), the
+    split mode and thresholds reach each hand, cross-aspect galleries only when asked, bad settings refused."""
+    from handclip.data.split.raw import Record
+
+    def records_for(hand, ids):
+        return [Record(line=n, identity=i, hand=hand, image=f"{hand}-{i}-{k}.jpg", accessories=False)
+                for n, (i, k) in enumerate(((i, k) for i in ids for k in range(3)), start=2)]
+
+    ids = ["0000001", "0000002", "0000003", "0000004"]  # all below every published threshold
+    records = records_for("dorsal_right", ids) + records_for("palmar_left", ids)  # dorsal_left and palmar_right absent
+    plans = protocol.plan_dataset(records, seed=0, runs=2, split="half")
+    assert list(plans) == ["dorsal_right", "palmar_left"]
+    assert all(p.train_ids == ids[:2] and p.test_ids == ids[2:] for p in plans.values())
+    assert not any(name.startswith("gallery") and name.endswith("_all") for p in plans.values() for name in p.splits)
+    with_all = protocol.plan_dataset(records, seed=0, runs=2, split="half", cross_aspect=True)
+    assert "gallery1_all" in with_all["palmar_left"].splits
+    with pytest.raises(HandCLIPError, match=r"^dorsal_right: no test identities with threshold 1050 "):
+        protocol.plan_dataset(records, seed=0, runs=2)  # threshold: every id is a training id
+    assert protocol.plan_dataset(records, runs=1, thresholds={"dorsal_right": 2, "palmar_left": 3})[
+        "palmar_left"].test_ids == ["0000004"]
+    with pytest.raises(HandCLIPError, match=r"^unknown split 'halves'; expected one of threshold, half$"):
+        protocol.plan_dataset(records, split="halves")
+    for runs in (0, True, 1.5, "2"):
+        with pytest.raises(HandCLIPError, match=rf"^runs must be a positive integer, got {re.escape(repr(runs))}$"):
+            protocol.plan_dataset(records, runs=runs)

@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import fake_checkpoint
 from omegaconf import OmegaConf
 
@@ -16,8 +17,10 @@ from handclip.errors import HandCLIPError
 from handclip.run_folder import (
     LOCK_NAME,
     RunComplete,
+    check_max_epochs,
     check_resume_compatible,
     claim_run_folder,
+    folders_written,
     holds_run,
     resolve_ckpt_path,
     save_config,
@@ -197,3 +200,42 @@ def test_saved_config_names_carry_a_sortable_utc_time(run):
     stamp = kept.name.removeprefix("config.no-checkpoint-").removesuffix(".yaml")
     now = datetime.now(timezone.utc)
     assert abs((now - datetime.strptime(stamp, "%Y%m%dT%H%M%S%fZ").replace(tzinfo=timezone.utc)).total_seconds()) < 60
+
+
+def test_max_epochs_is_a_whole_number_of_at_least_one():
+    assert check_max_epochs(3) == 3
+    for bad in (0, -2, True, 2.0, "5", None):
+        with pytest.raises(HandCLIPError) as refused:
+            check_max_epochs(bad)
+        assert str(refused.value) == f"trainer.max_epochs must be a whole number of at least 1, got {bad!r}"
+
+
+def test_the_folders_a_run_writes_to_are_named_by_their_settings(tmp_path):
+    cfg = OmegaConf.create({
+        "paths": {"output_dir": str(tmp_path / "run")},
+        "callbacks": {"best": {"dirpath": str(tmp_path / "ckpt")}, "bar": {"refresh_rate": 10}, "off": None},
+        "logger": {"csv": {"save_dir": str(tmp_path / "logs")}, "none": {"name": "x"}, "off": None},
+        "data": {"cache": True, "cache_dir": str(tmp_path / "cache")}})
+    assert folders_written(cfg) == {
+        "output folder (paths.output_dir)": str(tmp_path / "run"),
+        "checkpoint folder (callbacks.best.dirpath)": str(tmp_path / "ckpt"),
+        "log folder (logger.csv.save_dir)": str(tmp_path / "logs"),
+        "image cache folder (data.cache_dir)": str(tmp_path / "cache")}
+    cfg.data.cache = False  # the cache folder is not written without the cache
+    assert "image cache folder (data.cache_dir)" not in folders_written(cfg)
+    bare = OmegaConf.create({"paths": {"output_dir": "o"}})
+    assert list(folders_written(bare)) == ["output folder (paths.output_dir)"]
+
+
+def test_resume_of_a_checkpoint_without_its_identities_is_refused(tmp_path):
+    ckpt = fake_checkpoint(tmp_path / "last.ckpt")
+    saved = torch.load(ckpt, weights_only=True)
+    del saved["hyper_parameters"]["classes"]
+    torch.save(saved, ckpt)
+    with pytest.raises(HandCLIPError, match=r"^checkpoint '.*last\.ckpt' lacks classes: not a HandCLIP checkpoint$"):
+        check_resume_compatible(ckpt, HPARAMS)
+
+
+def test_saved_config_is_resolved_text(run):
+    path = save_config(OmegaConf.create({"seed": 4, "paths": {"x": "${seed}"}}), run, resumed=False)
+    assert path.read_text() == "seed: 4\npaths:\n  x: 4\n"

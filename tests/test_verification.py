@@ -116,6 +116,8 @@ def test_an_identity_scores_as_its_best_image():
     assert scores.identities.tolist() == [5, 9]
     assert scores.table.tolist() == [[pytest.approx(0.8), pytest.approx(1.0)]]
     assert scores.genuine().tolist() == [pytest.approx(0.8)] and scores.identified().tolist() == [False]
+    unknown = identity_scores(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), [7, 9], gallery, [5, 9, 5])
+    assert unknown.own.tolist() == [-1, 1]  # the column of its identity, -1 when it is not in the gallery
 
 
 def test_open_set_rates():
