@@ -22,6 +22,16 @@ export PYTHONPATH := $(CURDIR)/src$(if $(PYTHONPATH),:$(PYTHONPATH))
 # Test processes (pytest-xdist): one per core, at most 4.
 TEST_WORKERS ?= $(shell n=$$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 
+# What `install` looks for (found, not imported: importing them all takes ~12 s) and HandCLIP's own metadata.
+NEEDED := torch torchvision open_clip pytorch_lightning hydra omegaconf torchmetrics PIL matplotlib pytest xdist \
+	pytest_timeout tqdm onnx onnxscript onnxruntime submitit
+define INSTALLED_CHECK
+import importlib.metadata as m, importlib.util as u, sys
+m.version("handclip")
+sys.exit(any(u.find_spec(name) is None for name in "$(NEEDED)".split()))
+endef
+export INSTALLED_CHECK
+
 DEMO_DIR := data/demo
 HANDS := dorsal_right,dorsal_left,palmar_right,palmar_left
 
@@ -38,9 +48,7 @@ $(PY):
 endif
 
 install: $(PY_PREREQ) ## Install HandCLIP (editable) and its test tools into the environment; quick when already there
-	@$(PY) -c "import torch, torchvision, open_clip, pytorch_lightning, hydra, omegaconf, torchmetrics, PIL, matplotlib, pytest, xdist, pytest_timeout, tqdm, onnx, onnxscript, onnxruntime, submitit" 2>/dev/null \
-		&& $(PY) -m pip show -q handclip >/dev/null 2>&1 \
-		|| $(PY) -m pip install -e ".[test]" $(TORCH_PIN)
+	@$(PY) -c "$$INSTALLED_CHECK" 2>/dev/null || $(PY) -m pip install -e ".[test]" $(TORCH_PIN)
 
 test: install ## Run the whole test suite (CPU, offline, a few minutes)
 	$(OFFLINE) $(PY) -m pytest -q -n $(TEST_WORKERS)

@@ -52,12 +52,14 @@ def quick(tmp_path_factory):
             "json": json.loads(path.read_text()) if path.exists() else None}
 
 
+@pytest.mark.slow  # the quick benchmark run behind these tests takes ~15 s
 def test_quick_run_writes_its_own_file_and_keeps_the_full_result(quick):
     assert quick["path"].is_file()
     assert quick["result"]["path"] == str(quick["path"])
     assert quick["full"].read_text() == '{"pretend": "full run"}\n'
 
 
+@pytest.mark.slow  # the quick benchmark run behind these tests takes ~15 s
 def test_quick_json_has_the_required_keys(quick):
     data = quick["json"]
     for key in TOP_LEVEL:
@@ -81,6 +83,7 @@ def test_quick_json_has_the_required_keys(quick):
     assert all(positive(v) for v in data["part_s"].values())
 
 
+@pytest.mark.slow  # the quick benchmark run behind these tests takes ~15 s
 def test_quick_ratios_are_computed_from_the_measured_figures(quick):
     data = quick["json"]
     d, t, e = data["data"], data["train"], data["eval"]
@@ -105,6 +108,7 @@ def test_quick_ratios_are_computed_from_the_measured_figures(quick):
         assert 0 <= entry["rank1"] <= 1 and 0 < entry["mAP"] <= 1
 
 
+@pytest.mark.slow  # the quick benchmark run behind these tests takes ~15 s
 def test_quick_goals_and_memory(quick):
     data = quick["json"]
     goals = data["goals"]
@@ -128,6 +132,7 @@ def test_quick_goals_and_memory(quick):
     assert any("[4/4] search" in m for m in quick["messages"])
 
 
+@pytest.mark.slow  # the quick benchmark run behind these tests takes ~15 s
 def test_quick_search_figures(quick):
     """Search: queries/s from the measured batch time, memory over the index size, equal to the brute-force
     argsort, and an unchanged gallery index reopened without decoding or embedding anything."""
@@ -143,6 +148,7 @@ def test_quick_search_figures(quick):
     assert quick["json"]["goals"]["search.reuse_embedded_images"]["met"] is True
 
 
+@pytest.mark.slow  # the quick benchmark run behind these tests takes ~15 s
 def test_quick_train_times_crops_on_the_device(quick):
     """bench.train.device_batches (the default on CUDA): the Lightning step on batches sliced where the model is."""
     train = quick["result"]["train"]

@@ -272,6 +272,7 @@ def test_a_resumed_run_keeps_a_better_best_than_its_last_checkpoint_knew(slim_ru
 
 
 # -- export ------------------------------------------------------------------------------------
+@pytest.mark.slow  # builds the whole open_clip model twice (~10 s)
 def test_open_clip_export_loads_in_open_clip_with_the_same_image_embeddings(slim_run, tmp_path):
     import open_clip
 

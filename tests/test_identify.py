@@ -248,6 +248,7 @@ def test_bad_input(world, tmp_path, setup, message):
     assert not (tmp_path / "identify" / "index").exists() or setup == "results_exist"  # refused before any work
 
 
+@pytest.mark.slow  # a new Python process (~8-11 s here)
 def test_cli_one_error_line_and_exit_status_2(world, tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     result = run_module("handclip.identify", "experiment=demo", f"paths.output_root={tmp_path}",
