@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -153,6 +155,20 @@ def fake_checkpoint(path: Path, epochs: int = 2, resumable: bool = True, **hpara
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, path)
     return path
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, size: str):
+    """A tmpfs of ``size`` (mount's size=, e.g. "1m") mounted on ``folder`` for the block; the test is skipped
+    where mounting is refused (a real full disk: permission bits do not stop root)."""
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def cli_env(**extra: str) -> dict[str, str]:

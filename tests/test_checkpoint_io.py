@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_env, make_layout, run_module, tiny_cfg
+from conftest import cli_env, make_layout, run_module, tiny_cfg, tmpfs
 
 from handclip.errors import HandCLIPError
 from handclip.models.checkpoint import load_module, read_checkpoint_meta
@@ -230,14 +230,8 @@ def small_disk(tmp_path):
     mount = tmp_path / "disk"
     mount.mkdir()
     size_kb = (4 * weights + 1_500_000) // 1024  # best (1x) + last (3x: weights and two AdamW moments) + logs
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with tmpfs(mount, f"{size_kb}k"):
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.mark.slow  # the CLI in a new process; in-process: test_disk_full_during_training_keeps_the_previous_checkpoints

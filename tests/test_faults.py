@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, cli_env, fake_checkpoint, make_layout, run_module, tiny_cfg, write_image
+from conftest import ROOT, TINY, cli_env, fake_checkpoint, make_layout, run_module, tiny_cfg, tmpfs, write_image
 from PIL import Image
 
 from handclip.data import cache as cache_mod
@@ -319,14 +319,8 @@ def full_cache_disk(request, tmp_path, monkeypatch):
         monkeypatch.setattr(cache_mod.os, "posix_fallocate", fallocate)
         yield folder
         return
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with tmpfs(folder, "1m"):
         yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def test_a_full_disk_while_caching_is_one_error_and_loses_nothing(tmp_path, full_cache_disk):
