@@ -208,13 +208,11 @@ def bench_train(s: dict, device: torch.device, scratch: Path, seed: int, say: Sa
         bare_after = _bare_loop(module, _train_loader(images, labels, batch), device, total - first_half)[warmup:]
     memory["bare_loop"] = larger(memory["bare_loop"], mem.result)
     bare = bare_before + bare_after
-    steps_s = timer.steps[warmup:]
-    iterations_s = timer.iterations[warmup:] or timer.steps[warmup:]
-    fetch_s = fetch[warmup:] or fetch
-
-    ips = batch / statistics.median(steps_s)
     bare_ips = batch / statistics.median(bare)
-    ips_e2e = batch / statistics.median(iterations_s)
+    # images_per_s, vs_bare_loop, *_end_to_end (whole Lightning iterations: loader, transfer and loop bookkeeping
+    # included), data_fraction (share of an iteration spent fetching the batch), lightning_step
+    figures = _lightning_figures(timer, fetch, warmup, batch, bare_ips)
+    ips = figures["images_per_s"]
     result = {
         "model_name": s["model_name"],
         "input_size": list(input_size),
@@ -222,20 +220,13 @@ def bench_train(s: dict, device: torch.device, scratch: Path, seed: int, say: Sa
         "precision": precision,
         "warmup_steps": warmup,
         "steps": steps,
-        "images_per_s": ips,
+        **figures,
         "bare_images_per_s": bare_ips,
-        "vs_bare_loop": ratio(ips, bare_ips),
         "gflops_per_image": gflops,
         "gflops_per_image_counted": counted,
         "tflops": ips * gflops / 1e3,
         "bare_tflops": bare_ips * gflops / 1e3,
-        # Whole Lightning iterations (loader, transfer and loop bookkeeping included)
-        "images_per_s_end_to_end": ips_e2e,
-        "vs_bare_loop_end_to_end": ratio(ips_e2e, bare_ips),
-        # Share of an iteration spent fetching the batch from the (in-memory) loader
-        "data_fraction": min(1.0, statistics.median(fetch_s) / statistics.median(iterations_s)),
-        "loader_s_per_batch": statistics.median(fetch_s),
-        "lightning_step": summary(steps_s),
+        "loader_s_per_batch": statistics.median(fetch[warmup:] or fetch),
         "bare_step": summary(bare),
         "bare_step_before_lightning_median_s": statistics.median(bare_before),
         "bare_step_after_lightning_median_s": statistics.median(bare_after) if bare_after else None,
