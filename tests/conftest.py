@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import os
 import subprocess
 import sys
@@ -20,14 +21,18 @@ from handclip.hands import HAND_TYPES, hand_dir_name  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _tiny_preprocess():
+@functools.cache
+def tiny_preprocess():
+    """open_clip preprocessing of the tiny test architecture (64 x 64 crops).
+
+    A function, not a constant: conftest is imported by pytest-xdist's controller too, which runs no test
+    and should not spend seconds importing open_clip before the workers start.
+    """
     from handclip.models.clip import preprocess_config
 
     return preprocess_config("HandCLIP-Tiny", None)
 
 
-#: open_clip preprocessing of the tiny test architecture (64 x 64 crops).
-TINY = _tiny_preprocess()
 #: The five figures a training run logs once per epoch.
 FIVE_METRICS = ("train/loss_epoch", "train/acc", "val/loss", "val/acc", "val/rank1")
 
@@ -122,6 +127,17 @@ def eval_cfg(data: Path, out: Path, *extra: str):
 
     pictures = [] if any(e.startswith("verification.pictures=") for e in extra) else ["verification.pictures=false"]
     return compose("eval", ["experiment=demo", f"paths.data_dir={data}", *quiet_overrides(out), *pictures, *extra])
+
+
+@pytest.fixture
+def built_encoders(monkeypatch) -> list:
+    """The zero-shot encoders that handclip.eval builds, in order (random weights: a reference must use the same)."""
+    from handclip.models import encoder
+
+    built = []
+    real = encoder.zero_shot_encoder
+    monkeypatch.setattr(encoder, "zero_shot_encoder", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    return built
 
 
 # -- run logs ----------------------------------------------------------------------------------

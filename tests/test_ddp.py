@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import FIVE_METRICS, ROOT, TINY, column, make_layout, quiet_overrides, read_metrics, run_module
+from conftest import FIVE_METRICS, ROOT, column, make_layout, quiet_overrides, read_metrics, run_module, tiny_preprocess
 from ddp_probe import digest
 from reference import brute_force_rank1
 from torch.utils.data import DistributedSampler
@@ -240,7 +240,7 @@ def train_cli(data: Path, out: Path, *extra: str, timeout: int = 600, multirun: 
 
 
 def training_digests(data: Path, hand: str = "dorsal_right") -> Counter:
-    dm = HandDataModule(str(data), hand, TINY, cache=False)
+    dm = HandDataModule(str(data), hand, tiny_preprocess(), cache=False)
     dm.setup()
     return Counter(digest(image) for image, _ in dm.train_set)
 
@@ -330,7 +330,7 @@ def test_ddp_val_figures_equal_one_process_on_the_same_weights(loader, ddp_runs,
     rows = read_metrics(ddp_run["run_dir"])
     logged = {key: column(rows, key)[-1] for key in ("val/loss", "val/acc", "val/rank1")}
     module = load_module(ddp_run["run_dir"] / "checkpoints" / "last.ckpt")
-    dm = HandDataModule(str(data), "dorsal_right", TINY, cache=False, eval_batch_size=3)
+    dm = HandDataModule(str(data), "dorsal_right", tiny_preprocess(), cache=False, eval_batch_size=3)
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False)
     single = trainer.validate(module, datamodule=dm, verbose=False)[0]

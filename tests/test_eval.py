@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, eval_cfg, make_layout, read_csv, run_module
+from conftest import eval_cfg, make_layout, read_csv, run_module, tiny_preprocess
 from reference import brute_force_metrics
 
 from handclip.config import compose
@@ -38,7 +38,7 @@ class CountingEncoder(torch.nn.Module):
 @pytest.mark.parametrize("cache", [True, False])
 def test_every_test_image_is_embedded_once_for_ten_runs(tmp_path, cache):
     data = make_layout(tmp_path / "d", n_test_ids=4, per_id=3, runs=10)
-    dm = HandDataModule(str(data), "dorsal_right", TINY, cache=cache, cache_dir=str(tmp_path / "c"),
+    dm = HandDataModule(str(data), "dorsal_right", tiny_preprocess(), cache=cache, cache_dir=str(tmp_path / "c"),
                         progress=False, cache_workers=0)
     encoder = CountingEncoder(zero_shot_encoder("HandCLIP-Tiny", None))
     result = evaluate_hand(encoder, dm, torch.device("cpu"), progress=False)
@@ -51,7 +51,7 @@ def test_every_test_image_is_embedded_once_for_ten_runs(tmp_path, cache):
 def test_runs_use_the_right_images(tmp_path):
     """Scores equal those computed from per-run embeddings of the query/gallery folders themselves."""
     data = make_layout(tmp_path / "d", n_test_ids=5, per_id=3, runs=3)
-    dm = HandDataModule(str(data), "dorsal_right", TINY, cache=False, progress=False)
+    dm = HandDataModule(str(data), "dorsal_right", tiny_preprocess(), cache=False, progress=False)
     encoder = zero_shot_encoder("HandCLIP-Tiny", None)
     result = evaluate_hand(encoder, dm, torch.device("cpu"), progress=False)
     from handclip.data import layout
@@ -73,7 +73,7 @@ def test_query_identity_missing_from_gallery_is_counted(tmp_path):
     data = make_layout(tmp_path / "d", n_test_ids=4, per_id=3, runs=2)
     gallery = data / "train_val_test_split_dorsal_r" / "gallery1"
     shutil.rmtree(gallery / "0002000")
-    dm = HandDataModule(str(data), "dorsal_right", TINY, cache=False, progress=False)
+    dm = HandDataModule(str(data), "dorsal_right", tiny_preprocess(), cache=False, progress=False)
     result = evaluate_hand(zero_shot_encoder("HandCLIP-Tiny", None), dm, torch.device("cpu"), progress=False)
     assert result["runs"][0]["num_invalid_queries"] == 0
     assert result["runs"][1]["num_invalid_queries"] == 2
@@ -150,7 +150,7 @@ def brute_force_runs(data: Path, hand: str, encoder, ap: str = "standard") -> li
     """Every run's figures from embeddings of its own query/gallery folders, by the brute-force reference."""
     from handclip.data import layout
 
-    dm = HandDataModule(str(data), hand, TINY, cache=False, progress=False)
+    dm = HandDataModule(str(data), hand, tiny_preprocess(), cache=False, progress=False)
     runs = []
     for query, gallery in layout.discover_hand(data, hand).runs:
         feats, labels = {}, {}
@@ -162,16 +162,6 @@ def brute_force_runs(data: Path, hand: str, encoder, ap: str = "standard") -> li
         runs.append(brute_force_metrics(feats[query], labels[query], feats[gallery], labels[gallery], ap=ap))
     return runs
 
-
-@pytest.fixture
-def built_encoders(monkeypatch) -> list:
-    """The zero-shot encoders that handclip.eval builds (random weights: the reference must use the same)."""
-    import handclip.eval as eval_mod
-
-    built = []
-    real = eval_mod.zero_shot_encoder
-    monkeypatch.setattr(eval_mod, "zero_shot_encoder", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
-    return built
 
 
 def test_eval_zero_shot_only(trained_root, built_encoders):
@@ -265,7 +255,7 @@ def test_run_without_any_valid_query_is_reported_not_fatal(tmp_path):
     gallery = data / "train_val_test_split_dorsal_r" / "gallery1"
     for ident in list(gallery.iterdir()):
         (gallery / ident.name).rename(gallery / f"9{ident.name[1:]}")  # no query identity left in gallery1
-    dm = HandDataModule(str(data), "dorsal_right", TINY, cache=False, progress=False)
+    dm = HandDataModule(str(data), "dorsal_right", tiny_preprocess(), cache=False, progress=False)
     result = evaluate_hand(zero_shot_encoder("HandCLIP-Tiny", None), dm, torch.device("cpu"), progress=False)
     assert result["runs"][1]["num_valid_queries"] == 0 and "mAP" not in result["runs"][1]
     assert result["summary"]["num_runs"] == 1 and result["summary"]["num_runs_without_valid_query"] == 1

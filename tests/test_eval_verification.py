@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, eval_cfg, make_layout, tiny_cfg
+from conftest import eval_cfg, make_layout, tiny_cfg, tiny_preprocess
 from PIL import Image
 from reference import brute_eer, brute_fmr, brute_identity_scores, brute_threshold_at_fmr
 
@@ -39,7 +39,7 @@ _SEEN: dict[tuple[int, str], np.ndarray] = {}
 
 def embed_split(encoder, data: Path, split: str) -> tuple[np.ndarray, list[int]]:
     """Each image of a split embedded on its own (no loader, no cache): the reference's input."""
-    dm = HandDataModule(str(data), HAND, TINY, cache=False, progress=False)
+    dm = HandDataModule(str(data), HAND, tiny_preprocess(), cache=False, progress=False)
     samples = layout.list_split(data, HAND, split)
     feats = []
     for s in samples:
@@ -98,15 +98,6 @@ def test_eval_reuses_a_valid_calibration_and_recomputes_a_stale_one(trained):
     assert fresh["threshold"] == json.loads(before)["threshold"]
     assert entry["verification"]["calibration"]["threshold"] == fresh["threshold"]
 
-
-@pytest.fixture
-def built_encoders(monkeypatch) -> list:
-    import handclip.eval as eval_mod
-
-    built = []
-    real = eval_mod.zero_shot_encoder
-    monkeypatch.setattr(eval_mod, "zero_shot_encoder", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
-    return built
 
 
 def test_verification_figures_equal_the_brute_force_reference(trained, built_encoders):

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, run_module, write_image
+from conftest import run_module, tiny_preprocess, write_image
 
 from handclip.config import compose
 from handclip.data.images import ImageLoader
@@ -50,7 +50,7 @@ def test_embeddings_of_a_folder_with_paths_and_identities(folder, tmp_path, suff
     torch.manual_seed(42)
     encoder = zero_shot_encoder("HandCLIP-Tiny", None)
     assert data["meta"]["model"]["zero_shot"] == "HandCLIP-Tiny"
-    loader = ImageLoader(TINY)
+    loader = ImageLoader(tiny_preprocess())
     with torch.no_grad():
         expected = torch.nn.functional.normalize(
             torch.cat([encoder.embed(loader(p).unsqueeze(0)) for p in data["paths"]]), dim=1)
@@ -108,7 +108,7 @@ def test_onnx_parity_with_pytorch_on_onnxruntime(folder, tmp_path):
     torch.manual_seed(42)  # the zero-shot tiny model the command built (export seeds like eval)
     encoder = zero_shot_encoder("HandCLIP-Tiny", None).eval()
     assert props["model_fingerprint"] == encoder_fingerprint(encoder)
-    loader = ImageLoader(TINY)
+    loader = ImageLoader(tiny_preprocess())
     crops = torch.stack([loader(p) for p in sorted(folder.rglob("*.png"))])
     for batch in (crops[:1], crops):
         got = session.run(None, {"images": batch.numpy()})[0]

@@ -20,7 +20,17 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, cli_env, fake_checkpoint, make_layout, run_module, tiny_cfg, tmpfs, write_image
+from conftest import (
+    ROOT,
+    cli_env,
+    fake_checkpoint,
+    make_layout,
+    run_module,
+    tiny_cfg,
+    tiny_preprocess,
+    tmpfs,
+    write_image,
+)
 from PIL import Image
 
 from handclip.data import cache as cache_mod
@@ -82,7 +92,7 @@ def test_cache_of_an_earlier_version_is_not_reused_for_oriented_photos(tmp_path,
     path = tmp_path / "img" / "photo.png"
     path.parent.mkdir()
     _with_orientation(path, 6, size=(90, 60))
-    upright = ImageLoader(TINY)(path)
+    upright = ImageLoader(tiny_preprocess())(path)
 
     def old_load_rgb(p):  # what format 1 did: no EXIF orientation
         with Image.open(p) as img:
@@ -91,9 +101,9 @@ def test_cache_of_an_earlier_version_is_not_reused_for_oriented_photos(tmp_path,
     with monkeypatch.context() as patch:
         patch.setattr(cache_mod, "FORMAT_VERSION", 1)
         patch.setattr(images_mod, "load_rgb", old_load_rgb)
-        old = cached_crops([path], ImageLoader(TINY), tmp_path / "cache", num_workers=0, progress=False)
+        old = cached_crops([path], ImageLoader(tiny_preprocess()), tmp_path / "cache", num_workers=0, progress=False)
     assert not torch.equal(old[0], upright)
-    assert torch.equal(cached_crops([path], ImageLoader(TINY), tmp_path / "cache", num_workers=0,
+    assert torch.equal(cached_crops([path], ImageLoader(tiny_preprocess()), tmp_path / "cache", num_workers=0,
                                     progress=False)[0], upright)
 
 
@@ -105,14 +115,14 @@ def test_degenerate_aspect_ratio_is_refused_before_resizing(tmp_path, size, monk
     resized = []
     monkeypatch.setattr(Image.Image, "resize", lambda self, *a, **k: resized.append(self.size))
     with pytest.raises(HandCLIPError, match=rf"strip.png.*{size[0]} x {size[1]}.*{MAX_ASPECT_RATIO}:1"):
-        ImageLoader(TINY)(path)
+        ImageLoader(tiny_preprocess())(path)
     assert resized == []
 
 
 def test_aspect_ratio_at_the_bound_is_read(tmp_path):
     path = tmp_path / "wide.png"
     Image.new("RGB", (MAX_ASPECT_RATIO * 20, 20), (200, 120, 90)).save(path)
-    assert ImageLoader(TINY)(path).shape == (3, 64, 64)
+    assert ImageLoader(tiny_preprocess())(path).shape == (3, 64, 64)
 
 
 def test_too_many_pixels_is_refused_unread(tmp_path, monkeypatch):
@@ -281,8 +291,8 @@ def test_killed_cache_build_leaves_no_worker_and_no_temporary(tmp_path, sig):
     assert list(cache.rglob("*.tmp")), "the killed build should have left its temporary file"
 
     paths = sorted((tmp_path / "img").glob("*.png"))
-    crops = cached_crops(paths, ImageLoader(TINY), cache, num_workers=0, progress=False)
-    assert torch.equal(crops, torch.stack([ImageLoader(TINY)(p) for p in paths]))
+    crops = cached_crops(paths, ImageLoader(tiny_preprocess()), cache, num_workers=0, progress=False)
+    assert torch.equal(crops, torch.stack([ImageLoader(tiny_preprocess())(p) for p in paths]))
     assert not list(cache.rglob("*.tmp")), "the next run removes the stale temporary files"
 
 
@@ -291,14 +301,14 @@ def test_temporaries_of_a_live_build_are_kept(tmp_path):
     from handclip.utils.locks import shared_lock
 
     images = [write_image(tmp_path / "img" / f"{i}.png", seed=i) for i in range(3)]
-    cached_crops(images[:1], ImageLoader(TINY), tmp_path / "cache", num_workers=0, progress=False)
+    cached_crops(images[:1], ImageLoader(tiny_preprocess()), tmp_path / "cache", num_workers=0, progress=False)
     directory = next((tmp_path / "cache").iterdir())
     live = directory / ".0123.npy.abcd.tmp"
     with shared_lock(directory / cache_mod.LOCK_NAME):  # another build is running
         live.write_bytes(b"half a cache")
-        cached_crops(images[1:], ImageLoader(TINY), tmp_path / "cache", num_workers=0, progress=False)
+        cached_crops(images[1:], ImageLoader(tiny_preprocess()), tmp_path / "cache", num_workers=0, progress=False)
         assert live.exists()
-    cached_crops(images, ImageLoader(TINY), tmp_path / "cache", num_workers=0, progress=False)
+    cached_crops(images, ImageLoader(tiny_preprocess()), tmp_path / "cache", num_workers=0, progress=False)
     assert not live.exists()
 
 
@@ -327,17 +337,17 @@ def test_a_full_disk_while_caching_is_one_error_and_loses_nothing(tmp_path, full
     """Writing the pages of a sparse memory map on a full disk kills the process (SIGBUS) with no message: the
     cache reserves its space first. A cache already there is kept; no temporary file is left."""
     images = [write_image(tmp_path / "img" / f"{i:03d}.png", seed=i, size=(64, 64)) for i in range(120)]
-    small = cached_crops(images[:4], ImageLoader(TINY), full_cache_disk, num_workers=0, progress=False)
+    small = cached_crops(images[:4], ImageLoader(tiny_preprocess()), full_cache_disk, num_workers=0, progress=False)
     folder = next(p for p in full_cache_disk.iterdir() if p.is_dir())
     before = sorted(p.name for p in folder.iterdir())
     with pytest.raises(HandCLIPError) as full:
-        cached_crops(images, ImageLoader(TINY), full_cache_disk, num_workers=0, progress=False)
+        cached_crops(images, ImageLoader(tiny_preprocess()), full_cache_disk, num_workers=0, progress=False)
     assert re.fullmatch(
         rf"no space left in {re.escape(str(folder))} for the crop cache of 120 images: it needs 1 MB \([\d,]+ MB "
         r"free\); nothing was lost. Free space there, or put the cache elsewhere with data.cache_dir=DIR \(data.cache="
         r"false decodes the images every epoch instead\)", str(full.value)), str(full.value)
     assert sorted(p.name for p in folder.iterdir()) == before  # no temporary file left
-    again = cached_crops(images[:4], ImageLoader(TINY), full_cache_disk, num_workers=0, progress=False)
+    again = cached_crops(images[:4], ImageLoader(tiny_preprocess()), full_cache_disk, num_workers=0, progress=False)
     assert torch.equal(again, small)  # the earlier cache still opens
 
 
@@ -578,11 +588,9 @@ def test_errors_wrapped_by_hydra_instantiate_give_one_line(capsys):
 @pytest.mark.parametrize(("module", "args", "message"), [
     ("handclip.train", ["hand=dorsal_up"], "error: unknown hand type 'dorsal_up'; expected one of: dorsal_right, "
                                            "dorsal_left, palmar_right, palmar_left"),
-    # the other entry points and -m sweeps: in make test (a new Python process costs ~8 s here)
-    pytest.param("handclip.train", ["-m", "hand=dorsal_right,palmr_left"], "error: unknown hand type 'palmr_left'",
-                 marks=pytest.mark.slow),
-    pytest.param("handclip.eval", ["trainer=dpp"], "error: trainer=dpp: no such trainer config; expected one of: "
-                                                   "cpu, ddp, default, gpu", marks=pytest.mark.slow),
+    ("handclip.train", ["-m", "hand=dorsal_right,palmr_left"], "error: unknown hand type 'palmr_left'"),
+    ("handclip.eval", ["trainer=dpp"], "error: trainer=dpp: no such trainer config; expected one of: cpu, ddp, "
+                                       "default, gpu"),
 ])
 def test_unknown_config_option_gives_one_line(tmp_path, module, args, message):
     """A config group option that does not exist (Hydra alone: a multi-line report, exit status 1)."""
@@ -590,6 +598,20 @@ def test_unknown_config_option_gives_one_line(tmp_path, module, args, message):
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith(message) and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()  # stopped before anything was written
+
+
+@pytest.mark.parametrize("module", ["handclip.train", "handclip.eval"])
+def test_a_mistyped_option_is_answered_before_torch_loads(tmp_path, module):
+    """The command line is checked before torch, Lightning and open_clip are imported (seconds each)."""
+    probe = ("import runpy, sys\n"
+             "try:\n"
+             f"    runpy.run_module({module!r}, run_name='__main__')\n"
+             "except SystemExit as stop:\n"
+             "    print(stop.code, [m for m in ('torch', 'pytorch_lightning', 'open_clip') if m in sys.modules])\n")
+    result = subprocess.run([sys.executable, "-c", probe, "trainer=dpp"], cwd=tmp_path, env=cli_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["2", "[]"], result.stderr[-2000:]
+    assert result.stderr.startswith("error: trainer=dpp: no such trainer config")
 
 
 def test_group_options_are_checked_against_the_config_folders():
@@ -640,7 +662,7 @@ def test_negative_worker_counts(data, setting):
     from handclip.data.datamodule import HandDataModule
 
     with pytest.raises(HandCLIPError, match=rf"data.{setting} must be a whole number >= 0 .*got -1"):
-        HandDataModule(str(data), "dorsal_right", TINY, cache=False, **{setting: -1})
+        HandDataModule(str(data), "dorsal_right", tiny_preprocess(), cache=False, **{setting: -1})
 
 
 @pytest.fixture(scope="module")
@@ -720,7 +742,8 @@ def test_bad_image_in_a_dataloader_worker_gives_one_line(tmp_path, capsys):
     good = [write_image(tmp_path / f"{i}.png", seed=i) for i in range(3)]
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff not a jpeg")
-    loader = DataLoader(ImageDataset([*good, bad], [0, 1, 2, 3], ImageLoader(TINY)), batch_size=1, num_workers=2)
+    dataset = ImageDataset([*good, bad], [0, 1, 2, 3], ImageLoader(tiny_preprocess()))
+    loader = DataLoader(dataset, batch_size=1, num_workers=2)
 
     @exit_on_error
     def entry():

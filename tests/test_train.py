@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIVE_METRICS, TINY, column, make_layout, read_metrics, run_module, tiny_cfg
+from conftest import FIVE_METRICS, column, make_layout, read_metrics, run_module, tiny_cfg, tiny_preprocess
 from hydra.errors import MissingConfigException
 from reference import brute_force_rank1
 
@@ -249,7 +249,7 @@ def recomputed_val_rank1(ckpt: Path, data: Path) -> float:
     from handclip.data.datamodule import HandDataModule
 
     module = load_module(ckpt)
-    dm = HandDataModule(str(data), "dorsal_right", TINY, cache=False)
+    dm = HandDataModule(str(data), "dorsal_right", tiny_preprocess(), cache=False)
     dm.setup()
     with torch.no_grad():
         val = [(module.encoder.embed(x.unsqueeze(0))[0], int(y)) for x, y in dm.val_set]
@@ -409,7 +409,7 @@ def test_training_from_device_batches(data, tmp_path, monkeypatch):
 def test_shuffled_training_batches(data, tmp_path):
     from handclip.data.datamodule import HandDataModule
 
-    dm = HandDataModule(str(data), "dorsal_right", TINY, cache=False, batch_size=4)
+    dm = HandDataModule(str(data), "dorsal_right", tiny_preprocess(), cache=False, batch_size=4)
     dm.setup()
     torch.manual_seed(0)
     order = torch.cat([y for _, y in dm.train_dataloader()]).tolist()

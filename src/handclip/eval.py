@@ -9,26 +9,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytorch_lightning as pl
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from handclip.config import hydra_entry
-from handclip.data.layout import available_hands
 from handclip.errors import HandCLIPError
-from handclip.evaluation.compare import ScoreOptions, compare_hands, score_checkpoint, score_zero_shot
-from handclip.evaluation.plots import write_figures
-from handclip.evaluation.report import markdown_table, table_rows, write_report
-from handclip.evaluation.verification import VerificationOptions
-from handclip.evaluation.verification_report import verification_markdown
 from handclip.hands import check_hand
-from handclip.models.encoder import zero_shot_encoder
-from handclip.run_folder import check_folders_writable
-from handclip.utils.devices import resolve_device
+
+# torch, Lightning and open_clip are imported when the job runs (as in handclip.train): a mistyped option
+# on the command line is answered before they load.
 
 
 def evaluate(cfg: DictConfig) -> dict:
     """Score as configured, write the report files, return ``{"entries": [...], "files": {...}}``."""
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+
+    from handclip.data.layout import available_hands
+    from handclip.evaluation.compare import ScoreOptions, compare_hands, score_checkpoint, score_zero_shot
+    from handclip.evaluation.plots import write_figures
+    from handclip.evaluation.report import markdown_table, table_rows, write_report
+    from handclip.evaluation.verification import VerificationOptions
+    from handclip.evaluation.verification_report import verification_markdown
+    from handclip.models.encoder import zero_shot_encoder
+    from handclip.run_folder import check_folders_writable
+    from handclip.utils.devices import resolve_device
+
     check_folders_writable(cfg)
     pl.seed_everything(cfg.seed, verbose=False)
     out_dir = Path(cfg.paths.output_root) / "eval"

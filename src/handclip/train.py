@@ -11,32 +11,31 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-
-import pytorch_lightning as pl
-import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig
+from typing import TYPE_CHECKING
 
 from handclip.config import hydra_entry
 from handclip.hands import check_hand
-from handclip.launch import ddp_job, describe_scale
-from handclip.models.clip import preprocess_config
-from handclip.run_folder import (
-    RunComplete,
-    check_folders_writable,
-    check_max_epochs,
-    check_resume_compatible,
-    claim_run_folder,
-    resolve_ckpt_path,
-    save_config,
-)
-from handclip.utils.devices import check_trainer_devices, launched_as_rank_zero
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+# torch, Lightning and open_clip are imported when the job runs, not with this module: `python -m
+# handclip.train` checks its command line first, so a mistyped option answers in about a second.
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train one hand type as configured; return the final logged metrics (none when already complete)."""
+    from handclip.run_folder import (
+        RunComplete,
+        check_folders_writable,
+        check_max_epochs,
+        claim_run_folder,
+        resolve_ckpt_path,
+    )
+    from handclip.utils.devices import check_trainer_devices, launched_as_rank_zero
+
     check_hand(cfg.hand.name)
     max_epochs = check_max_epochs(cfg.trainer.get("max_epochs"))
     check_trainer_devices(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("devices", 1))
@@ -55,6 +54,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def _fit(cfg: DictConfig, output_dir: Path, ckpt_path: Path | None, rank_zero: bool) -> dict[str, float]:
+    import pytorch_lightning as pl
+    import torch
+    from hydra.utils import instantiate
+
+    from handclip.launch import ddp_job, describe_scale
+    from handclip.models.clip import preprocess_config
+    from handclip.run_folder import check_resume_compatible, save_config
+
     pl.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available() and str(cfg.trainer.get("precision")) in ("bf16-mixed", "16-mixed"):
         torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in fp32 (trainer=gpu)
@@ -71,7 +78,7 @@ def _fit(cfg: DictConfig, output_dir: Path, ckpt_path: Path | None, rank_zero: b
 
     callbacks = [cb for cb in (instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c) if cb is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if scale := describe_scale(trainer, datamodule.batch_size):
         log.info(scale)
     with ddp_job(trainer):  # DDP re-runs this job's command line (not a -m sweep's) for its processes
