@@ -19,6 +19,9 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 # Tests, the demo and the benchmark use random weights: never wait on the Hugging Face hub for them.
 OFFLINE := HF_HUB_OFFLINE=1
 export PYTHONPATH := $(CURDIR)/src$(if $(PYTHONPATH),:$(PYTHONPATH))
+# pytest with the plugins the suite uses and no others: plugins that other packages install beside it
+# (Hydra's, hypothesis, anyio...) would load in every test process, seconds each time.
+PYTEST := PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $(PY) -m pytest -p xdist.plugin -p pytest_timeout
 # Test processes (pytest-xdist): one per core, at most 4.
 TEST_WORKERS ?= $(shell n=$$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 
@@ -51,10 +54,10 @@ install: $(PY_PREREQ) ## Install HandCLIP (editable) and its test tools into the
 	@$(PY) -c "$$INSTALLED_CHECK" 2>/dev/null || $(PY) -m pip install -e ".[test]" $(TORCH_PIN)
 
 test: install ## Run the whole test suite (CPU, offline, a few minutes)
-	$(OFFLINE) $(PY) -m pytest -q -n $(TEST_WORKERS)
+	$(OFFLINE) $(PYTEST) -q -n $(TEST_WORKERS)
 
 test-fast: install ## The test suite without the slow end-to-end tests (about 2 minutes on 2 cores)
-	$(OFFLINE) $(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
+	$(OFFLINE) $(PYTEST) -q -n $(TEST_WORKERS) -m "not slow"
 
 # mutmut puts mutants/src first on sys.path itself (PYTHONPATH emptied); one torch thread per test process.
 mutate: install ## Mutation testing (mutmut) of the core modules against their fast tests: kill rate per module, survivors
