@@ -591,6 +591,8 @@ def test_errors_wrapped_by_hydra_instantiate_give_one_line(capsys):
     ("handclip.train", ["-m", "hand=dorsal_right,palmr_left"], "error: unknown hand type 'palmr_left'"),
     ("handclip.eval", ["trainer=dpp"], "error: trainer=dpp: no such trainer config; expected one of: cpu, ddp, "
                                        "default, gpu"),
+    ("handclip.eval", ["metrics.rank=[1]"], "error: metrics.rank=[1]: no such key in the eval config; did you mean "
+                                            "metrics.ranks? (a new key is added with +metrics.rank=[1])"),
 ])
 def test_unknown_config_option_gives_one_line(tmp_path, module, args, message):
     """A config group option that does not exist (Hydra alone: a multi-line report, exit status 1)."""
@@ -622,6 +624,30 @@ def test_group_options_are_checked_against_the_config_folders():
     check_group_options(["--config-dir=/extra", "hand=my_own_hand"])  # extra configs: left to Hydra
     with pytest.raises(HandCLIPError, match="model=vit_b23: no such model config; expected one of: tiny, vit_b32"):
         check_group_options(["model=vit_b23"])
+
+
+def test_override_keys_are_checked_against_the_composed_config():
+    from handclip.config import check_override_keys
+
+    # keys of the config once the command line's group choices are composed (trainer=ddp adds num_nodes)
+    check_override_keys("train", ["-m", "trainer=ddp,cpu", "trainer.num_nodes=2", "trainer.max_epochs=1,2",
+                                  "experiment=demo", "model.pretrained=null", "data.batch_size=4", "hand=glob(*)",
+                                  "callbacks.last_checkpoint.dirpath=/x", "--cfg", "job"])
+    check_override_keys("eval", ["metrics.ranks.2=20", "verification.fmr_levels=[0.1]"])
+    # appends, deletions, Hydra's own settings and other configs: Hydra's to judge
+    check_override_keys("train", ["+new=1", "++trainer.new=2", "~logger", "hydra.run.dir=/x", "hydra/launcher=basic"])
+    check_override_keys("train", ["-cn", "mine", "its_own_key=1"])
+    with pytest.raises(HandCLIPError, match=r"^trainer.num_nodes=2: no such key in the train config \(a new key is "
+                                            r"added with \+trainer.num_nodes=2\)$"):
+        check_override_keys("train", ["trainer.num_nodes=2"])
+    for typo, meant in [("trainer.max_epoch", "trainer.max_epochs"), ("trainr.max_epochs", "trainer.max_epochs"),
+                        ("sed", "seed")]:
+        with pytest.raises(HandCLIPError, match=rf"^{typo}=3: no such key in the train config; did you mean {meant}\?"):
+            check_override_keys("train", [f"{typo}=3"])
+    with pytest.raises(HandCLIPError, match=r"^metrics.ranks.3=1: no such key in the eval config \(a new key"):
+        check_override_keys("eval", ["metrics.ranks.3=1"])
+    with pytest.raises(HandCLIPError, match=r"^bogus=1: no such key in the identify config \("):
+        check_override_keys("identify", ["top_k=3", "bogus=1"])
 
 
 def test_other_errors_keep_their_traceback():

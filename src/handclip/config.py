@@ -144,6 +144,76 @@ def check_group_options(argv: list[str]) -> None:
             raise HandCLIPError(f"{group}={option}: no such {group} config; expected one of: {', '.join(known)}")
 
 
+def check_override_keys(config_name: str, argv: list[str]) -> None:
+    """``key=value`` on the command line naming no key of the config (``trainer.max_epoch=3``): one line with the
+    closest key and how to add a new one, instead of Hydra's multi-line report with exit status 1.
+
+    The group choices on the command line are composed first (a sweep's first option), so keys that an
+    experiment or model config adds count. Appends (``+key=``), deletions (``~key``), Hydra's own settings and
+    runs with other config names or folders are left to Hydra, as is a config that does not compose.
+    """
+    import re
+
+    if any(t.startswith(("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp")) for t in argv):
+        return
+    root = config_dir()
+    choices, settings = [], []
+    for token in argv:
+        match = re.fullmatch(r"(\w[\w.]*)=(.*)", token)
+        if not match or match.group(1).split(".")[0] == "hydra":
+            continue
+        key, value = match.groups()
+        if (root / key).is_dir():
+            first = value.split(",")[0]
+            if re.fullmatch(r"[\w.-]+", first):  # not glob(), range() or an interpolation
+                choices.append(f"{key}={first}")
+        else:
+            settings.append((key, value))
+    if not settings:
+        return
+    try:
+        tree = OmegaConf.to_container(compose(config_name, choices), resolve=False)
+    except Exception:  # noqa: BLE001 - Hydra's own report says what does not compose
+        return
+    for key, value in settings:
+        if not _has_key(tree, key.split(".")):
+            hint = "".join(f"; did you mean {close}?" for close in _closest_key(tree, key)[:1])
+            raise HandCLIPError(f"{key}={value}: no such key in the {config_name} config{hint} (a new key is added "
+                                f"with +{key}={value})")
+
+
+def _has_key(node, parts: list[str]) -> bool:
+    for part in parts:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False
+    return True
+
+
+def _closest_key(tree: dict, key: str) -> list[str]:
+    """The likely intended key: a sibling with a similar name (``trainer.max_epoch``), else a key as deep with a
+    similar path (``trainr.max_epochs``)."""
+    import difflib
+
+    parent, _, leaf = key.rpartition(".")
+    node = tree
+    for part in parent.split(".") if parent else []:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        return [f"{parent}.{m}" if parent else m for m in difflib.get_close_matches(leaf, [str(k) for k in node], 1)]
+    return difflib.get_close_matches(key, [k for k in _dotted_keys(tree) if k.count(".") == key.count(".")], 1)
+
+
+def _dotted_keys(node, prefix: str = ""):
+    if isinstance(node, dict):
+        for key, child in node.items():
+            yield f"{prefix}{key}"
+            yield from _dotted_keys(child, f"{prefix}{key}.")
+
+
 def _in_multirun() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -175,6 +245,7 @@ def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], object]], 
         def entry() -> None:
             exit_on_error(check_launcher_installed)(sys.argv[1:])  # before Hydra composes the launcher
             exit_on_error(check_group_options)(sys.argv[1:])
+            exit_on_error(check_override_keys)(config_name, sys.argv[1:])
             main()
 
         return entry
