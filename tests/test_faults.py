@@ -602,18 +602,23 @@ def test_unknown_config_option_gives_one_line(tmp_path, module, args, message):
     assert not (tmp_path / "out").exists()  # stopped before anything was written
 
 
-@pytest.mark.parametrize("module", ["handclip.train", "handclip.eval"])
-def test_a_mistyped_option_is_answered_before_torch_loads(tmp_path, module):
+@pytest.mark.parametrize(("module", "mistake", "message"), [
+    ("handclip.train", "trainer=dpp", "error: trainer=dpp: no such trainer config"),
+    ("handclip.eval", "trainer=dpp", "error: trainer=dpp: no such trainer config"),
+    ("handclip.identify", "top_kk=3", "error: top_kk=3: no such key in the identify config; did you mean top_k?"),
+    ("handclip.export", "fromat=onnx", "error: fromat=onnx: no such key in the export config; did you mean format?"),
+])
+def test_a_mistyped_option_is_answered_before_torch_loads(tmp_path, module, mistake, message):
     """The command line is checked before torch, Lightning and open_clip are imported (seconds each)."""
     probe = ("import runpy, sys\n"
              "try:\n"
              f"    runpy.run_module({module!r}, run_name='__main__')\n"
              "except SystemExit as stop:\n"
              "    print(stop.code, [m for m in ('torch', 'pytorch_lightning', 'open_clip') if m in sys.modules])\n")
-    result = subprocess.run([sys.executable, "-c", probe, "trainer=dpp"], cwd=tmp_path, env=cli_env(),
+    result = subprocess.run([sys.executable, "-c", probe, mistake], cwd=tmp_path, env=cli_env(),
                             capture_output=True, text=True, timeout=120)
     assert result.stdout.split() == ["2", "[]"], result.stderr[-2000:]
-    assert result.stderr.startswith("error: trainer=dpp: no such trainer config")
+    assert result.stderr.startswith(message) and result.stderr.count("\n") == 1
 
 
 def test_group_options_are_checked_against_the_config_folders():

@@ -20,17 +20,17 @@ from omegaconf import DictConfig
 from handclip.config import hydra_entry
 from handclip.errors import HandCLIPError
 from handclip.hands import check_hand
-from handclip.identify.embeddings_export import SUFFIXES, export_embeddings
-from handclip.identify.run import load_model
-from handclip.models.onnx_export import export_onnx
-from handclip.models.open_clip_export import export_open_clip
-from handclip.run_folder import trained_checkpoint
-from handclip.utils.devices import resolve_device
 from handclip.utils.files import check_output_file
+
+# Each format imports what it needs (torch, open_clip, onnx) when it runs: a mistyped option on the command
+# line is answered before they load.
 
 
 def open_clip(cfg: DictConfig) -> dict:
     """The whole open_clip model (both towers) with the fine-tuned image tower, as .safetensors."""
+    from handclip.models.open_clip_export import export_open_clip
+    from handclip.run_folder import trained_checkpoint
+
     if cfg.ckpt_path:
         ckpt = Path(str(cfg.ckpt_path)).expanduser().resolve()
     else:
@@ -43,6 +43,10 @@ def open_clip(cfg: DictConfig) -> dict:
 
 def embeddings(cfg: DictConfig) -> dict:
     """Embeddings of every image of a folder, with paths and identities (.npz or .safetensors)."""
+    from handclip.identify.embeddings_export import SUFFIXES, export_embeddings
+    from handclip.identify.run import load_model
+    from handclip.utils.devices import resolve_device
+
     if not cfg.images:
         raise HandCLIPError("format=embeddings needs images=DIR (<identity>/<image> folders or a flat folder)")
     check_output_file(cfg.out, cfg.overwrite, SUFFIXES)  # before loading the model
@@ -53,6 +57,9 @@ def embeddings(cfg: DictConfig) -> dict:
 
 def onnx(cfg: DictConfig) -> dict:
     """The image tower as ONNX, checked against PyTorch on onnxruntime (CPU)."""
+    from handclip.identify.run import load_model
+    from handclip.models.onnx_export import export_onnx
+
     out = check_output_file(cfg.out, cfg.overwrite, (".onnx",))
     encoder, model, meta = load_model(cfg)
     info = {**model.key, "model_fingerprint": model.fingerprint, "hand": meta.get("hand")}

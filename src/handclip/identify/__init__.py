@@ -8,6 +8,14 @@ Modules: :mod:`~handclip.identify.sources` (which files a gallery and a query ar
 :mod:`~.search` (exact chunked top-k), :mod:`~.results` (decisions, files, printing), :mod:`~.run` (the steps).
 """
 
-from handclip.identify.run import identify
-
 __all__ = ["identify"]
+
+
+def __getattr__(name: str):
+    # On first use, not on import: `python -m handclip.identify` imports this package before checking its
+    # command line, and identify's modules bring torch and open_clip.
+    if name == "identify":
+        from handclip.identify.run import identify
+
+        return identify
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,11 +10,12 @@ Writes outputs/identify/<name>/results.json, results.csv and rankings/*.png (see
 from omegaconf import DictConfig
 
 from handclip.config import hydra_entry
-from handclip.identify import identify
 
 
 @hydra_entry("identify")
 def main(cfg: DictConfig) -> None:
+    from handclip.identify.run import identify  # torch and open_clip: after the command line is checked
+
     identify(cfg)
 
 
