@@ -174,14 +174,13 @@ def fake_checkpoint(path: Path, epochs: int = 2, resumable: bool = True, **hpara
 
 
 @contextlib.contextmanager
-def tmpfs(folder: Path, size: str, read_only: bool = False):
-    """A tmpfs of ``size`` (mount's size=, e.g. "1m"), read-only if asked, mounted on ``folder`` for the block:
-    a small or read-only disk (permission bits do not stop root). The test is skipped where mounting is refused."""
-    options = f"ro,size={size}" if read_only else f"size={size}"
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True,
+def tmpfs(folder: Path, size: str):
+    """A tmpfs of ``size`` (mount's size=, e.g. "1m") mounted on ``folder`` for the block; the test is skipped
+    where mounting is refused (a real full disk: permission bits do not stop root)."""
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True,
                           text=True)
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a{' read-only' if read_only else ''} tmpfs here: {done.stderr.strip()}")
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
         yield folder
     finally:
