@@ -16,7 +16,7 @@ SRC = ROOT / "src" / "handclip"
 #: Layers, lowest first. A module may import its own layer and those below; data and models (both
 #: layer 1) never import each other.
 LAYERS = {
-    "base": ("handclip", "handclip.errors", "handclip.hands", "handclip.config", "handclip.metrics",
+    "base": ("handclip", "handclip.errors", "handclip.hands", "handclip.config", "handclip.schema", "handclip.metrics",
              "handclip.utils"),
     "data": ("handclip.data",),
     "models": ("handclip.models",),

@@ -159,7 +159,7 @@ def test_val_figures_use_each_image_once_in_dataset_order(monkeypatch):
 # -- training runs -----------------------------------------------------------------------------
 def test_fast_dev_run(data, tmp_path):
     """One training and one validation batch, the five metrics, and no checkpoint (Lightning's dry run)."""
-    cfg = tiny_cfg(data, tmp_path, "+trainer.fast_dev_run=true")
+    cfg = tiny_cfg(data, tmp_path, "trainer.fast_dev_run=true")
     metrics = train(cfg)
     assert {"train/loss_epoch", "val/loss", "val/rank1"} <= set(metrics)
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())

@@ -79,7 +79,11 @@ def log_file(path: str) -> str:
 
 
 def register_resolvers() -> None:
-    """Make ``${handclip_root:}`` and the other ``handclip_*`` resolvers known to OmegaConf (idempotent)."""
+    """Make ``${handclip_root:}`` and the other ``handclip_*`` resolvers known to OmegaConf, and the typed schemas
+    (:mod:`handclip.schema`) known to Hydra (idempotent)."""
+    from handclip.schema import register_schemas
+
+    register_schemas()
     resolvers = {"handclip_root": project_root, "handclip_precision": precision_for, "handclip_gpu_count": gpu_count,
                  "handclip_job_devices": job_devices, "handclip_log_file": log_file}
     for name, resolver in resolvers.items():
@@ -144,42 +148,145 @@ def check_group_options(argv: list[str]) -> None:
             raise HandCLIPError(f"{group}={option}: no such {group} config; expected one of: {', '.join(known)}")
 
 
-def check_override_keys(config_name: str, argv: list[str]) -> None:
-    """``key=value`` on the command line naming no key of the config (``trainer.max_epoch=3``): one line with the
-    closest key and how to add a new one, instead of Hydra's multi-line report with exit status 1.
+def _parse_overrides(argv: list[str]) -> list:
+    """The command line's ``key=value`` overrides, parsed as Hydra parses them (flags and their values left out).
 
-    The group choices on the command line are composed first (a sweep's first option), so keys that an
-    experiment or model config adds count. Appends (``+key=``), deletions (``~key``), Hydra's own settings and
-    runs with other config names or folders are left to Hydra, as is a config that does not compose.
+    A value Hydra cannot parse (non-ASCII letters or spaces unquoted, an unclosed bracket) is one line with
+    what to do instead of Hydra's multi-line report."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser, parsed, after_flag = OverridesParser.create(), [], False
+    for token in argv:
+        if after_flag or token.startswith("-"):
+            # flags that take a value as the next word: --cfg job, --package PKG, --info WHAT
+            after_flag = token in ("--cfg", "-c", "--package", "-p", "--info", "--experimental-rerun")
+            continue
+        if "=" not in token and not token.startswith("~"):
+            continue
+        try:
+            parsed.append(parser.parse_override(token))
+        except HydraException as err:
+            reason = str(err).splitlines()[0]
+            raise HandCLIPError(f"{token}: Hydra cannot read this override ({reason}); put the value in quotes, "
+                                f"e.g. {_quoted(token)} (in the shell: '{_quoted(token)}')") from None
+    return parsed
+
+
+def _quoted(token: str) -> str:
+    key, _, value = token.partition("=")
+    return f'{key}="{value}"'
+
+
+def _first_value(override) -> str | None:
+    """The override as one value (a sweep's first), in command-line form; None when it cannot be one (glob,
+    interval: a sweeper's to expand)."""
+    from hydra.core.override_parser.types import OverrideType, ValueType
+
+    prefix = {OverrideType.ADD: "+", OverrideType.FORCE_ADD: "++"}.get(override.type, "")
+    key = override.get_key_element().lstrip("+~")
+    if override.is_delete():
+        return override.input_line
+    if not override.is_sweep_override():
+        return override.input_line
+    if override.value_type in (ValueType.GLOB_CHOICE_SWEEP, ValueType.INTERVAL_SWEEP):
+        return None
+    first = next(iter(override.sweep_string_iterator()), None)
+    return None if first is None else f"{prefix}{key}={first}"
+
+
+def _sweep_alternatives(override) -> list[str]:
+    """The other values of a simple, choice or range sweep, each in command-line form."""
+    from hydra.core.override_parser.types import OverrideType, ValueType
+
+    if not override.is_sweep_override() or override.value_type in (ValueType.GLOB_CHOICE_SWEEP,
+                                                                     ValueType.INTERVAL_SWEEP):
+        return []
+    prefix = {OverrideType.ADD: "+", OverrideType.FORCE_ADD: "++"}.get(override.type, "")
+    key = override.get_key_element().lstrip("+~")
+    return [f"{prefix}{key}={value}" for value in list(override.sweep_string_iterator())[1:]]
+
+
+def check_override_keys(config_name: str, argv: list[str]) -> None:
+    """The command line against the config's typed schema (:mod:`handclip.schema`), before torch loads.
+
+    One line, instead of Hydra's multi-line report, for a key that does not exist (``trainer.max_epoch=3``: the
+    closest key, and how to add a new one), a value of the wrong type (``data.batch_size=abc``: the key, the value,
+    the type expected), a value out of range (``model.lr=0``) and an override Hydra cannot parse. The config is
+    composed as the command line asks (a sweep's values one by one; glob() and interval() are left to the
+    sweeper). Hydra's own settings and runs with other config names or folders are left to Hydra, as is a config
+    that does not compose for another reason.
     """
-    import re
+    from hydra.errors import ConfigCompositionException
+
+    from handclip.schema import check_values
 
     if any(t.startswith(("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp")) for t in argv):
         return
-    root = config_dir()
-    choices, settings = [], []
-    for token in argv:
-        match = re.fullmatch(r"(\w[\w.]*)=(.*)", token)
-        if not match or match.group(1).split(".")[0] == "hydra":
-            continue
-        key, value = match.groups()
-        if (root / key).is_dir():
-            first = value.split(",")[0]
-            if re.fullmatch(r"[\w.-]+", first):  # not glob(), range() or an interpolation
-                choices.append(f"{key}={first}")
-        else:
-            settings.append((key, value))
-    if not settings:
+    overrides = [o for o in _parse_overrides(argv)
+                 if o.get_key_element().lstrip("+~").split(".")[0].split("/")[0] != "hydra"]
+    if not overrides:
         return
-    try:
+    first = [_first_value(o) for o in overrides]
+    base = [f for f in first if f is not None]
+    variants = [base]
+    for n, override in enumerate(overrides):
+        if first[n] is not None and not (config_dir() / override.key_or_group).is_dir():
+            variants += [[alt if f == first[n] else f for f in base] for alt in _sweep_alternatives(override)]
+    for chosen in variants:
+        try:
+            cfg = compose(config_name, chosen)
+        except ConfigCompositionException as err:
+            _explain_composition_error(config_name, err, overrides)
+            return  # not a key or type problem: Hydra's own report says what does not compose
+        check_values(cfg)
+
+
+def _explain_composition_error(config_name: str, err: Exception, overrides: list) -> None:
+    """Raise the one-line HandCLIPError for a missing key or a value of the wrong type; return otherwise."""
+    from omegaconf.errors import ConfigAttributeError, ConfigIndexError, ConfigKeyError, ValidationError
+
+    cause = err.__cause__
+    added = next((o for o in overrides if o.is_add() and str(err).startswith("Could not append to config. An item is "
+                                                                            f"already at '{o.key_or_group}'")), None)
+    if added is not None:
+        plain = added.input_line.lstrip("+")
+        raise HandCLIPError(f"{added.input_line}: {added.key_or_group} is a key of the {config_name} config already; "
+                            f"set it without '+': {plain}")
+    if isinstance(cause, ValidationError):
+        key = str(cause.full_key)
+        given = next((f"{key}={cause.value}" if o.is_sweep_override() else o.input_line.lstrip("+")
+                      for o in overrides if o.get_key_element().lstrip("+~") == key), None)
+        expected = _expected_type(cause)
+        where = given if given is not None else f"{key}={cause.value!r} (set in a config file)"
+        raise HandCLIPError(f"{where}: expected {expected}, got {cause.value!r}") from None
+    if isinstance(cause, (ConfigAttributeError, ConfigIndexError, ConfigKeyError)):
+        choices = [f for o in overrides if (config_dir() / o.key_or_group).is_dir() and not o.is_delete()
+                   for f in [_first_value(o)] if f is not None]
         tree = OmegaConf.to_container(compose(config_name, choices), resolve=False)
-    except Exception:  # noqa: BLE001 - Hydra's own report says what does not compose
-        return
-    for key, value in settings:
-        if not _has_key(tree, key.split(".")):
+        for override in overrides:
+            key = override.get_key_element()
+            if key.startswith(("+", "~")) or (config_dir() / key).is_dir() or _has_key(tree, key.split(".")):
+                continue
             hint = "".join(f"; did you mean {close}?" for close in _closest_key(tree, key)[:1])
-            raise HandCLIPError(f"{key}={value}: no such key in the {config_name} config{hint} (a new key is added "
-                                f"with +{key}={value})")
+            line = override.input_line
+            raise HandCLIPError(f"{line}: no such key in the {config_name} config{hint} (a new key is added "
+                                f"with +{line})")
+
+
+#: OmegaConf's names of the types in its conversion errors -> what the message says.
+_TYPE_WORDS = {"Integer": "a whole number (int)", "Float": "a number (float)", "Boolean": "true or false (bool)",
+               "bool": "true or false (bool)", "String": "a string"}
+
+
+def _expected_type(cause) -> str:
+    import re
+
+    match = (re.search(r"could not be converted to (\w+)", cause.msg) or re.search(r"is not a valid (\w+)", cause.msg)
+             or re.search(r"Invalid type assigned: \S+ is not a subclass of (\w+)", cause.msg))
+    if match:
+        return _TYPE_WORDS.get(match.group(1), match.group(1))
+    return cause.msg.splitlines()[0]
 
 
 def _has_key(node, parts: list[str]) -> bool:

@@ -1,0 +1,305 @@
+"""Typed schemas of the configs (Hydra structured configs): every key of every command, its type and its range.
+
+The YAML files in ``configs/`` keep the values and their comments; these dataclasses say what each key is. They
+are registered in Hydra's ConfigStore (:func:`register_schemas`) and named first in each command's defaults list
+(``train_schema``, ...), so OmegaConf checks every value as the config is composed: ``data.batch_size=abc``
+or ``trainer.max_epochs=1.5`` is refused with the key, the value and the type expected. What a type cannot say
+(a learning rate above 0, a hand type that exists) is the field's ``metadata`` (:func:`at_least`, :func:`above`,
+:func:`between`, :func:`checked_by`), checked in one place, :func:`check_values`. Both run before torch loads
+(see :func:`handclip.config.check_command_line`).
+
+Adding a config key means adding it here too: a key the schema does not know is refused when the config is
+composed (``+key=value`` adds one on the command line, untyped).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Optional, get_type_hints
+
+from omegaconf import MISSING, DictConfig
+
+from handclip.errors import HandCLIPError
+from handclip.hands import check_hand
+
+
+def at_least(low: float, default: Any = MISSING) -> Any:
+    """A number >= ``low``."""
+    return field(default=default, metadata={"low": low, "rule": f">= {low:g}"})
+
+
+def above(low: float, default: Any = MISSING) -> Any:
+    """A number > ``low``."""
+    return field(default=default, metadata={"low": low, "open": True, "rule": f"> {low:g}"})
+
+
+def between(low: float, high: float, default: Any = MISSING) -> Any:
+    """A number strictly between ``low`` and ``high``."""
+    return field(default=default, metadata={"low": low, "high": high, "open": True,
+                                            "rule": f"between {low:g} and {high:g} (both excluded)"})
+
+
+def finite(default: Any = MISSING) -> Any:
+    """A finite number (not nan or inf)."""
+    return field(default=default, metadata={"rule": "a finite number"})
+
+
+def checked_by(check: Callable[[Any], Any], default: Any = MISSING) -> Any:
+    """A value ``check(value)`` accepts (it raises HandCLIPError with its own message otherwise)."""
+    return field(default=default, metadata={"check": check})
+
+
+# -- the groups ---------------------------------------------------------------------------------------------------
+@dataclass
+class HandConfig:
+    name: str = checked_by(check_hand)
+
+
+@dataclass
+class AnyHandConfig:
+    """The ``hand`` of a command not tied to one hand type (identify, bench): a name for its folders."""
+
+    name: str = MISSING
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = MISSING
+    data_dir: str = MISSING
+    output_root: str = MISSING
+    output_dir: str = MISSING
+    cache_dir: str = MISSING
+
+
+@dataclass
+class DataConfig:
+    _target_: str = MISSING
+    root: str = MISSING
+    hand: str = MISSING
+    batch_size: int = at_least(1)
+    eval_batch_size: int = at_least(1)
+    num_workers: int = at_least(0)
+    pin_memory: bool = MISSING
+    cache: bool = MISSING
+    cache_dir: Optional[str] = MISSING
+    cache_workers: Optional[int] = at_least(0)
+    # true, false or auto
+    device_batches: Any = MISSING
+    progress: bool = MISSING
+
+
+@dataclass
+class ModelConfig:
+    _target_: str = MISSING
+    model_name: str = MISSING
+    pretrained: Optional[str] = MISSING
+    cache_dir: Optional[str] = MISSING
+    lr: float = above(0)
+    weight_decay: float = at_least(0)
+    compile: bool = MISSING
+
+
+@dataclass
+class TrainerConfig:
+    """pytorch_lightning.Trainer's arguments that HandCLIP's configs set (others: ``+trainer.<argument>=...``).
+
+    The debugging arguments (fast_dev_run ... detect_anomaly) default to Lightning's own defaults."""
+
+    _target_: str = MISSING
+    default_root_dir: str = MISSING
+    max_epochs: int = at_least(1)
+    accelerator: str = MISSING
+    # a number, a list of device indices, or auto
+    devices: Any = MISSING
+    precision: str = MISSING
+    check_val_every_n_epoch: Optional[int] = at_least(1)
+    log_every_n_steps: int = at_least(1)
+    num_sanity_val_steps: int = MISSING
+    # true, false or warn
+    deterministic: Any = MISSING
+    enable_progress_bar: bool = MISSING
+    enable_model_summary: bool = MISSING
+    plugins: Optional[list[Any]] = None
+    # true/false or a number of batches
+    fast_dev_run: Any = False
+    # a share (float) or a number (int) of batches
+    overfit_batches: Any = 0.0
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    # simple, advanced, pytorch, or null
+    profiler: Optional[str] = None
+    detect_anomaly: bool = False
+
+
+@dataclass
+class DDPTrainerConfig(TrainerConfig):
+    """``trainer=ddp``: Lightning's DDP (one process per device)."""
+
+    strategy: str = MISSING
+    num_nodes: int = at_least(1)
+    use_distributed_sampler: bool = MISSING
+
+
+@dataclass
+class MetricsConfig:
+    ranks: list[int] = MISSING
+    ap: str = MISSING
+    cross_aspect: bool = MISSING
+
+
+@dataclass
+class VerificationConfig:
+    enabled: bool = MISSING
+    fmr_levels: list[float] = MISSING
+    target_fmr: float = between(0, 1)
+    cmc_max_rank: int = at_least(1)
+    examples: int = at_least(0)
+    top_k: int = at_least(1)
+    pictures: bool = MISSING
+
+
+@dataclass
+class OnnxConfig:
+    opset: int = at_least(7)
+    check: bool = MISSING
+    check_images: int = at_least(1)
+    tolerance: float = above(0)
+
+
+# -- the commands -------------------------------------------------------------------------------------------------
+@dataclass
+class _Command:
+    task_name: str = MISSING
+    seed: int = MISSING
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+@dataclass
+class _ModelCommand(_Command):
+    hand: HandConfig = field(default_factory=HandConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+@dataclass
+class TrainSchema(_ModelCommand):
+    ckpt_path: Optional[str] = MISSING
+    callbacks: Optional[dict[str, Any]] = None
+    logger: Optional[dict[str, Any]] = None
+
+
+@dataclass
+class EvalSchema(_ModelCommand):
+    ckpt_path: Optional[str] = MISSING
+    all: bool = MISSING
+    allow_hand_mismatch: bool = MISSING
+    device: str = MISSING
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    verification: VerificationConfig = field(default_factory=VerificationConfig)
+
+
+@dataclass
+class IdentifySchema(_ModelCommand):
+    hand: AnyHandConfig = field(default_factory=AnyHandConfig)  # type: ignore[assignment]
+    ckpt_path: Optional[str] = MISSING
+    gallery: Optional[str] = MISSING
+    query: Optional[str] = MISSING
+    top_k: int = at_least(1)
+    threshold: Optional[float] = finite()
+    calibration: Optional[str] = MISSING
+    target_fmr: Optional[float] = between(0, 1)
+    name: Optional[str] = MISSING
+    overwrite: bool = MISSING
+    index: Optional[str] = MISSING
+    index_dtype: str = MISSING
+    pictures: bool = MISSING
+    print_limit: int = at_least(0)
+    device: str = MISSING
+    batch_size: int = at_least(1)
+    num_workers: Optional[int] = at_least(0)
+    progress: bool = MISSING
+
+
+@dataclass
+class ExportSchema(_ModelCommand):
+    format: str = MISSING
+    ckpt_path: Optional[str] = MISSING
+    out: Optional[str] = MISSING
+    overwrite: bool = MISSING
+    pretrained: Optional[str] = MISSING
+    cache_dir: Optional[str] = MISSING
+    images: Optional[str] = MISSING
+    device: str = MISSING
+    batch_size: int = at_least(1)
+    num_workers: Optional[int] = at_least(0)
+    progress: bool = MISSING
+    onnx: OnnxConfig = field(default_factory=OnnxConfig)
+
+
+#: ConfigStore name -> schema. A command's YAML names its schema first in its defaults list.
+SCHEMAS = {"train_schema": TrainSchema, "eval_schema": EvalSchema, "identify_schema": IdentifySchema,
+           "export_schema": ExportSchema}
+#: Schemas of group options that add keys, stored under ``schema/<group>`` (``- /schema/trainer/ddp@_here_``).
+GROUP_SCHEMAS = {("schema/trainer", "ddp"): DDPTrainerConfig}
+
+
+def register_schemas() -> None:
+    """Store the schemas in Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for name, node in SCHEMAS.items():
+        store.store(name=name, node=node)
+    for (group, name), node in GROUP_SCHEMAS.items():
+        store.store(group=group, name=name, node=node)
+
+
+# -- the ranges ---------------------------------------------------------------------------------------------------
+def _ranged_fields(schema: type, cfg: DictConfig, prefix: str = "") -> Iterator[tuple[str, Any, dict]]:
+    """(dotted key, value, metadata) of every field with a rule, walking nested schemas as the config has them.
+    Only those values are read (resolved): an interpolation elsewhere may need torch (``${handclip_precision:}``)."""
+    from omegaconf import OmegaConf
+
+    hints = get_type_hints(schema)
+    for spec in fields(schema):
+        if spec.name not in cfg.keys():  # "in cfg" would resolve the value
+            continue
+        key = f"{prefix}{spec.name}"
+        if is_dataclass(hints[spec.name]):
+            node_type = OmegaConf.get_type(cfg, spec.name)  # a subclass where a group option says so (ddp)
+            if is_dataclass(node_type) and isinstance(cfg[spec.name], DictConfig):
+                yield from _ranged_fields(node_type, cfg[spec.name], f"{key}.")
+        elif spec.metadata:
+            yield key, cfg[spec.name], dict(spec.metadata)
+
+
+def _check_one(key: str, value: Any, rule: dict) -> None:
+    if value is None:
+        return
+    if "check" in rule:
+        try:
+            rule["check"](value)
+        except HandCLIPError as err:
+            raise HandCLIPError(f"{key}={value}: {err}") from None
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise HandCLIPError(f"{key}={value}: expected {rule['rule']}")
+    low, high, open_ = rule.get("low"), rule.get("high"), rule.get("open", False)
+    too_low = low is not None and (value <= low if open_ else value < low)
+    too_high = high is not None and (value >= high if open_ else value > high)
+    if too_low or too_high:
+        raise HandCLIPError(f"{key}={value}: expected a number {rule['rule']}")
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Refuse, with one line naming the key, a value outside its field's range (types are OmegaConf's to check)."""
+    from omegaconf import OmegaConf
+
+    schema = OmegaConf.get_type(cfg)
+    if not is_dataclass(schema):
+        return
+    for key, value, rule in _ranged_fields(schema, cfg):
+        _check_one(key, value, rule)
