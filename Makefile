@@ -27,7 +27,7 @@ TEST_WORKERS ?= $(shell n=$$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2); [
 
 # What `install` looks for (found, not imported: importing them all takes ~12 s) and HandCLIP's own metadata.
 NEEDED := torch torchvision open_clip pytorch_lightning hydra omegaconf torchmetrics PIL matplotlib pytest xdist \
-	pytest_timeout tqdm onnx onnxscript onnxruntime submitit
+	pytest_timeout tqdm onnx onnxscript onnxruntime submitit optuna
 define INSTALLED_CHECK
 import importlib.metadata as m, importlib.util as u, sys
 m.version("handclip")

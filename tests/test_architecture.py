@@ -16,8 +16,8 @@ SRC = ROOT / "src" / "handclip"
 #: Layers, lowest first. A module may import its own layer and those below; data and models (both
 #: layer 1) never import each other.
 LAYERS = {
-    "base": ("handclip", "handclip.errors", "handclip.hands", "handclip.config", "handclip.schema", "handclip.metrics",
-             "handclip.utils"),
+    "base": ("handclip", "handclip.errors", "handclip.hands", "handclip.config", "handclip.schema",
+             "handclip.command_line", "handclip.metrics", "handclip.utils"),
     "data": ("handclip.data",),
     "models": ("handclip.models",),
     "app": ("handclip.evaluation", "handclip.run_folder", "handclip.hydra_callbacks", "handclip.launch",

@@ -23,7 +23,8 @@ from ddp_probe import digest
 from reference import brute_force_rank1
 from torch.utils.data import DistributedSampler
 
-from handclip.config import check_launcher_installed, compose, job_devices, precision_for
+from handclip.command_line import check_launcher_installed
+from handclip.config import compose, job_devices, precision_for
 from handclip.data.datamodule import HandDataModule
 from handclip.data.datasets import DeviceBatchLoader, IndexedDataset, TensorImageDataset
 from handclip.data.sampling import EveryImageOnceBatchSampler

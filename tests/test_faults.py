@@ -622,7 +622,7 @@ def test_a_mistyped_option_is_answered_before_torch_loads(tmp_path, module, mist
 
 
 def test_group_options_are_checked_against_the_config_folders():
-    from handclip.config import check_group_options
+    from handclip.command_line import check_group_options
 
     check_group_options(["hand=dorsal_right,palmar_left", "trainer=ddp", "experiment=demo", "model=null",
                          "trainer.max_epochs=3", "hand=glob(*)", "launcher=slurm", "+callbacks.x._target_=y"])
@@ -632,7 +632,7 @@ def test_group_options_are_checked_against_the_config_folders():
 
 
 def test_override_keys_are_checked_against_the_composed_config():
-    from handclip.config import check_override_keys
+    from handclip.command_line import check_override_keys
 
     # keys of the config once the command line's group choices are composed (trainer=ddp adds num_nodes)
     check_override_keys("train", ["-m", "trainer=ddp,cpu", "trainer.num_nodes=2", "trainer.max_epochs=1,2",

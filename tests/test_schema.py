@@ -9,7 +9,8 @@ import sys
 import pytest
 from conftest import ROOT, cli_env
 
-from handclip.config import check_override_keys, compose
+from handclip.command_line import check_override_keys
+from handclip.config import compose
 from handclip.errors import HandCLIPError
 
 GROUPS = sorted(p.name for p in (ROOT / "configs").iterdir() if p.is_dir() and p.name not in ("hydra",))

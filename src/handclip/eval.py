@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from handclip.config import hydra_entry
+from handclip.command_line import hydra_entry
 from handclip.errors import HandCLIPError
 from handclip.hands import check_hand
 
@@ -27,11 +27,19 @@ def evaluate(cfg: DictConfig) -> dict:
     from handclip.data.layout import available_hands
     from handclip.evaluation.compare import ScoreOptions, compare_hands, score_checkpoint, score_zero_shot
     from handclip.evaluation.plots import write_figures
-    from handclip.evaluation.report import markdown_table, table_rows, write_report
+    from handclip.evaluation.report import (
+        check_report_target,
+        markdown_table,
+        report_name,
+        slug,
+        table_rows,
+        write_report,
+    )
     from handclip.evaluation.verification import VerificationOptions
     from handclip.evaluation.verification_report import verification_markdown
+    from handclip.models.checkpoint import read_checkpoint_meta
     from handclip.models.encoder import zero_shot_encoder
-    from handclip.run_folder import check_folders_writable
+    from handclip.run_folder import check_folders_writable, run_name
     from handclip.utils.devices import resolve_device
 
     check_folders_writable(cfg)
@@ -56,17 +64,21 @@ def evaluate(cfg: DictConfig) -> dict:
         encoder = zero_shot_encoder(model.model_name, model.pretrained, model.cache_dir)
         entries = compare_hands(hands, encoder, model.model_name, model.pretrained, cfg.paths.output_root,
                                 data_for, options)
-        stem = "comparison"
+        stem = cfg.name or "comparison"
     else:
         hand = check_hand(cfg.hand.name)
-        if cfg.ckpt_path:
-            ckpt = Path(str(cfg.ckpt_path)).expanduser().resolve()
-            entries = [score_checkpoint(ckpt, hand, data_for, options, cfg.allow_hand_mismatch)]
-            stem = f"{hand}_finetuned"
+        ckpt = Path(str(cfg.ckpt_path)).expanduser().resolve() if cfg.ckpt_path else None
+        run = run_name(ckpt, cfg.paths.output_root) if ckpt else None
+        stem = slug(cfg.name) if cfg.name else report_name(hand, ckpt, run)
+        meta = read_checkpoint_meta(ckpt) if ckpt else {}
+        check_report_target(out_dir, stem, [{"hand": hand, "checkpoint": str(ckpt) if ckpt else None,
+                                             "model_name": meta.get("model_name", model.model_name),
+                                             "pretrained": meta.get("pretrained", model.pretrained)}], cfg.overwrite)
+        if ckpt:
+            entries = [score_checkpoint(ckpt, hand, data_for, options, cfg.allow_hand_mismatch, run=run or "")]
         else:
             encoder = zero_shot_encoder(model.model_name, model.pretrained, model.cache_dir)
             entries = [score_zero_shot(encoder, model.model_name, model.pretrained, hand, data_for, options)]
-            stem = f"{hand}_zeroshot"
     files = write_report(entries, out_dir, OmegaConf.to_container(cfg, resolve=True), stem=stem)
     if verification is not None and ver.pictures:
         files.update(write_figures(entries, out_dir, stem))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from handclip.config import hydra_entry
+from handclip.command_line import hydra_entry
 from handclip.errors import HandCLIPError
 from handclip.hands import check_hand
 from handclip.utils.files import check_output_file

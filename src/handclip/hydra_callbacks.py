@@ -2,6 +2,8 @@
 
 * :class:`CheckFolders`: before Hydra creates the run folder, every folder the run will write to must be
   writable; otherwise one ``error:`` line names it (exit status 2) instead of an ``OSError`` traceback.
+* :class:`SweepFolders`: in a multirun that varies more than the hand type, every job trains into a folder of
+  its own, named from its overrides of the swept keys (``outputs/train/model.lr=0.0001/dorsal_right``).
 * :class:`SweepSummary`: in a multirun (``-m hand=a,b``) a job that fails does not stop the others; each
   failure is reported when it happens, and the sweep ends with a summary and exit status 2 (1 when a
   failure was not an input error). With launchers that run jobs in other processes (joblib, submitit),
@@ -19,6 +21,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from handclip.config import SWEPT_KEYS_VARIABLE
 from handclip.errors import HandCLIPError, error_message, user_error
 from handclip.run_folder import check_folders_writable
 
@@ -40,6 +43,37 @@ class CheckFolders(Callback):
         self._check(config)
 
 
+def swept_keys(config: DictConfig) -> set[str]:
+    """The keys a multirun varies: sweeps on its command line (``model.lr=1e-4,3e-4``, ``seed=range(3)``) and the
+    search space of a sweeper (``hydra.sweeper.params`` of ``hparams_search=optuna``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    keys = {o.get_key_element().lstrip("+~") for o in overrides if o.is_sweep_override()}
+    params = config.hydra.get("sweeper", {}).get("params") or {}
+    return keys | {str(k) for k in params}
+
+
+class SweepFolders(Callback):
+    """Tell the jobs of a multirun which keys it varies (``${handclip_sweep_dir:}`` names their folders from them).
+
+    Through the environment, so that jobs run by other processes (submitit) and the processes a DDP job starts
+    agree on the folder."""
+
+    def __init__(self) -> None:
+        self._before: str | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._before = os.environ.get(SWEPT_KEYS_VARIABLE)
+        os.environ[SWEPT_KEYS_VARIABLE] = ",".join(sorted(swept_keys(config))) or ","
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self._before is None:
+            os.environ.pop(SWEPT_KEYS_VARIABLE, None)
+        else:
+            os.environ[SWEPT_KEYS_VARIABLE] = self._before
+
+
 class SweepSummary(Callback):
     """Let a multirun go on past a failed job; end it with a summary and a non-zero exit status."""
 
@@ -49,16 +83,13 @@ class SweepSummary(Callback):
         self._jobs: list[tuple[list[str], str | None, bool]] = []  # (what differs, error, input error?)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
-        overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-        self._swept = {o.get_key_element() for o in overrides if o.is_sweep_override()}
+        self._swept = swept_keys(config)
         self._pid, self._jobs = os.getpid(), []
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if self._pid != os.getpid():  # a single run, or a job launched in another process
             return
-        overrides = [o for o in job_return.overrides or [] if o.partition("=")[0] in self._swept]
+        overrides = [o for o in job_return.overrides or [] if o.partition("=")[0].lstrip("+~") in self._swept]
         if job_return.status != JobStatus.FAILED:
             self._jobs.append((overrides, None, True))
             return

@@ -24,6 +24,8 @@ from handclip.utils.locks import try_lock
 
 #: Lock file held by the training run that writes into a run folder.
 LOCK_NAME = ".lock"
+#: The figure training monitors for its best checkpoint; a run returns its best value to a sweeper (Optuna).
+MONITORED = "val/rank1"
 
 
 class RunComplete(Exception):
@@ -33,6 +35,36 @@ class RunComplete(Exception):
 def trained_checkpoint(output_root: str | Path, hand: str) -> Path:
     """Where `python -m handclip.train hand=<hand>` leaves its best checkpoint."""
     return Path(output_root) / "train" / hand / "checkpoints" / "best.ckpt"
+
+
+def trained_runs(output_root: str | Path, hand: str) -> list[tuple[str, Path]]:
+    """``(run name, best.ckpt)`` of every training run of ``hand``: the plain run's first (name "", its checkpoint
+    path even when it has none yet), then the sweep jobs' (``<output_root>/train/<name>/<hand>``, named by what
+    they changed), sorted by name."""
+    train = Path(output_root) / "train"
+    sweeps = sorted(train.glob(f"*/{hand}/checkpoints/best.ckpt"))
+    return [("", trained_checkpoint(output_root, hand))] + [(ckpt.parents[2].name, ckpt) for ckpt in sweeps]
+
+
+def run_name(ckpt: Path, output_root: str | Path) -> str | None:
+    """The name of the training run a checkpoint belongs to: "" for ``<output_root>/train/<hand>/checkpoints/``,
+    the sweep job's folder for ``<output_root>/train/<name>/<hand>/checkpoints/``, None for anywhere else."""
+    try:
+        parts = ckpt.resolve().relative_to((Path(output_root) / "train").resolve()).parts
+    except ValueError:
+        return None
+    if len(parts) == 3 and parts[1] == "checkpoints":
+        return ""
+    if len(parts) == 4 and parts[2] == "checkpoints":
+        return parts[0]
+    return None
+
+
+def best_figures(output_dir: Path) -> dict[str, float]:
+    """``{"best/val/rank1": ...}`` as stored in a run's best.ckpt (empty when there is none)."""
+    best = output_dir / "checkpoints" / "best.ckpt"
+    score = read_checkpoint_meta(best)["metrics"].get(MONITORED) if best.is_file() else None
+    return {} if score is None else {f"best/{MONITORED}": float(score)}
 
 
 def holds_run(output_dir: Path) -> bool:
@@ -176,16 +208,33 @@ def check_resume_compatible(ckpt_path: Path, hparams) -> None:
 def save_config(cfg: DictConfig, output_dir: Path, resumed: bool) -> Path:
     """Save the composed config beside the checkpoints, never over an earlier run's copy.
 
-    A fresh run saves ``config.yaml``; the one of an earlier attempt in the same folder that wrote no
+    A fresh run saves ``config.yaml`` (resolved); the one of an earlier attempt in the same folder that wrote no
     checkpoint is kept as ``config.no-checkpoint-<time>.yaml``. A resumed run saves ``config.resumed-<time>.yaml``.
+    Under Hydra, ``.hydra/`` gets the unresolved config and the command line's overrides the same way
+    (``.hydra/config.yaml``, ``.hydra/overrides.yaml``: what a sweep job changed).
     """
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     name = f"config.resumed-{stamp}.yaml" if resumed else "config.yaml"
     if not launched_as_rank_zero():  # the other processes of a multi-process run share rank 0's folder and config
         return output_dir / name
     output_dir.mkdir(parents=True, exist_ok=True)
-    if not resumed and (output_dir / name).exists():
-        (output_dir / name).rename(output_dir / f"config.no-checkpoint-{stamp}.yaml")
-    path = output_dir / name
+    path = _claim_name(output_dir / name, resumed, stamp)
     OmegaConf.save(cfg, path, resolve=True)
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        hydra_dir = output_dir / ".hydra"
+        hydra_dir.mkdir(exist_ok=True)
+        OmegaConf.save(cfg, _claim_name(hydra_dir / name, resumed, stamp), resolve=False)
+        overrides = list(HydraConfig.get().overrides.task)
+        OmegaConf.save(OmegaConf.create(overrides), _claim_name(hydra_dir / name.replace("config", "overrides", 1),
+                                                                resumed, stamp))
+    return path
+
+
+def _claim_name(path: Path, resumed: bool, stamp: str) -> Path:
+    """``path`` for this run: an earlier attempt's file of a fresh run's name is kept as ``*.no-checkpoint-<time>``."""
+    if not resumed and path.exists():
+        stem, _, suffix = path.name.partition(".")
+        path.rename(path.with_name(f"{stem}.no-checkpoint-{stamp}.{suffix}"))
     return path

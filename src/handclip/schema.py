@@ -195,6 +195,8 @@ class TrainSchema(_ModelCommand):
 class EvalSchema(_ModelCommand):
     ckpt_path: Optional[str] = MISSING
     all: bool = MISSING
+    name: Optional[str] = MISSING
+    overwrite: bool = MISSING
     allow_hand_mismatch: bool = MISSING
     device: str = MISSING
     metrics: MetricsConfig = field(default_factory=MetricsConfig)

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from handclip.config import hydra_entry
+from handclip.command_line import hydra_entry
 from handclip.hands import check_hand
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Train one hand type as configured; return the final logged metrics (none when already complete)."""
     from handclip.run_folder import (
         RunComplete,
+        best_figures,
         check_folders_writable,
         check_max_epochs,
         claim_run_folder,
@@ -49,7 +50,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir, max_epochs, rank_zero=rank_zero)
         except RunComplete as done:
             log.info("%s: %s", cfg.hand.name, done)
-            return {}
+            return best_figures(output_dir)  # a sweeper still gets the run's figure
         return _fit(cfg, output_dir, ckpt_path, rank_zero)
 
 
@@ -60,7 +61,7 @@ def _fit(cfg: DictConfig, output_dir: Path, ckpt_path: Path | None, rank_zero: b
 
     from handclip.launch import ddp_job, describe_scale
     from handclip.models.clip import preprocess_config
-    from handclip.run_folder import check_resume_compatible, save_config
+    from handclip.run_folder import MONITORED, check_resume_compatible, save_config
 
     pl.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available() and str(cfg.trainer.get("precision")) in ("bf16-mixed", "16-mixed"):
@@ -83,21 +84,23 @@ def _fit(cfg: DictConfig, output_dir: Path, ckpt_path: Path | None, rank_zero: b
         log.info(scale)
     with ddp_job(trainer):  # DDP re-runs this job's command line (not a -m sweep's) for its processes
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    figures = {k: float(v) for k, v in trainer.callback_metrics.items()}
     checkpoint = trainer.checkpoint_callback
-    if checkpoint is not None and checkpoint.best_model_path:
-        score = checkpoint.best_model_score
-        log.info("best checkpoint: %s (val/rank1=%.4f)", checkpoint.best_model_path, float(score) if score is not None
-                 else float("nan"))
-    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if checkpoint is not None and checkpoint.best_model_path and checkpoint.best_model_score is not None:
+        figures[f"best/{MONITORED}"] = float(checkpoint.best_model_score)
+        log.info("best checkpoint: %s (%s=%.4f)", checkpoint.best_model_path, MONITORED, figures[f"best/{MONITORED}"])
+    return figures
 
 
 @hydra_entry("train")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """The best val/rank1 of the run: what a sweeper (hparams_search=optuna) optimises."""
     # From the importable module, not __main__: the submitit launchers pickle this task function, and
     # cloudpickle copies __main__'s functions by value (with what they use; torch.classes cannot be).
+    from handclip.run_folder import MONITORED
     from handclip.train import train as train_job
 
-    train_job(cfg)
+    return train_job(cfg).get(f"best/{MONITORED}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
 from omegaconf import DictConfig
 
 from handclip.bench import run_benchmark
-from handclip.config import hydra_entry
+from handclip.command_line import hydra_entry
 
 
 @hydra_entry("bench")

@@ -13,12 +13,12 @@ from open_clip.transform import PreprocessCfg
 from handclip.data.datamodule import HandDataModule
 from handclip.errors import HandCLIPError
 from handclip.evaluation.calibration import calibrate_or_reuse, sidecar_path
-from handclip.evaluation.report import FINE_TUNED, ZERO_SHOT
+from handclip.evaluation.report import ZERO_SHOT, fine_tuned_label
 from handclip.evaluation.runs import evaluate_hand
 from handclip.evaluation.verification import VerificationOptions, verify_runs
 from handclip.models.checkpoint import load_module, read_checkpoint_meta
 from handclip.models.encoder import ImageEncoder
-from handclip.run_folder import trained_checkpoint
+from handclip.run_folder import trained_runs
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,9 @@ def score_zero_shot(encoder: ImageEncoder, model_name: str, pretrained: str | No
 
 
 def score_checkpoint(ckpt_path: Path, hand: str, data_for: DataFor, options: ScoreOptions,
-                     allow_hand_mismatch: bool = False) -> dict:
+                     allow_hand_mismatch: bool = False, run: str = "") -> dict:
+    """Score a fine-tuned checkpoint; ``run`` names the training run it comes from when it is not the plain one
+    (a sweep job's folder: what it changed), and labels its rows."""
     meta = read_checkpoint_meta(ckpt_path)
     if meta["hand"] != hand and not allow_hand_mismatch:
         raise HandCLIPError(
@@ -83,23 +85,26 @@ def score_checkpoint(ckpt_path: Path, hand: str, data_for: DataFor, options: Sco
     # The sidecar belongs to the hand type the checkpoint was trained on: written only when scoring that one.
     path = sidecar_path(ckpt_path) if meta["hand"] == hand else None
     result = _score(module.encoder, data_for, hand, options, calibration_path=path, checkpoint=ckpt_path)
-    return {"model": FINE_TUNED, "model_name": meta["model_name"], "pretrained": meta.get("pretrained"),
-            "trained_on": meta["hand"], "checkpoint": str(ckpt_path), "status": "ok", **result}
+    return {"model": fine_tuned_label(run), "run": run, "model_name": meta["model_name"],
+            "pretrained": meta.get("pretrained"), "trained_on": meta["hand"], "checkpoint": str(ckpt_path),
+            "status": "ok", **result}
 
 
 def compare_hands(hands: list[str], zero_shot: ImageEncoder, model_name: str, pretrained: str | None,
                   output_root: str | Path, data_for: DataFor, options: ScoreOptions) -> list[dict]:
-    """For every hand type: the zero-shot baseline, and the fine-tuned model where training left one."""
+    """For every hand type: the zero-shot baseline, and every run training left (the plain run's, then each sweep
+    job's, named by what it changed)."""
     entries = []
     for hand in hands:
         entries.append(score_zero_shot(zero_shot, model_name, pretrained, hand, data_for, options))
-        ckpt = trained_checkpoint(output_root, hand)
-        if ckpt.is_file():
-            entries.append(score_checkpoint(ckpt, hand, data_for, options))
+        for run, ckpt in trained_runs(output_root, hand):
+            if not ckpt.is_file():
+                log.info("%s: no fine-tuned checkpoint at %s (baseline only)", hand, ckpt)
+                entries.append({"hand": hand, "model": fine_tuned_label(run), "run": run, "checkpoint": str(ckpt),
+                                "status": "no checkpoint"})
+                continue
+            entries.append(score_checkpoint(ckpt, hand, data_for, options, run=run))
             if entries[-1]["model_name"] != model_name:
                 log.warning("%s: the checkpoint is a fine-tuned %s but the zero-shot baseline is %s "
                             "(choose the baseline with model=...)", hand, entries[-1]["model_name"], model_name)
-        else:
-            log.info("%s: no fine-tuned checkpoint at %s (baseline only)", hand, ckpt)
-            entries.append({"hand": hand, "model": FINE_TUNED, "checkpoint": str(ckpt), "status": "no checkpoint"})
     return entries

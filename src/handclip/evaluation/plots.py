@@ -71,7 +71,7 @@ def roc_det_plot(entries: list[dict], path: Path) -> Path:
         fmr, tar = zip(*points)
         style = "--" if entry["model"] == ZERO_SHOT else "-"
         colour = _HAND_COLOURS.get(entry["hand"])
-        short = "zero-shot" if entry["model"] == ZERO_SHOT else "fine-tuned"
+        short = "zero-shot" if entry["model"] == ZERO_SHOT else (entry.get("run") or "fine-tuned")
         label = f"{entry['hand']}, {short} (EER {100 * curve['eer']:.1f} %)"
         roc.plot(fmr, tar, style, color=colour, label=label)
         fnmr = [(f, 1 - t) for f, t in points if t < 1]
@@ -112,7 +112,8 @@ def write_figures(entries: list[dict], out_dir: Path, stem: str) -> dict[str, Pa
     for hand in hands:
         mine = sorted((e for e in scored if e["hand"] == hand), key=lambda e: e["model"] != ZERO_SHOT)
         files[f"cmc_{hand}"] = cmc_plot(hand, mine, out_dir / f"{stem}_cmc_{hand}.png")
-        shown = mine[-1]  # the fine-tuned model when there is one
+        # the plain run's fine-tuned model when there is one, else the last scored
+        shown = next((e for e in mine if e["model"] == FINE_TUNED), mine[-1])
         rows = _example_rows(shown)
         if rows:
             run = shown["verification"].get("example_run")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
+import re
 from pathlib import Path
 
+from handclip.errors import HandCLIPError
 from handclip.evaluation import verification_report
 from handclip.hands import HAND_TYPES
 from handclip.utils.files import atomic_write
@@ -16,6 +19,12 @@ log = logging.getLogger(__name__)
 
 ZERO_SHOT = "zero-shot CLIP"
 FINE_TUNED = "HandCLIP (fine-tuned)"
+
+
+def fine_tuned_label(run: str = "") -> str:
+    """The model column of a fine-tuned checkpoint: the plain run's, or a sweep job's named by what it changed."""
+    return f"HandCLIP ({run})" if run else FINE_TUNED
+
 COLUMNS = ("hand", "model", "Rank-1 (%)", "Rank-5 (%)", "mAP (%)", "queries", "gallery", "ΔRank-1", "ΔmAP")
 
 
@@ -26,7 +35,7 @@ def _pct(summary: dict, key: str) -> str:
 
 
 def _delta(entry: dict, baseline: dict | None, key: str) -> str:
-    if entry["model"] != FINE_TUNED or not baseline or "summary" not in baseline or "summary" not in entry:
+    if entry["model"] == ZERO_SHOT or not baseline or "summary" not in baseline or "summary" not in entry:
         return ""
     diff = 100 * (entry["summary"][key]["mean"] - baseline["summary"][key]["mean"])
     return f"{diff:+.1f}"
@@ -37,7 +46,8 @@ def table_rows(entries: list[dict]) -> list[dict]:
     order = {h: i for i, h in enumerate(HAND_TYPES)}
     models = {ZERO_SHOT: 0, FINE_TUNED: 1}  # pragma: no mutate (any larger number keeps the order)
     rows = []
-    for entry in sorted(entries, key=lambda e: (order.get(e["hand"], 99), models.get(e["model"], 9))):
+    # sweep jobs' runs after the plain run, by name
+    for entry in sorted(entries, key=lambda e: (order.get(e["hand"], 99), models.get(e["model"], 9), e["model"])):
         baseline = next((e for e in entries if e["hand"] == entry["hand"] and e["model"] == ZERO_SHOT), None)
         summary = entry.get("summary")
         if summary is None:
@@ -91,6 +101,45 @@ def csv_text(entries: list[dict]) -> str:
             row.update(verification_report.csv_values(entry))
         writer.writerow(row)
     return out.getvalue()
+
+
+def report_name(hand: str, ckpt: Path | None, run: str | None) -> str:
+    """The default name of a single evaluation's files: ``<hand>_zeroshot``, ``<hand>_finetuned`` for the plain
+    training run's best.ckpt, ``<hand>_finetuned_<run>`` for a sweep job's; another checkpoint of a run adds its
+    stem, and one outside the training runs its folder and a hash of its path, so no two checkpoints share files."""
+    if ckpt is None:
+        return f"{hand}_zeroshot"
+    name = f"{hand}_finetuned" + (f"_{run}" if run else "")
+    if run is None:
+        folder = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else ckpt.parent.name
+        digest = hashlib.sha256(str(ckpt).encode()).hexdigest()[:8]
+        return f"{name}_{slug(folder)}-{digest}" + ("" if ckpt.name == "best.ckpt" else f"_{slug(ckpt.stem)}")
+    return name + ("" if ckpt.name == "best.ckpt" else f"_{slug(ckpt.stem)}")
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=,+-]+", "_", text).strip("_") or "run"
+
+
+def _evaluated(entries: list[dict]) -> list[tuple]:
+    return [(e.get("hand"), e.get("checkpoint"), e.get("model_name"), e.get("pretrained")) for e in entries]
+
+
+def check_report_target(out_dir: Path, stem: str, entries_to_come: list[dict], overwrite: bool) -> None:
+    """Refuse, before any work, to replace ``<stem>.*`` written for another model or checkpoint (the same
+    evaluation run again replaces its own files); ``overwrite=true`` replaces them anyway."""
+    path = out_dir / f"{stem}.json"
+    if overwrite or not path.is_file():
+        return
+    try:
+        before = json.loads(path.read_text()).get("entries", [])
+    except (OSError, ValueError, AttributeError):
+        before = None
+    if before is not None and _evaluated(before) == _evaluated(entries_to_come):
+        return
+    what = ", ".join(str(c or f"zero-shot {m} ({p})") for _, c, m, p in _evaluated(before or [])) or "unreadable"
+    raise HandCLIPError(f"{path} holds another evaluation ({what}); choose another name=..., or pass "
+                        "overwrite=true to replace it")
 
 
 def write_report(entries: list[dict], out_dir: Path, config: dict, stem: str = "comparison") -> dict[str, Path]:

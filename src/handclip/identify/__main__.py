@@ -9,7 +9,7 @@ Writes outputs/identify/<name>/results.json, results.csv and rankings/*.png (see
 
 from omegaconf import DictConfig
 
-from handclip.config import hydra_entry
+from handclip.command_line import hydra_entry
 
 
 @hydra_entry("identify")
