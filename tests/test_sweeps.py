@@ -157,3 +157,26 @@ def test_optuna_search_runs_its_trials_and_writes_its_summary(tmp_path):
     assert summary.name == "optuna" and summary.best_value == max(scores)
     assert set(summary.best_params) == {"model.lr", "model.weight_decay", "data.batch_size"}
     assert not (out / "train").exists()  # a search never writes where make eval looks for runs
+
+
+def test_a_search_without_the_optuna_sweeper_installed_is_one_line(tmp_path):
+    """hparams_search=optuna needs the `search` extra: one line naming it, before torch loads."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    probe = ("import runpy, sys\n"
+             "sys.modules['optuna'] = None; sys.modules['hydra_plugins.hydra_optuna_sweeper'] = None\n"
+             "sys.argv = ['handclip.train', *sys.argv[1:]]\n"
+             "try:\n"
+             "    runpy.run_module('handclip.train', run_name='__main__', alter_sys=True)\n"
+             "except SystemExit as stop:\n"
+             "    print(stop.code, 'torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", probe, "hparams_search=optuna", f"paths.output_root={tmp_path}"],
+                            env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["2", "False"], result.stderr[-2000:]
+    assert result.stderr.startswith("error: hparams_search=optuna needs Hydra's Optuna sweeper, which is not "
+                                    "installed (hydra_plugins.hydra_optuna_sweeper, optuna not found); install the "
+                                    "optional extra: pip install -e \".[search]\"")
+    assert result.stderr.count("\n") == 1 and not any(tmp_path.iterdir())
