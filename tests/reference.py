@@ -136,3 +136,55 @@ def brute_open_set(genuine, identified, nonmated_top, t) -> dict:
     return {"match_rate": accepted / len(genuine) if genuine else nan,
             "unknown_rate": unknown / len(nonmated_top) if nonmated_top else nan,
             "dir": detected / len(genuine) if genuine else nan}
+
+
+def _unit_rows(x):
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.sqrt((x * x).sum(axis=1, keepdims=True)), 1e-12)
+
+
+def brute_k_reciprocal(qf, gf, k1=20, k2=6, lambda_value=0.3):
+    """k-reciprocal re-ranking written from its definition (Zhong et al. 2017, the authors' code): full distance
+    matrix, every neighbour list by a stable sort, sets as Python sets, a dense V, and the Jaccard sums pair by pair."""
+    x = _unit_rows(np.concatenate([np.asarray(qf, dtype=np.float64), np.asarray(gf, dtype=np.float64)]))
+    n, q = len(x), len(qf)
+    d = np.maximum(2 - 2 * (x @ x.T), 0)
+    d = d / d.max(axis=1, keepdims=True)
+    ranked = [sorted(range(n), key=lambda j, i=i: (d[i, j], j)) for i in range(n)]
+
+    def reciprocal(i, k):
+        return [j for j in ranked[i][:k + 1] if i in ranked[j][:k + 1]]
+
+    v = np.zeros((n, n))
+    for i in range(n):
+        r = reciprocal(i, k1)
+        expansion = list(r)
+        for c in r:
+            rc = reciprocal(c, int(round(k1 / 2)))
+            if len(set(rc) & set(r)) > 2 / 3 * len(rc):
+                expansion += rc
+        members = sorted(set(expansion))
+        weight = np.exp(-d[i, members])
+        v[i, members] = weight / weight.sum()
+    if k2 != 1:
+        v = np.stack([v[ranked[i][:k2]].mean(axis=0) for i in range(n)])
+    jaccard = np.zeros((q, n - q))
+    for i in range(q):
+        for j in range(q, n):
+            shared = np.minimum(v[i], v[j]).sum()
+            jaccard[i, j - q] = 1 - shared / (2 - shared)
+    return jaccard * (1 - lambda_value) + d[:q, q:] * lambda_value
+
+
+def brute_alpha_query_expansion(qf, gf, k=5, alpha=3.0):
+    """Alpha query expansion from its definition: each feature plus its k nearest others (by distance, then index),
+    weighted by max(similarity, 0)^alpha, L2-normalised; queries and gallery alike."""
+    x = _unit_rows(np.concatenate([np.asarray(qf, dtype=np.float64), np.asarray(gf, dtype=np.float64)]))
+    n = len(x)
+    out = []
+    for i in range(n):
+        others = sorted((j for j in range(n) if j != i), key=lambda j, i=i: (max(2 - 2 * x[i] @ x[j], 0), j))[:k]
+        new = x[i] + sum(max(x[i] @ x[j], 0) ** alpha * x[j] for j in others)
+        out.append(new / np.linalg.norm(new))
+    out = np.array(out)
+    return out[:len(qf)], out[len(qf):]

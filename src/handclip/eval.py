@@ -35,6 +35,7 @@ def evaluate(cfg: DictConfig) -> dict:
         table_rows,
         write_report,
     )
+    from handclip.evaluation.rerank import Rerank, rerank_entries
     from handclip.evaluation.verification import VerificationOptions
     from handclip.evaluation.verification_report import verification_markdown
     from handclip.models.checkpoint import read_checkpoint_meta
@@ -49,9 +50,10 @@ def evaluate(cfg: DictConfig) -> dict:
     verification = VerificationOptions(
         fmr_levels=tuple(ver.fmr_levels), target_fmr=ver.target_fmr, cmc_max_rank=ver.cmc_max_rank,
         examples=ver.examples, top_k=ver.top_k) if ver.enabled else None
+    rerank = Rerank(**cfg.rerank) if cfg.get("rerank") else None
     options = ScoreOptions(device=resolve_device(cfg.device), ranks=tuple(cfg.metrics.ranks), ap=cfg.metrics.ap,
                            cross_aspect=cfg.metrics.cross_aspect, progress=cfg.data.progress,
-                           verification=verification, calibration_dir=out_dir)
+                           verification=verification, calibration_dir=out_dir, rerank=rerank)
 
     def data_for(hand, preprocess):
         return instantiate(cfg.data, hand=hand, _partial_=True)(preprocess=preprocess)
@@ -79,6 +81,7 @@ def evaluate(cfg: DictConfig) -> dict:
         else:
             encoder = zero_shot_encoder(model.model_name, model.pretrained, model.cache_dir)
             entries = [score_zero_shot(encoder, model.model_name, model.pretrained, hand, data_for, options)]
+    entries = [row for entry in entries for row in (entry, *rerank_entries(entry))]
     files = write_report(entries, out_dir, OmegaConf.to_container(cfg, resolve=True), stem=stem)
     if verification is not None and ver.pictures:
         files.update(write_figures(entries, out_dir, stem))

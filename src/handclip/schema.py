@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Optional, get_type_hints
+from typing import Any, Optional, get_args, get_type_hints
 
 from omegaconf import MISSING, DictConfig
 
@@ -39,6 +39,11 @@ def between(low: float, high: float, default: Any = MISSING) -> Any:
     """A number strictly between ``low`` and ``high``."""
     return field(default=default, metadata={"low": low, "high": high, "open": True,
                                             "rule": f"between {low:g} and {high:g} (both excluded)"})
+
+
+def within(low: float, high: float, default: Any = MISSING) -> Any:
+    """A number from ``low`` to ``high``, both included."""
+    return field(default=default, metadata={"low": low, "high": high, "rule": f"from {low:g} to {high:g}"})
 
 
 def finite(default: Any = MISSING) -> Any:
@@ -161,6 +166,19 @@ class VerificationConfig:
 
 
 @dataclass
+class RerankConfig:
+    """``rerank=kreciprocal|aqe`` of eval (configs/rerank/)."""
+
+    method: str = MISSING
+    k1: int = at_least(1, 20)
+    k2: int = at_least(1, 6)
+    lambda_value: float = within(0, 1, 0.3)
+    k: int = at_least(0, 5)
+    alpha: float = at_least(0, 3.0)
+    float16: bool = False
+
+
+@dataclass
 class OnnxConfig:
     opset: int = at_least(7)
     check: bool = MISSING
@@ -201,6 +219,7 @@ class EvalSchema(_ModelCommand):
     device: str = MISSING
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     verification: VerificationConfig = field(default_factory=VerificationConfig)
+    rerank: Optional[RerankConfig] = None
 
 
 @dataclass
@@ -270,7 +289,8 @@ def _ranged_fields(schema: type, cfg: DictConfig, prefix: str = "") -> Iterator[
         if spec.name not in cfg.keys():  # "in cfg" would resolve the value
             continue
         key = f"{prefix}{spec.name}"
-        if is_dataclass(hints[spec.name]):
+        hint = next((a for a in get_args(hints[spec.name]) if a is not type(None)), hints[spec.name])  # Optional[X]
+        if is_dataclass(hint):
             node_type = OmegaConf.get_type(cfg, spec.name)  # a subclass where a group option says so (ddp)
             if is_dataclass(node_type) and isinstance(cfg[spec.name], DictConfig):
                 yield from _ranged_fields(node_type, cfg[spec.name], f"{key}.")

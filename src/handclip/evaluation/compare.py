@@ -14,6 +14,7 @@ from handclip.data.datamodule import HandDataModule
 from handclip.errors import HandCLIPError
 from handclip.evaluation.calibration import calibrate_or_reuse, sidecar_path
 from handclip.evaluation.report import ZERO_SHOT, fine_tuned_label
+from handclip.evaluation.rerank import Rerank
 from handclip.evaluation.runs import evaluate_hand
 from handclip.evaluation.verification import VerificationOptions, verify_runs
 from handclip.models.checkpoint import load_module, read_checkpoint_meta
@@ -39,6 +40,8 @@ class ScoreOptions:
     verification: VerificationOptions | None = None
     #: Where the zero-shot model's calibration files go (``<hand>_zeroshot.calibration.json``).
     calibration_dir: Path | None = None
+    #: Also score the runs after re-ranking (rows of their own, transductive).
+    rerank: Rerank | None = None
 
 
 def _score(encoder: ImageEncoder, data_for: DataFor, hand: str, options: ScoreOptions,
@@ -60,7 +63,8 @@ def _score(encoder: ImageEncoder, data_for: DataFor, hand: str, options: ScoreOp
             return {"verification": {**verify_runs(features, test, threshold, vopt), "calibration": summary}}
 
     return evaluate_hand(encoder, datamodule, options.device, ranks=options.ranks, ap=options.ap,
-                         cross_aspect=options.cross_aspect, progress=options.progress, extra=extra)
+                         cross_aspect=options.cross_aspect, progress=options.progress, extra=extra,
+                         rerank=options.rerank)
 
 
 def score_zero_shot(encoder: ImageEncoder, model_name: str, pretrained: str | None, hand: str, data_for: DataFor,

@@ -47,7 +47,11 @@ def table_rows(entries: list[dict]) -> list[dict]:
     models = {ZERO_SHOT: 0, FINE_TUNED: 1}  # pragma: no mutate (any larger number keeps the order)
     rows = []
     # sweep jobs' runs after the plain run, by name
-    for entry in sorted(entries, key=lambda e: (order.get(e["hand"], 99), models.get(e["model"], 9), e["model"])):
+    def position(e):  # a re-ranked row right after the row it re-ranks
+        base = e.get("reranked_from", e["model"])
+        return order.get(e["hand"], 99), models.get(base, 9), base, "reranked_from" in e
+
+    for entry in sorted(entries, key=position):
         baseline = next((e for e in entries if e["hand"] == entry["hand"] and e["model"] == ZERO_SHOT), None)
         summary = entry.get("summary")
         if summary is None:

@@ -3,6 +3,7 @@ embedded once. (How the runs are made is the split protocol, :mod:`handclip.data
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -13,6 +14,7 @@ from torch import nn
 from handclip.data.datamodule import HandDataModule, TestImages
 from handclip.errors import HandCLIPError
 from handclip.evaluation.embed import embed_loader
+from handclip.evaluation.rerank import Rerank
 from handclip.metrics import compute_reid_metrics
 
 log = logging.getLogger(__name__)
@@ -27,7 +29,8 @@ def identity_labels(identities: Sequence[str]) -> torch.Tensor:
     return torch.tensor([index.setdefault(i, len(index)) for i in identities], dtype=torch.long)
 
 
-def score_runs(features: torch.Tensor, test: TestImages, ranks=(1, 5, 10), ap: str = "standard") -> list[dict]:
+def score_runs(features: torch.Tensor, test: TestImages, ranks=(1, 5, 10), ap: str = "standard",
+               rerank: Rerank | None = None) -> list[dict]:
     """Rank-k and mAP of every run from features of ``test.paths`` (row i = image i).
 
     A run none of whose queries has a true match in its gallery is reported with its counts and no
@@ -48,7 +51,10 @@ def score_runs(features: torch.Tensor, test: TestImages, ranks=(1, 5, 10), ap: s
                         run["gallery_name"])
             results.append({**info, "num_queries": len(q), "num_valid_queries": 0, "num_invalid_queries": len(q)})
             continue
-        metrics = compute_reid_metrics(features[q], labels[q], features[g], labels[g], ranks=ranks, ap=ap)
+        if rerank is None:
+            metrics = compute_reid_metrics(features[q], labels[q], features[g], labels[g], ranks=ranks, ap=ap)
+        else:
+            metrics = rerank.metrics(features[q], labels[q], features[g], labels[g], ranks, ap)
         if metrics["num_invalid_queries"]:
             log.warning("%s: %d queries have no true match in %s (excluded)", run["name"],
                         metrics["num_invalid_queries"], run["gallery_name"])
@@ -79,10 +85,12 @@ def summarize(runs: list[dict]) -> dict:
 
 def evaluate_hand(encoder: nn.Module, datamodule: HandDataModule, device: torch.device, ranks=(1, 5, 10),
                   ap: str = "standard", cross_aspect: bool = False, progress: bool = True,
-                  extra: Callable[[torch.Tensor, TestImages], dict] | None = None) -> dict:
+                  extra: Callable[[torch.Tensor, TestImages], dict] | None = None,
+                  rerank: Rerank | None = None) -> dict:
     """Embed the hand's test images once, score every run, summarise.
 
-    With ``cross_aspect`` the result also holds ``cross_aspect``: the runs against ``gallery{i}_all``.
+    With ``cross_aspect`` the result also holds ``cross_aspect``: the runs against ``gallery{i}_all``; with ``rerank``,
+    ``reranked``: the same-aspect runs scored after re-ranking.
     ``extra(features, test)`` adds its own entries to the result from the same embeddings.
     """
     test = datamodule.test_images(cross_aspect=cross_aspect)
@@ -94,6 +102,11 @@ def evaluate_hand(encoder: nn.Module, datamodule: HandDataModule, device: torch.
     if cross_aspect:
         cross = [r for run, r in zip(test.runs, scored) if run.get("cross_aspect")]
         result["cross_aspect"] = {"runs": cross, "summary": summarize(cross)}
+    if rerank is not None:
+        same = dataclasses.replace(test, runs=[r for r in test.runs if not r.get("cross_aspect")])
+        reranked = score_runs(features, same, ranks=ranks, ap=ap, rerank=rerank)
+        result["reranked"] = {"label": rerank.label, "settings": vars(rerank), "runs": reranked,
+                              "summary": summarize(reranked)}
     if extra is not None:
         result.update(extra(features, test))
     return result

@@ -83,6 +83,39 @@ def compute_reid_metrics(
     return finish(num_queries, matches.num_valid, ranks, hit_sums.tolist(), ap_sum.item())
 
 
+def reid_metrics_from_scores(scores, query_labels, gallery_labels, ranks=(1, 5, 10), ap: str = "standard") -> dict:
+    """:func:`compute_reid_metrics` from a given Q x G score matrix (higher is nearer), e.g. minus re-ranked
+    distances: the same ranking rule (ties by gallery order), positions and figures."""
+    ranks, ap = check_ranks(ranks), check_ap(ap)
+    scores = torch.as_tensor(scores)
+    device = scores.device
+    ql = torch.as_tensor(query_labels, device=device).long()
+    gl = torch.as_tensor(gallery_labels, device=device).long()
+    if scores.shape != (len(ql), len(gl)):
+        raise ValueError(f"scores must be (queries, gallery) = ({len(ql)}, {len(gl)}), got {tuple(scores.shape)}")
+    matches = _MatchTable(ql, gl)
+    if matches.num_valid == 0:
+        return finish(len(ql), 0, ranks, [], 0.0)
+    acc = acc_dtype(device)
+    hit_sums = torch.zeros(len(ranks), dtype=acc, device=device)  # pragma: no mutate
+    ap_sum = torch.zeros((), dtype=acc, device=device)  # pragma: no mutate
+    rank_t = torch.tensor(ranks, device=device, dtype=torch.int64)  # pragma: no mutate
+    gallery_index = torch.arange(len(gl), device=device)  # pragma: no mutate
+    rows = max(1, default_rows(len(gl), int(matches.counts_sorted[-1])))
+    for i in range(0, matches.num_valid, rows):
+        q_idx = matches.valid[i:i + rows]
+        n, match_idx, slots = matches.slots(q_idx, int(matches.counts_sorted[min(i + rows, matches.num_valid) - 1]))
+        sim = scores[q_idx]
+        sim = sim.float() if sim.dtype == torch.float16 else sim  # exact; CPU comparisons want float
+        buf = torch.empty(sim.numel() * match_idx.shape[1], dtype=_indicator_dtype(len(gl)), device=device)
+        pos = _match_positions(sim, match_idx, gallery_index, match_idx.shape[1], buf)
+        pos = torch.where(slots.unsqueeze(0) >= n.unsqueeze(1), torch.full_like(pos, len(gl)), pos)
+        pos, _ = torch.sort(pos, dim=1)
+        hit_sums += (pos[:, :1] < rank_t.unsqueeze(0)).to(acc).sum(dim=0)
+        ap_sum += _ap_from_sorted_positions(pos, n, ap).sum()
+    return finish(len(ql), matches.num_valid, ranks, hit_sums.tolist(), ap_sum.item())
+
+
 class _MatchTable:
     """The true matches of every query, and the valid queries ordered by their number of matches.
 
