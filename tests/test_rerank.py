@@ -133,3 +133,17 @@ def test_eval_adds_a_transductive_row_scored_from_the_definition(tmp_path, monke
         assert scored["rank1"] == pytest.approx(rank1, abs=1e-9) and scored["mAP"] == pytest.approx(mean_ap, abs=1e-6)
     table = (tmp_path / "out" / "eval" / "dorsal_right_zeroshot.md").read_text()
     assert f"| dorsal_right | {ZERO_SHOT} + {label} (transductive) |" in table
+
+
+def test_the_rerank_benchmark_part_compares_with_the_straightforward_implementation():
+    from handclip.bench.rerank import bench_rerank
+
+    settings = {"sizes": [120, 200], "compare_size": 120, "dim": 16, "per_identity": 4, "k1": 20, "k2": 6,
+                "lambda_value": 0.3, "repeats": 1}
+    result, memory = bench_rerank(settings, torch.device("cpu"), seed=0, say=lambda _: None)
+    assert set(result["sizes"]) == {"120", "200"} and set(memory) == {"120", "200"}
+    assert result["sizes"]["200"]["seconds"] > 0
+    assert result["sizes"]["200"]["dense_v_gib"] == round(16 * 200**2 / 2**30, 2)
+    compared = result["vs_straightforward"]
+    assert compared["n"] == 120 and compared["float64_rankings_equal"] is True
+    assert compared["float32_max_abs_diff"] < 1e-5 and compared["float32_rows_same_top1"] == 1.0

@@ -48,6 +48,7 @@ from handclip.bench.eval import bench_eval
 from handclip.bench.machine import cpu_info, device_name, device_slug, slugify
 from handclip.bench.measure import CpuShare
 from handclip.bench.report import evaluate_goals, format_table, result_path, size_label
+from handclip.bench.rerank import bench_rerank
 from handclip.bench.scaling import bench_scaling
 from handclip.bench.search import bench_search
 from handclip.bench.settings import PARTS, bench_settings
@@ -134,6 +135,8 @@ def _run(s: dict, device: torch.device, started: float, say: Say) -> dict:
         elif part == "checkpoints":
             result["checkpoints"], memory["checkpoints"] = bench_checkpoints(s["checkpoints"], device, scratch, seed,
                                                                              say)
+        elif part == "rerank":
+            result["rerank"], memory["rerank"] = bench_rerank(s["rerank"], device, seed, say)
         elif part == "scaling":  # in processes of its own: no memory figures
             result["scaling"] = bench_scaling(s["scaling"], device, scratch / "scaling", seed, say)
         part_s[part] = round(time.perf_counter() - part_start, 1)

@@ -19,6 +19,11 @@ GOALS = (
     ("search.reuse_decoded_images", "<=", 0, "gallery images decoded again when the index is reopened unchanged"),
     ("checkpoints.run_share", "<=", 0.05, "share of a default-recipe run spent writing checkpoints"),
     ("scaling.cuda_efficiency_2", ">=", 0.9, "images/s on 2 GPUs (DDP) / (2 x images/s on 1 GPU)"),
+    ("rerank.sizes.4k.seconds", "<=", 1.0, "k-reciprocal re-ranking of N = 4,000 (the HD protocol's size), seconds"),
+    ("rerank.sizes.20k.seconds", "<=", 60.0, "k-reciprocal re-ranking of N = 20,000, seconds"),
+    ("rerank.sizes.20k.peak_rss_gib", "<=", 8.0, "peak host memory of re-ranking N = 20,000 (GiB)"),
+    ("rerank.vs_straightforward.speedup", ">=", 5.0, "straightforward dense implementation time / this one's"),
+    ("rerank.vs_straightforward.float64_rankings_equal", ">=", 1, "the same rankings as the straightforward one"),
 )
 
 #: Goals of a CUDA run only (the training step's speed is a GPU goal).
