@@ -40,20 +40,23 @@ def _nearest(x: torch.Tensor, k: int, chunk_rows: int) -> tuple[torch.Tensor, to
     """(N, k) nearest neighbours of every row of ``x`` by distance then index, and the largest distance per row."""
     n = x.shape[0]
     nearest = torch.empty((n, k), dtype=torch.long, device=x.device)
+    two = torch.tensor(2.0, dtype=x.dtype, device=x.device)
     row_max = torch.empty(n, dtype=x.dtype, device=x.device)
     for start in range(0, n, chunk_rows):
-        d = (2 - 2 * (x[start:start + chunk_rows] @ x.t())).clamp_min_(0)
+        d = torch.addmm(two, x[start:start + chunk_rows], x.t(), alpha=-2).clamp_min_(0)  # 2 - 2 cos
         row_max[start:start + len(d)] = d.max(dim=1).values
-        values, _ = torch.topk(d, k, dim=1, largest=False)
+        values, index = torch.topk(d, k, dim=1, largest=False)
         kth = values[:, -1:]
-        # the k smallest by (distance, index): all below the k-th distance, then the lowest indices at it
-        chosen = d <= kth
-        crowded = torch.nonzero(chosen.sum(dim=1) > k).flatten()  # rows with ties at the k-th distance
+        # The k smallest by (distance, index). Where more than k distances reach the k-th one, topk may hold any
+        # of the tied items: take all below it, then the lowest indices at it.
+        crowded = torch.nonzero((d <= kth).sum(dim=1) > k).flatten()
         if len(crowded):
-            at = d[crowded] == kth[crowded]
-            need = k - (d[crowded] < kth[crowded]).sum(dim=1, keepdim=True)
-            chosen[crowded] = (d[crowded] < kth[crowded]) | (at & (torch.cumsum(at, dim=1) <= need))
-        index = torch.nonzero(chosen)[:, 1].view(len(d), k)  # ascending index in each row
+            rows, t = d[crowded], kth[crowded]
+            at = rows == t
+            need = k - (rows < t).sum(dim=1, keepdim=True)
+            chosen = (rows < t) | (at & (torch.cumsum(at, dim=1) <= need))
+            index[crowded] = torch.nonzero(chosen)[:, 1].view(len(crowded), k)
+        index, _ = torch.sort(index, dim=1)
         order = torch.argsort(d.gather(1, index), dim=1, stable=True)
         nearest[start:start + len(d)] = index.gather(1, order)
     return nearest, row_max
@@ -93,10 +96,10 @@ def _encoding(x: torch.Tensor, members: torch.Tensor, row_max: torch.Tensor, nea
     valid = members >= 0
     safe = members.clamp_min(0)
     dist = torch.empty(members.shape, dtype=x.dtype, device=x.device)
-    step = max(1, CHUNK_BYTES // max(1, m * x.shape[1] * x.element_size()))
-    for start in range(0, n, step):
+    step = max(1, CHUNK_BYTES // (n * x.element_size()))
+    for start in range(0, n, step):  # a row block of the distances, then its members' columns (no copies of x)
         rows = slice(start, start + step)
-        dots = torch.bmm(x[safe[rows]], x[rows].unsqueeze(2)).squeeze(2)
+        dots = (x[rows] @ x.t()).gather(1, safe[rows])
         dist[rows] = (2 - 2 * dots).clamp_min(0) / row_max[rows].unsqueeze(1)
     weight = torch.where(valid, torch.exp(-dist), torch.zeros_like(dist))
     weight = weight / weight.sum(dim=1, keepdim=True)
@@ -127,7 +130,8 @@ def _jaccard(v: torch.Tensor, num_query: int, out_dtype: torch.dtype) -> torch.T
     q_row, q_col, q_val = row[q_sel], col[q_sel], val[q_sel]
     gallery = n - num_query
     shared = torch.zeros(num_query * gallery, dtype=val.dtype, device=v.device)
-    pairs = count[q_col]
+    pairs = count[q_col]  # gallery entries sharing each query entry's column
+    base = start[q_col]
     ends = torch.cumsum(pairs, 0)
     budget = max(1, CHUNK_BYTES // 32)
     first = 0
@@ -135,10 +139,10 @@ def _jaccard(v: torch.Tensor, num_query: int, out_dtype: torch.dtype) -> torch.T
         last = int(torch.searchsorted(ends, ends[first] - pairs[first] + budget, right=True))
         last = max(last, first + 1)
         p = pairs[first:last]
-        owner = torch.repeat_interleave(torch.arange(first, last, device=v.device), p)
-        offset = torch.arange(len(owner), device=v.device) - torch.repeat_interleave(torch.cumsum(p, 0) - p, p)
-        at = start[q_col[owner]] + offset
-        shared.index_add_(0, q_row[owner] * gallery + g_row[at], torch.minimum(q_val[owner], g_val[at]))
+        begin = torch.cumsum(p, 0) - p  # each query entry's first pair in this chunk
+        at = torch.arange(int(p.sum()), device=v.device) + torch.repeat_interleave(base[first:last] - begin, p)
+        target = torch.repeat_interleave(q_row[first:last] * gallery, p) + g_row[at]
+        shared.index_add_(0, target, torch.minimum(torch.repeat_interleave(q_val[first:last], p), g_val[at]))
         first = last
     shared = shared.view(num_query, gallery)
     return (1 - shared / (2 - shared)).to(out_dtype)
