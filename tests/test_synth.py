@@ -162,7 +162,7 @@ def test_force_keeps_old_images_until_the_new_set_is_complete(tmp_path, monkeypa
     def broken(*args, **kwargs):
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(synthetic, "_run_jobs", broken)
+    monkeypatch.setattr(synthetic, "run_jobs", broken)
     with pytest.raises(RuntimeError, match="interrupted"):
         synthetic.generate_dataset(out, subjects=3, images_per_aspect=2, size=(96, 72), workers=1, force=True)
     assert sorted(p.name for p in (out / "Hands").iterdir()) == before
