@@ -20,11 +20,12 @@ def resolve_thresholds(thresholds: Mapping[str, int] | None) -> dict[str, int]:
     """Default thresholds, overridden by ``thresholds`` (keys: hand types or their folder suffixes)."""
     result = dict(PUBLISHED_THRESHOLDS)
     by_suffix = {suffix: hand for hand, suffix in HAND_TYPES.items()}
+    aliases = ", ".join(k for k in by_suffix if k not in HAND_TYPES)
     for key, value in (thresholds or {}).items():
         hand = key if key in HAND_TYPES else by_suffix.get(key)
         if hand is None:
             raise HandCLIPError(f"unknown hand type {key!r} in thresholds; expected one of "
-                                f"{', '.join(HAND_TYPES)} (or {', '.join(by_suffix)})")
+                                f"{', '.join(HAND_TYPES)} (or {aliases})")
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise HandCLIPError(f"threshold for {hand} must be a non-negative integer id, got {value!r}")
         result[hand] = value
