@@ -202,3 +202,28 @@ def test_synthetic_hd_prepared_trained_and_evaluated(tmp_path, capsys):
         assert run["gallery_size"] == len(labels[gallery]) == info["counts"]["gallery0"]["images"]
         assert run["rank1"] == pytest.approx(ref["rank1"], abs=1e-6)
         assert run["mAP"] == pytest.approx(ref["mAP"], abs=1e-6)
+
+
+def test_the_self_check_catches_broken_distractors(tmp_path):
+    """verify_output rejects an HD split whose galleries lose a distractor image, or whose query holds one."""
+    import copy
+
+    from handclip.data.split import read_hd, verify_output, write_plans
+
+    raw = write_hd(tmp_path / "raw", {1: 2, 2: 2, 460: 3, 470: 2}, {502: 2, 600: 1})
+    images = read_hd(raw)
+    plans = plan_hd(images, seed=0, runs=2, threshold=447)
+    write_plans(plans, images.sources, tmp_path / "ok")
+    verify_output(tmp_path / "ok", plans, 2)  # a correct split passes
+
+    def broken(change, message):
+        bad = copy.deepcopy(plans)
+        change(bad["hd"].splits)
+        root = tmp_path / f"bad{len(list(tmp_path.iterdir()))}"
+        write_plans(bad, images.sources, root)
+        with pytest.raises(HandCLIPError, match=f"self-check.*{message}"):
+            verify_output(root, bad, 2)
+
+    broken(lambda s: s["gallery1"]["distractor_0502"].pop(), "gallery1 does not hold every distractor image")
+    broken(lambda s: s["gallery0"].pop("distractor_0600"), "gallery0 identities differ")
+    broken(lambda s: s["query1"].update({"distractor_0600": ["600_1.jpg"]}), "query1 holds distractor identities")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,9 +117,5 @@ def plan_hd(images: HDImages, seed: int, runs: int, threshold: int, split: str =
         plan.distractors.setdefault(distractor_label(rec.identity), []).append(rec.image)
     plan.distractors = {i: sorted(v) for i, v in sorted(plan.distractors.items())}
     for run in range(runs):
-        plan.splits[f"gallery{run}"].update(plan.distractors)
+        plan.splits[f"gallery{run}"].update({i: list(v) for i, v in plan.distractors.items()})  # lists not shared
     return {HAND: plan}
-
-
-def distractor_counts(plan: HandPlan) -> Mapping[str, int]:
-    return {"identities": len(plan.distractors), "images": sum(map(len, plan.distractors.values()))}
