@@ -140,6 +140,14 @@ def test_same_seed_same_split(tmp_path):
     assert one == two and one["hands"]["hd"]["listing_sha256"] != other["hands"]["hd"]["listing_sha256"]
 
 
+def test_split_half_ignores_the_threshold_but_keeps_the_distractors(tmp_path):
+    raw = write_hd(tmp_path / "raw", {1: 2, 2: 2, 3: 2, 4: 2, 5: 2}, {520: 2})
+    info = prepare_dataset(raw, tmp_path / "out", dataset="hd", runs=1, split="half")
+    assert set(tree(tmp_path / "out", "train_all")) == {"0001", "0002", "0003"}
+    assert set(tree(tmp_path / "out", "gallery0")) == {"0004", "0005", "distractor_0520"}
+    assert info["thresholds"] is None and info["protocol"].startswith("HD: sorted identities of 1-501 split in half")
+
+
 def test_bad_input_is_one_error_line(tmp_path, capsys):
     raw = write_hd(tmp_path / "raw", {1: 2, 460: 2}, {600: 2}, extra=("1-501/IMG0007.jpg", "1-501/Thumbs.db"))
     cases = [
