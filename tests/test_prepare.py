@@ -17,8 +17,12 @@ from handclip.data import split as protocol
 from handclip.data.split import prepare_dataset
 from handclip.data.synthetic import generate_dataset
 from handclip.errors import HandCLIPError
-from handclip.hands import HAND_TYPES, hand_dir_name
+from handclip.hands import ELEVEN_K_HANDS, hand_dir_name
+from handclip.hands import HAND_TYPES as ALL_HAND_TYPES
 from handclip.hands import PUBLISHED_THRESHOLDS as DEFAULT_THRESHOLDS
+
+#: The 11k protocol writes these four (HD's own: tests/test_prepare_hd.py).
+HAND_TYPES = {hand: ALL_HAND_TYPES[hand] for hand in ELEVEN_K_HANDS}
 
 RUNS = 3
 
@@ -78,7 +82,7 @@ def test_accessory_images_excluded(raw: Path, prepared: tuple[Path, dict]) -> No
 def test_identities_follow_thresholds(raw: Path, prepared: tuple[Path, dict]) -> None:
     out, _ = prepared
     rows = [r for r in _rows(raw) if r["accessories"] == "0"]
-    for hand, threshold in DEFAULT_THRESHOLDS.items():
+    for hand, threshold in ((h, DEFAULT_THRESHOLDS[h]) for h in HAND_TYPES):
         ids = {r["id"] for r in rows if r["aspectOfHand"] == _aspect(hand)}
         train_all, test = set(_split(out, hand, "train_all")), set(_split(out, hand, "test"))
         assert train_all == {i for i in ids if int(i) <= threshold}
@@ -466,7 +470,7 @@ def test_thresholds_from_the_command_line() -> None:
         with pytest.raises(HandCLIPError, match=f"^threshold for palmar_left must be a non-negative integer id, got "
                                                 f"{bad!r}$".replace("(", r"\(").replace(".", r"\.")):
             resolve_thresholds({"palmar_l": bad})
-    with pytest.raises(HandCLIPError, match=r"expected one of dorsal_right, dorsal_left, palmar_right, palmar_left "
+    with pytest.raises(HandCLIPError, match=r"expected one of dorsal_right, dorsal_left, palmar_right, palmar_left, hd "
                                             r"\(or dorsal_r, dorsal_l, palmar_r, palmar_l\)$"):
         resolve_thresholds({"dorsal": 5})
     for bad in ("dorsal_right", "dorsal_right=", "dorsal_right=10=50", "dorsal_right=-5", "dorsal_right=1e3"):
@@ -479,7 +483,7 @@ def test_thresholds_from_the_command_line() -> None:
 def test_one_hand_planned_from_hand_written_records() -> None:
     """plan_hand on records written here: ids in numeric order, accessories excluded and counted, an identity
     with only accessory photos dropped, single-image test ids in no query, and a side left empty refused."""
-    from handclip.data.split.plan import _check_plan_sides, plan_hand
+    from handclip.data.split.plan import check_split_sides, plan_hand
     from handclip.data.split.raw import Record
 
     rows = [("0000010", "a", False), ("0000010", "b", False), ("0000009", "c", False), ("0000009", "d", True),
@@ -503,14 +507,14 @@ def test_one_hand_planned_from_hand_written_records() -> None:
     with pytest.raises(HandCLIPError, match=r"^dorsal_right: no test identities with threshold 1000 \(identities "
                                             r"0000009, 0000010, 0000100\.\.\.\); adjust --thresholds or use "
                                             r"--split half$"):
-        _check_plan_sides(plan_hand("dorsal_right", records, seed=0, runs=1, split="threshold", threshold=1000),
+        check_split_sides(plan_hand("dorsal_right", records, seed=0, runs=1, split="threshold", threshold=1000),
                           "threshold", 1000)
     with pytest.raises(HandCLIPError, match=r"^dorsal_right: no train identities with threshold 5 "):
-        _check_plan_sides(plan_hand("dorsal_right", records, seed=0, runs=1, split="threshold", threshold=5),
+        check_split_sides(plan_hand("dorsal_right", records, seed=0, runs=1, split="threshold", threshold=5),
                           "threshold", 5)
     with pytest.raises(HandCLIPError, match=r"^dorsal_right: no test identities with --split half \(identities "
                                             r"0000010\.\.\.\)"):
-        _check_plan_sides(plan_hand("dorsal_right", records[:2], seed=0, runs=1, split="half", threshold=0),
+        check_split_sides(plan_hand("dorsal_right", records[:2], seed=0, runs=1, split="half", threshold=0),
                           "half", 0)
 
 

@@ -162,9 +162,36 @@ def test_force_keeps_old_images_until_the_new_set_is_complete(tmp_path, monkeypa
     def broken(*args, **kwargs):
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(synthetic, "_run_jobs", broken)
+    monkeypatch.setattr(synthetic, "run_jobs", broken)
     with pytest.raises(RuntimeError, match="interrupted"):
         synthetic.generate_dataset(out, subjects=3, images_per_aspect=2, size=(96, 72), workers=1, force=True)
     assert sorted(p.name for p in (out / "Hands").iterdir()) == before
     assert (out / "HandInfo.csv").read_text() == csv_before
     assert not (out / ".Hands.partial").exists()
+
+
+def test_hd_layout_in_the_published_proportions(tmp_path: Path) -> None:
+    """synth --dataset hd: dorsal right photographs named <id>_<n>.jpg, train ids at or below 447, test ids in
+    448..501 (both in 1-501), distractor ids in 502..712 (in 502-712); the same seed gives the same bytes."""
+    from handclip.data.synthetic import generate_hd_dataset, hd_groups
+
+    assert hd_groups(30) == (11, 10, 9)  # 9 = round(30 * 213 / 715) distractors, the rest halved
+    generate_hd_dataset(tmp_path / "a", subjects=30, images_per_aspect=2, seed=3, size=SIZE, workers=1)
+    root = tmp_path / "a" / "Original Images"
+    ids: dict[str, set[int]] = {}
+    for folder in ("1-501", "502-712"):
+        for path in (root / folder).iterdir():
+            assert re.fullmatch(r"\d+_\d+\.jpg", path.name), path
+            ids.setdefault(folder, set()).add(int(path.name.split("_")[0]))
+            assert Image.open(path).size == SIZE
+    low, high = {i for i in ids["1-501"] if i <= 447}, {i for i in ids["1-501"] if i > 447}
+    assert (len(low), len(high), len(ids["502-712"])) == (11, 10, 9)
+    assert max(high) <= 501 and min(ids["502-712"]) >= 502 and max(ids["502-712"]) <= 712
+    generate_hd_dataset(tmp_path / "b", subjects=30, images_per_aspect=2, seed=3, size=SIZE, workers=2)
+    files = sorted(p.relative_to(root) for p in root.rglob("*.jpg"))
+    other = tmp_path / "b" / "Original Images"
+    assert files == sorted(p.relative_to(other) for p in other.rglob("*.jpg"))
+    assert all((root / f).read_bytes() == (other / f).read_bytes() for f in files)
+    for bad in (5, 151):
+        with pytest.raises(HandCLIPError, match=rf"^--subjects must be between 6 and 150 for --dataset hd, got {bad}$"):
+            generate_hd_dataset(tmp_path / "c", subjects=bad)

@@ -1,12 +1,13 @@
-"""Generate synthetic hand photographs in the raw 11k Hands format.
+"""Generate synthetic hand photographs in the raw 11k Hands (or HD) format.
 
 Usage::
 
-    python -m handclip.synth --out data/raw_synth [--subjects 40] [--images-per-aspect 6] [--seed 0]
-                             [--size 320x240] [--workers N] [--force] [--contact-sheet docs/synthetic_hands.png]
+    python -m handclip.synth --out data/raw_synth [--dataset 11k|hd] [--subjects 40] [--images-per-aspect 6]
+                             [--seed 0] [--size 320x240] [--workers N] [--force] [--contact-sheet PNG]
 
-Writes ``<out>/Hands/*.jpg`` and ``<out>/HandInfo.csv``; turn them into split folders with
-``python -m handclip.prepare --raw <out> --out <data root>``.
+Writes ``<out>/Hands/*.jpg`` and ``<out>/HandInfo.csv`` (11k), or ``<out>/Original Images/1-501`` and
+``.../502-712`` (hd); turn them into split folders with
+``python -m handclip.prepare [--dataset hd] --raw <out> --out <data root>``.
 """
 
 from __future__ import annotations
@@ -15,13 +16,24 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from handclip.data.synthetic import DEFAULT_SIZE, MAX_SUBJECTS, contact_sheet, generate_dataset, parse_size
+from handclip.data.synthetic import (
+    DEFAULT_SIZE,
+    MAX_SUBJECTS,
+    contact_sheet,
+    generate_dataset,
+    generate_hd_dataset,
+    parse_size,
+)
 from handclip.errors import exit_on_error
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m handclip.synth", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="output folder (gets Hands/ and HandInfo.csv)")
+    parser.add_argument("--out", required=True,
+                        help="output folder (gets Hands/ and HandInfo.csv, or Original Images/)")
+    parser.add_argument("--dataset", choices=("11k", "hd"), default="11k",
+                        help="11k: four aspects per subject (default); hd: dorsal right photographs in HD's "
+                             "1-501 / 502-712 layout (train, test and distractor subjects in HD's proportions)")
     parser.add_argument("--subjects", type=int, default=40,
                         help=f"number of identities, 1..{MAX_SUBJECTS} (default 40)")
     parser.add_argument("--images-per-aspect", type=int, default=6,
@@ -55,11 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     size = parse_size(args.size)
     print(f"generating {args.subjects} synthetic subjects at {size[0]}x{size[1]} into {args.out}", flush=True)
-    summary = generate_dataset(args.out, subjects=args.subjects, images_per_aspect=args.images_per_aspect,
-                               seed=args.seed, size=size, force=args.force, workers=args.workers,
-                               progress=_Progress())
+    generate = generate_hd_dataset if args.dataset == "hd" else generate_dataset
+    summary = generate(args.out, subjects=args.subjects, images_per_aspect=args.images_per_aspect,
+                       seed=args.seed, size=size, force=args.force, workers=args.workers, progress=_Progress())
+    what = f"into {summary.csv_path}" if args.dataset == "hd" else f"and {summary.csv_path}"
     print(f"wrote {summary.images} images ({summary.accessory_images} with accessories) of {summary.subjects} "
-          f"subjects and {summary.csv_path} in {summary.seconds:.1f} s")
+          f"subjects {what} in {summary.seconds:.1f} s")
     if args.contact_sheet:
         print(f"wrote contact sheet {contact_sheet(args.contact_sheet, seed=args.seed)}")
     return 0

@@ -64,8 +64,8 @@ def _check_root(root: str | Path) -> Path:
     if not root.is_dir():
         raise HandCLIPError(
             f"data root {str(root)!r} does not exist or is not a folder; expected folders named "
-            f"{HAND_DIR_PREFIX}<dorsal_r|dorsal_l|palmar_r|palmar_l>. Create them from the 11k Hands "
-            "download with `python -m handclip.prepare --raw DIR --out DIR`, or run `make demo` for "
+            f"{HAND_DIR_PREFIX}<{'|'.join(HAND_TYPES.values())}>. Create them from the 11k Hands (or HD) "
+            "download with `python -m handclip.prepare [--dataset hd] --raw DIR --out DIR`, or run `make demo` for "
             "synthetic data."
         )
     return root

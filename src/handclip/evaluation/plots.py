@@ -20,7 +20,7 @@ from handclip.utils.files import atomic_write
 log = logging.getLogger(__name__)
 
 _STYLE = {ZERO_SHOT: ("--", "tab:gray"), FINE_TUNED: ("-", "tab:blue")}
-_HAND_COLOURS = dict(zip(HAND_TYPES, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
+_HAND_COLOURS = dict(zip(HAND_TYPES, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))
 
 
 def _save(fig: Figure, path: Path) -> Path:

@@ -1,4 +1,4 @@
-"""The published 11k Hands evaluation protocol, reproducible: raw download -> split folders.
+"""The published 11k Hands and HD evaluation protocols, reproducible: raw download -> split folders.
 
 Input: ``<raw>/HandInfo.csv`` and ``<raw>/Hands/*.jpg`` as downloaded. Output, per hand type,
 ``<out>/train_val_test_split_<dorsal_r|dorsal_l|palmar_r|palmar_l>/`` with::
@@ -11,7 +11,9 @@ Input: ``<raw>/HandInfo.csv`` and ``<raw>/Hands/*.jpg`` as downloaded. Output, p
     gallery{i}/<id>/...        run i: the remaining image of each test identity
     gallery{i}_all/<id>_<suffix>/...  (--cross-aspect) the four hand types' gallery{i} merged
 
-plus ``<out>/split_info.json`` describing the split. Images with accessories are left out. Every random
+plus ``<out>/split_info.json`` describing the split. ``dataset="hd"`` writes ``train_val_test_split_hd/`` by
+the HD protocol instead (:mod:`handclip.data.split.hd`: the same folders, plus distractors in every gallery).
+Images with accessories are left out. Every random
 choice comes from ``random.Random`` seeded by the seed and the hand type, so one seed always gives the
 same split. Output is built in a temporary sibling folder, checked, and only then moved into place.
 Such a folder left by a killed run (``.<out>.partial-*``, no longer locked by a live one) is removed by the
@@ -28,6 +30,7 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
+from handclip.data.split.hd import plan_hd, read_hd
 from handclip.data.split.plan import (
     DEFAULT_RUNS,
     SPLIT_MODES,
@@ -39,7 +42,7 @@ from handclip.data.split.plan import (
 from handclip.data.split.raw import CSV_NAME, IMAGES_DIR, check_images, read_hand_info
 from handclip.data.split.write import build_split_info, verify_output, write_plans
 from handclip.errors import HandCLIPError
-from handclip.hands import HAND_DIR_PREFIX
+from handclip.hands import DATASETS, HAND_DIR_PREFIX
 from handclip.utils.files import check_output_folder, check_writable, swap_in
 from handclip.utils.locks import try_lock
 
@@ -49,7 +52,8 @@ INFO_NAME = "split_info.json"
 
 __all__ = [
     "DEFAULT_RUNS", "INFO_NAME", "SPLIT_MODES", "HandPlan", "build_split_info", "check_images", "parse_thresholds",
-    "plan_dataset", "prepare_dataset", "read_hand_info", "resolve_thresholds", "verify_output", "write_plans",
+    "plan_dataset", "plan_hd", "prepare_dataset", "read_hd", "read_hand_info", "resolve_thresholds", "verify_output",
+    "write_plans",
 ]
 
 
@@ -91,35 +95,50 @@ def _clean_leftovers(out: Path) -> None:
         log.info("removed %s, left by an interrupted prepare run", partial)
 
 
+def _plan(dataset: str, raw: Path, seed: int, runs: int, limits: dict[str, int], split: str, cross_aspect: bool):
+    """(plans, records, image sources, notes) of one dataset's raw download, fully checked."""
+    if dataset == "hd":
+        if cross_aspect:
+            raise HandCLIPError("--cross-aspect needs the four 11k hand types; HD has one (drop --cross-aspect)")
+        if split not in SPLIT_MODES:
+            raise HandCLIPError(f"unknown split {split!r}; expected one of {', '.join(SPLIT_MODES)}")
+        images = read_hd(raw)
+        plans = plan_hd(images, seed, runs, limits["hd"], split)
+        return plans, images.main + images.distractors, images.sources, images.notes
+    records = read_hand_info(raw)
+    check_images(raw, records)
+    return plan_dataset(records, seed, runs, limits, split, cross_aspect), records, raw / IMAGES_DIR, []
+
+
 def prepare_dataset(raw_dir: str | Path, out_dir: str | Path, seed: int = 0, runs: int = DEFAULT_RUNS,
                     thresholds: Mapping[str, int] | None = None, split: str = "threshold",
-                    cross_aspect: bool = False, force: bool = False) -> dict:
-    """Build the 11k Hands split folders from the raw download; return the split_info dict.
+                    cross_aspect: bool = False, force: bool = False, dataset: str = "11k") -> dict:
+    """Build the split folders of ``dataset`` (11k or hd) from its raw download; return the split_info dict.
 
     The input is fully validated before anything is written; the output is built in a temporary
     sibling folder, checked against the plan and the protocol's invariants, and only then moved to
     ``out_dir`` (replacing an existing one only with ``force``). On any error nothing is left behind.
     """
+    if dataset not in DATASETS:
+        raise HandCLIPError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
     raw, out = Path(raw_dir).expanduser(), Path(out_dir).expanduser().resolve()
     if not raw.is_dir():
-        raise HandCLIPError(f"raw data folder {str(raw)!r} not found; expected the 11k Hands download with "
-                            f"{CSV_NAME} and {IMAGES_DIR}/")
+        wanted = f"{CSV_NAME} and {IMAGES_DIR}/" if dataset == "11k" else "Original Images/1-501 and 502-712"
+        raise HandCLIPError(f"raw data folder {str(raw)!r} not found; expected the {dataset} download with {wanted}")
     if out.parent.is_dir():
         _clean_leftovers(out)
-    records = read_hand_info(raw)
-    check_images(raw, records)
     limits = resolve_thresholds(thresholds)
-    plans = plan_dataset(records, seed, runs, limits, split, cross_aspect)
+    plans, records, sources, notes = _plan(dataset, raw, seed, runs, limits, split, cross_aspect)
     _check_out(out, raw, force)
     check_writable(out, "output folder (--out)")
-    info = build_split_info(plans, records, seed, runs, limits, split, cross_aspect)
+    info = build_split_info(plans, records, seed, runs, limits, split, cross_aspect, dataset, notes)
 
     created_top = _make_parents(out)
     tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
     tmp.mkdir()  # mode 0o777 less the umask, like any folder the user makes (mkdtemp would give 0o700)
     try:
         with try_lock(tmp) or contextlib.nullcontext():  # a live run's partial folder is not a leftover
-            linker = write_plans(plans, raw / IMAGES_DIR, tmp)
+            linker = write_plans(plans, sources, tmp)
             verify_output(tmp, plans, runs)
             (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
             swap_in(tmp, out)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from handclip.data.split.raw import MAX_NAMED, Record
 from handclip.errors import HandCLIPError
-from handclip.hands import HAND_TYPES, PUBLISHED_THRESHOLDS, hand_dir_name
+from handclip.hands import ELEVEN_K_HANDS, HAND_TYPES, PUBLISHED_THRESHOLDS, hand_dir_name
 
 DEFAULT_RUNS = 10
 SPLIT_MODES = ("threshold", "half")
@@ -20,11 +20,12 @@ def resolve_thresholds(thresholds: Mapping[str, int] | None) -> dict[str, int]:
     """Default thresholds, overridden by ``thresholds`` (keys: hand types or their folder suffixes)."""
     result = dict(PUBLISHED_THRESHOLDS)
     by_suffix = {suffix: hand for hand, suffix in HAND_TYPES.items()}
+    aliases = ", ".join(k for k in by_suffix if k not in HAND_TYPES)
     for key, value in (thresholds or {}).items():
         hand = key if key in HAND_TYPES else by_suffix.get(key)
         if hand is None:
             raise HandCLIPError(f"unknown hand type {key!r} in thresholds; expected one of "
-                                f"{', '.join(HAND_TYPES)} (or {', '.join(by_suffix)})")
+                                f"{', '.join(HAND_TYPES)} (or {aliases})")
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise HandCLIPError(f"threshold for {hand} must be a non-negative integer id, got {value!r}")
         result[hand] = value
@@ -55,6 +56,8 @@ class HandPlan:
     single_image_test: list[str] = field(default_factory=list)
     no_usable_images: list[str] = field(default_factory=list)
     excluded_images: int = 0
+    #: Identity folder -> images added to every ``gallery{i}`` that can never match a query (HD's 502-712).
+    distractors: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def folder(self) -> str:
@@ -105,7 +108,7 @@ def plan_hand(hand: str, records: list[Record], seed: int, runs: int, split: str
     return plan
 
 
-def _check_plan_sides(plan: HandPlan, split: str, threshold: int) -> None:
+def check_split_sides(plan: HandPlan, split: str, threshold: int) -> None:
     rule = "--split half" if split == "half" else f"threshold {threshold}"
     for side, ids in (("train", plan.train_ids), ("test", plan.test_ids)):
         if not ids:
@@ -127,22 +130,26 @@ def add_cross_aspect(plans: dict[str, HandPlan], runs: int) -> None:
             plan.splits[f"gallery{run}_all"] = dict(merged)
 
 
+def check_runs(runs: int) -> None:
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise HandCLIPError(f"runs must be a positive integer, got {runs!r}")
+
+
 def plan_dataset(records: list[Record], seed: int = 0, runs: int = DEFAULT_RUNS,
                  thresholds: Mapping[str, int] | None = None, split: str = "threshold",
                  cross_aspect: bool = False) -> dict[str, HandPlan]:
-    """The whole split, per hand type present in ``records`` (a pure function of its arguments)."""
+    """The whole 11k split, per hand type present in ``records`` (a pure function of its arguments)."""
     if split not in SPLIT_MODES:
         raise HandCLIPError(f"unknown split {split!r}; expected one of {', '.join(SPLIT_MODES)}")
-    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
-        raise HandCLIPError(f"runs must be a positive integer, got {runs!r}")
+    check_runs(runs)
     limits = resolve_thresholds(thresholds)
     plans: dict[str, HandPlan] = {}
-    for hand in HAND_TYPES:
+    for hand in ELEVEN_K_HANDS:
         hand_records = [r for r in records if r.hand == hand]
         if not hand_records:
             continue
         plan = plan_hand(hand, hand_records, seed, runs, split, limits[hand])
-        _check_plan_sides(plan, split, limits[hand])
+        check_split_sides(plan, split, limits[hand])
         plans[hand] = plan
     if cross_aspect:
         add_cross_aspect(plans, runs)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from handclip.errors import HandCLIPError
-from handclip.hands import HAND_TYPES, aspect_of_hand
+from handclip.hands import ELEVEN_K_HANDS, aspect_of_hand
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ CSV_NAME = "HandInfo.csv"
 IMAGES_DIR = "Hands"
 REQUIRED_COLUMNS = ("id", "accessories", "aspectOfHand", "imageName")
 #: ``aspectOfHand`` values (lower case) -> hand type.
-ASPECT_TO_HAND: dict[str, str] = {aspect_of_hand(hand): hand for hand in HAND_TYPES}
+ASPECT_TO_HAND: dict[str, str] = {aspect_of_hand(hand): hand for hand in ELEVEN_K_HANDS}
 _ID_RE = re.compile(r"\d{1,7}")
 #: At most this many offending items are named in one message.
 MAX_NAMED = 5

@@ -13,7 +13,7 @@ from pathlib import Path
 from handclip.data.split.plan import Assignment, HandPlan
 from handclip.data.split.raw import MAX_NAMED, Record
 from handclip.errors import HandCLIPError
-from handclip.hands import HAND_TYPES
+from handclip.hands import DATASETS
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,10 @@ class _Linker:
         self.copied += 1
 
 
-def write_plans(plans: Mapping[str, HandPlan], images_dir: Path, root: Path) -> _Linker:
-    """Create every planned file under ``root``."""
+def write_plans(plans: Mapping[str, HandPlan], images: Path | Mapping[str, Path], root: Path) -> _Linker:
+    """Create every planned file under ``root``; ``images`` is the folder of the source images, or maps each
+    image name to its file."""
+    source = images.__getitem__ if isinstance(images, Mapping) else images.joinpath
     linker = _Linker()
     for plan in plans.values():
         hand_root = root / plan.folder
@@ -62,7 +64,7 @@ def write_plans(plans: Mapping[str, HandPlan], images_dir: Path, root: Path) -> 
             if dst.parent not in made:
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 made.add(dst.parent)
-            linker(images_dir / image, dst)
+            linker(source(image), dst)
     return linker
 
 
@@ -97,10 +99,17 @@ def _verify_hand(hand_root: Path, plan: HandPlan, runs: int) -> list[str]:
         train, val = get("train").get(identity, []), get("val").get(identity, [])
         if sorted(train + val) != sorted(imgs) or len(val) > 1:
             problems.append(f"train/val do not partition train_all identity {identity}")
+    distractors = plan.distractors
+    if set(distractors) & (set(train_all) | set(test)):
+        problems.append(f"distractor identities also train or test: {sorted(set(distractors) & set(tree))[:3]}")
     for run in range(runs):
         query, gallery = get(f"query{run}"), get(f"gallery{run}")
-        if set(gallery) != set(test):
-            problems.append(f"gallery{run} identities differ from the test identities")
+        if set(gallery) != set(test) | set(distractors):
+            problems.append(f"gallery{run} identities differ from the test identities and the distractors")
+        if set(query) & set(distractors):
+            problems.append(f"query{run} holds distractor identities")
+        if any(sorted(gallery.get(i, [])) != imgs for i, imgs in distractors.items()):
+            problems.append(f"gallery{run} does not hold every distractor image")
         for identity, imgs in test.items():
             q, g = query.get(identity, []), gallery.get(identity, [])
             if len(g) != 1 or sorted(q + g) != sorted(imgs):
@@ -128,11 +137,22 @@ def _fingerprint(plan: HandPlan) -> str:
     return hashlib.sha256("\n".join(sorted(_planned_files(plan))).encode()).hexdigest()
 
 
+PROTOCOLS = {
+    ("11k", "threshold"): "11k Hands (Afifi 2019): accessories excluded, identities split by id threshold",
+    ("11k", "half"): "sorted identities split in half per hand type",
+    ("hd", "threshold"): "HD (MBA-Net): identity from the file name; 1-501 split by id threshold; every image of "
+                         "502-712 in every gallery as a distractor (identities distractor_<id>)",
+    ("hd", "half"): "HD: sorted identities of 1-501 split in half; every image of 502-712 in every gallery as a "
+                    "distractor (identities distractor_<id>)",
+}
+
+
 def build_split_info(plans: Mapping[str, HandPlan], records: list[Record], seed: int, runs: int,
-                     thresholds: Mapping[str, int], split: str, cross_aspect: bool) -> dict:
+                     thresholds: Mapping[str, int], split: str, cross_aspect: bool, dataset: str = "11k",
+                     notes: list[str] | None = None) -> dict:
     """The JSON-serialisable description written to split_info.json (no paths, no timestamps)."""
     hands = {}
-    notes = []
+    notes = list(notes or [])
     for hand, plan in plans.items():
         hands[hand] = {
             "folder": plan.folder,
@@ -143,6 +163,9 @@ def build_split_info(plans: Mapping[str, HandPlan], records: list[Record], seed:
             "identities_without_usable_images": plan.no_usable_images,
             "listing_sha256": _fingerprint(plan),
         }
+        if plan.distractors:
+            hands[hand]["distractors"] = {"identities": len(plan.distractors),
+                                          "images": sum(map(len, plan.distractors.values()))}
         if plan.single_image_train:
             notes.append(f"{hand}: {len(plan.single_image_train)} training identit(y/ies) with a single image "
                          f"kept in train without a val image: {', '.join(plan.single_image_train)}")
@@ -152,19 +175,19 @@ def build_split_info(plans: Mapping[str, HandPlan], records: list[Record], seed:
         if plan.no_usable_images:
             notes.append(f"{hand}: {len(plan.no_usable_images)} identit(y/ies) dropped, every image has "
                          f"accessories: {', '.join(plan.no_usable_images)}")
-    missing_hands = [h for h in HAND_TYPES if h not in plans]
+    missing_hands = [h for h in DATASETS[dataset] if h not in plans]
     if missing_hands:
         notes.append(f"no images for hand type(s) {', '.join(missing_hands)}; their folders are not written")
     return {
         "format_version": 1,
-        "protocol": "11k Hands (Afifi 2019): accessories excluded, identities split by id threshold"
-                    if split == "threshold" else "sorted identities split in half per hand type",
+        "dataset": dataset,
+        "protocol": PROTOCOLS[dataset, split],
         "seed": seed,
         "split": split,
-        "thresholds": dict(thresholds) if split == "threshold" else None,
+        "thresholds": {h: thresholds[h] for h in DATASETS[dataset]} if split == "threshold" else None,
         "runs": runs,
         "cross_aspect": cross_aspect,
-        "csv_rows": len(records),
+        "csv_rows" if dataset == "11k" else "raw_images": len(records),
         "excluded_accessory_images": sum(r.accessories for r in records),
         "hands": hands,
         "notes": notes,

@@ -1,4 +1,5 @@
-"""Synthetic hand photographs in the raw 11k Hands download format (``Hands/*.jpg`` + ``HandInfo.csv``).
+"""Synthetic hand photographs in the raw 11k Hands download format (``Hands/*.jpg`` + ``HandInfo.csv``), or
+in the raw HD layout (:mod:`handclip.data.synthetic.hd`).
 
 Every subject ("identity") gets stable traits: skin tone, palm proportions, finger lengths and widths,
 nail colour, palm creases, veins and marks (moles, a birthmark) at fixed places relative to the hand.
@@ -26,10 +27,12 @@ from handclip.data.synthetic.dataset import (
     generate_dataset,
     parse_size,
 )
+from handclip.data.synthetic.hd import generate_hd_dataset, hd_groups, hd_subject_ids
 from handclip.data.synthetic.render import render_image
 from handclip.data.synthetic.traits import ASPECTS, MAX_SUBJECTS, Identity, make_identity, subject_ids
 
 __all__ = [
     "ASPECTS", "CSV_COLUMNS", "DEFAULT_SIZE", "MAX_SIZE", "MAX_SUBJECTS", "MIN_SIZE", "Identity", "SynthSummary",
-    "check_size", "contact_sheet", "generate_dataset", "make_identity", "parse_size", "render_image", "subject_ids",
+    "check_size", "contact_sheet", "generate_dataset", "generate_hd_dataset", "hd_groups", "hd_subject_ids",
+    "make_identity", "parse_size", "render_image", "subject_ids",
 ]

@@ -81,7 +81,7 @@ def _job_bytes(ident: Identity, job: ImageJob, size: tuple[int, int], seed: int)
     return encode_jpeg(render_image(ident, job.aspect, size, rng, job.accessory), rng)
 
 
-class _Renderer:
+class Renderer:
     """Picklable worker: render a job and write its file."""
 
     def __init__(self, identities: Sequence[Identity], size: tuple[int, int], seed: int, hands_dir: Path):
@@ -167,10 +167,10 @@ def generate_dataset(
     partial = out / ".Hands.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
-    render = _Renderer(identities, size, seed, partial)
+    render = Renderer(identities, size, seed, partial)
     n_workers = default_workers() if workers is None else max(1, workers)
     try:
-        _run_jobs(render, jobs, n_workers, progress)
+        run_jobs(render, jobs, n_workers, progress)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -181,7 +181,7 @@ def generate_dataset(
                         time.perf_counter() - start)
 
 
-def _run_jobs(render: _Renderer, jobs: Sequence[ImageJob], workers: int,
+def run_jobs(render: Renderer, jobs: Sequence[ImageJob], workers: int,
               progress: Callable[[int, int], None] | None) -> None:
     total = len(jobs)
     if workers == 1 or total < 16:

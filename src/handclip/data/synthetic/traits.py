@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from handclip.errors import HandCLIPError
-from handclip.hands import HAND_TYPES, aspect_of_hand
+from handclip.hands import ELEVEN_K_HANDS, aspect_of_hand
 
 #: The four aspects, as written in HandInfo.csv's ``aspectOfHand`` column, in generation order.
-ASPECTS: tuple[str, ...] = tuple(aspect_of_hand(hand) for hand in HAND_TYPES)
+ASPECTS: tuple[str, ...] = tuple(aspect_of_hand(hand) for hand in ELEVEN_K_HANDS)
 
 MAX_SUBJECTS = 1000
 #: Subject ids are drawn from these two ranges, half from each, so the published id thresholds
