@@ -43,7 +43,7 @@ def test_every_option_of_every_group_composes_against_the_schema(command):
     ("train", "trainer.max_epochs=1.5", "trainer.max_epochs=1.5: expected a whole number (int), got 1.5"),
     ("train", "model.lr=fast", "model.lr=fast: expected a number (float), got 'fast'"),
     ("train", "hand.name=3", "hand.name=3: unknown hand type '3'; expected one of: dorsal_right, dorsal_left, "
-                             "palmar_right, palmar_left"),
+                             "palmar_right, palmar_left, hd"),
     ("train", "trainer.deterministic=true", None),
     ("train", "data.cache=maybe", "data.cache=maybe: expected true or false (bool), got 'maybe'"),
     ("eval", "verification.cmc_max_rank=ten", "verification.cmc_max_rank=ten: expected a whole number (int), "
