@@ -5,7 +5,8 @@ HandCLIP runs the geometric half (everything before ``ToTensor``) here, on the C
 as a ``uint8`` ``3 x H x W`` crop (what the decode-once cache stores). The arithmetic half (``/255`` then
 ``Normalize``) belongs to the model (:class:`handclip.models.encoder.Normalizer`), which applies it on its
 device, per batch. For RGB images the two halves together give exactly the tensor open_clip's transform
-gives; other modes are converted to RGB first (open_clip converts after resizing).
+gives; other modes are converted to RGB first (open_clip converts after resizing), 16-bit and floating-point
+grayscale scaled to 8 bits (:func:`to_rgb`; Pillow alone would turn them white).
 
 Decoding applies the EXIF orientation tag (phone and camera photos), so a crop shows the hand the way
 it was photographed; images without the tag decode exactly as Pillow reads them. Images whose shape
@@ -20,6 +21,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image, ImageOps
@@ -65,9 +67,36 @@ def check_image_shape(path: str | Path, size: tuple[int, int]) -> None:
             "take gigabytes). Remove or crop it")
 
 
+def to_rgb(img: Image.Image, path: str | Path) -> Image.Image:
+    """``img`` (any mode Pillow opens) as 8-bit RGB with its brightness kept.
+
+    Pillow's own ``convert("RGB")`` clips high-bit-depth grayscale: a 16-bit photo (mode ``I;16``, PNG and TIFF)
+    comes out blank white. 16-bit values (``I;16*``, and ``I`` holding 0..65535) are scaled to 0..255, and
+    floating-point ones (``F``) holding 0..1 likewise; an ``I`` or ``F`` image with other values has no agreed
+    brightness scale and is refused, naming ``path``. Other modes (1, L, LA, P, PA, RGBA, CMYK, YCbCr, LAB, HSV...)
+    go through Pillow's conversion; one that Pillow cannot convert is refused, naming ``path``.
+    """
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        top = 1.0 if img.mode == "F" else 65535.0
+        if not (np.isfinite(low) and np.isfinite(high) and low >= 0 and high <= top):
+            raise HandCLIPError(
+                f"image {str(path)!r} is a {'floating-point' if img.mode == 'F' else '32-bit integer'} image "
+                f"(mode {img.mode}) with values from {low:g} to {high:g}; expected values from 0 to {top:g}: "
+                "save it as an 8- or 16-bit image")
+        img = Image.fromarray(np.rint(values * (255.0 / top)).astype(np.uint8), "L")
+    try:
+        return img.convert("RGB")
+    except ValueError as err:
+        raise HandCLIPError(f"cannot read image {str(path)!r}: its mode {img.mode} cannot be converted to RGB "
+                            f"({err})") from None
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """Decode an image fully, turn it upright by its EXIF orientation and convert it to RGB (grayscale, RGBA,
-    CMYK, palette...). Images beyond :data:`MAX_PIXELS` or :data:`MAX_ASPECT_RATIO` are refused unread."""
+    CMYK, palette, 16-bit...: :func:`to_rgb`). Images beyond :data:`MAX_PIXELS` or :data:`MAX_ASPECT_RATIO` are
+    refused unread."""
     try:
         with warnings.catch_warnings():  # the size check below gives a clear error instead of a warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -76,7 +105,7 @@ def load_rgb(path: str | Path) -> Image.Image:
             check_image_shape(path, img.size)
             img.load()
             ImageOps.exif_transpose(img, in_place=True)
-            return img.convert("RGB")
+            return to_rgb(img, path)
     except Image.DecompressionBombError:
         raise HandCLIPError(f"image {str(path)!r} is larger than {MAX_PIXELS // 1_000_000} megapixels, the most "
                             "that is read") from None

@@ -12,7 +12,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from handclip.utils.files import atomic_write
+from handclip.data.images import to_rgb
+from handclip.errors import HandCLIPError
+from handclip.utils.files import atomic_write, printable
 
 GREEN = (34, 139, 34)
 RED = (205, 38, 38)
@@ -59,15 +61,16 @@ def thumbnail(path: str | Path, size: int) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.draft("RGB", (2 * size, 2 * size))  # JPEG: decode at a reduced scale
-            img = ImageOps.exif_transpose(img).convert("RGB")
+            img = to_rgb(ImageOps.exif_transpose(img), path)
             return ImageOps.contain(img, (size, size), Image.Resampling.BICUBIC)
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except (OSError, ValueError, Image.DecompressionBombError, HandCLIPError):
         box = Image.new("RGB", (size, size), (230, 230, 230))
         ImageDraw.Draw(box).text((8, size // 2 - 8), "unreadable", fill=(90, 90, 90), font=_font(13))
         return box
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    text = printable(text)  # one line: a newline in a file name is drawn as \n
     if draw.textlength(text, font=font) <= width:
         return text
     while text and draw.textlength(text + "…", font=font) > width:

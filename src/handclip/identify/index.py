@@ -73,10 +73,15 @@ class ModelInfo:
 
 
 def _entry(f: GalleryFile) -> list:
+    """[relative path, identity, size, mtime_ns]; a link that leads nowhere has size -1 and the link's own time
+    (its decoding fails and names it; it is tried again once it leads to a file)."""
     try:
         st = f.path.stat()
-    except OSError as err:
-        raise HandCLIPError(f"cannot read gallery image {str(f.path)!r}: {err}") from None
+    except OSError:
+        try:
+            return [f.rel, f.identity, -1, f.path.lstat().st_mtime_ns]
+        except OSError as err:
+            raise HandCLIPError(f"cannot read gallery image {str(f.path)!r}: {err.strerror or err}") from None
     return [f.rel, f.identity, st.st_size, st.st_mtime_ns]
 
 

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from handclip.errors import HandCLIPError
 from handclip.evaluation.pictures import BLUE, Row, Tile, match_colour, ranking_picture
-from handclip.utils.files import atomic_write, swap_in
+from handclip.utils.files import atomic_write, printable, swap_in
 
 UNKNOWN = "unknown"
 #: What identify writes into its output folder (and may replace with overwrite=true).
@@ -124,11 +124,11 @@ def print_results(result: dict, files: dict[str, Path], limit: int = 50) -> None
     paths = [Path(r["query"]) for r in result["queries"]]
     base = Path(os.path.commonpath(paths)) if len(paths) > 1 else paths[0].parent
     if len(paths) > 1:
-        print(f"queries under {base}:")
+        print(f"queries under {printable(str(base))}:")
     for r, path in zip(result["queries"][:limit], paths):
         top = ", ".join(f"{t['identity']} {t['score']:.3f}" for t in r["top"])
         verdict = "" if r["correct"] is None else ("  [right]" if r["correct"] else f"  [wrong: {r['true_identity']}]")
-        print(f"{path.relative_to(base)}: {r['decision']} ({r['score']:.3f}){verdict}  | top-{len(r['top'])}: {top}")
+        print(f"{printable(str(path.relative_to(base)))}: {r['decision']} ({r['score']:.3f}){verdict}  | top-{len(r['top'])}: {top}")
     s = result["summary"]
     if s["queries"] > limit:
         print(f"... {s['queries'] - limit} more in {files['csv']}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,15 @@ class GalleryFile:
     identity: str
 
 
+def _image_entry(path: Path) -> bool:
+    """An image file, or a link with an image suffix that leads nowhere (broken or looping): kept, so that
+    decoding names it and counts it as unreadable instead of leaving it out unsaid."""
+    if not is_image_file(path):
+        return (path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_symlink()
+                and not path.exists())
+    return True
+
+
 def _visible(path: Path, root: Path) -> bool:
     return not any(part.startswith(".") for part in path.relative_to(root).parts)
 
@@ -47,9 +57,9 @@ def scan_gallery(root: str | Path, min_identities: int = 2, what: str = "gallery
             continue
         if entry.is_dir():
             for image in sorted(entry.rglob("*")):
-                if is_image_file(image) and _visible(image, root):
+                if _image_entry(image) and _visible(image, root):
                     files.append(GalleryFile(image, image.relative_to(root).as_posix(), entry.name))
-        elif is_image_file(entry):
+        elif _image_entry(entry):
             files.append(GalleryFile(entry, entry.name, entry.stem))
     if not files:
         raise HandCLIPError(f"{what} {str(root)!r} holds no images; expected <identity>/<image> folders or a flat "
@@ -80,14 +90,15 @@ def resolve_queries(query: str | Path) -> list[Path]:
         return [path.resolve()]
     if path.is_dir():
         root = path.resolve()
-        found = sorted(p for p in root.rglob("*") if p.is_file() and _visible(p, root))
+        found = sorted(p for p in root.rglob("*") if (p.is_file() or _image_entry(p)) and _visible(p, root))
         where = f"query folder {text!r}"
     elif _has_glob(text):
-        found = sorted(Path(p).resolve() for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        found = sorted(Path(os.path.abspath(p)) for p in glob.glob(str(path), recursive=True)
+                       if Path(p).is_file() or _image_entry(Path(p)))
         where = f"query pattern {text!r}"
     else:
         raise HandCLIPError(f"query {text!r} not found (expected a photo, a folder or a glob pattern)")
-    images = [p for p in found if is_image_file(p)]
+    images = [p for p in found if _image_entry(p)]
     ignored = len(found) - len(images)
     if ignored:
         log.info("%s: %d file(s) without an image suffix ignored", where, ignored)

@@ -31,6 +31,12 @@ def is_disk_full(err: BaseException) -> bool:
     return False
 
 
+def printable(text: str) -> str:
+    """``text`` with what cannot be shown on one line escaped as Python does (a newline as ``\\n``, a byte of a
+    file name that is not UTF-8 as ``\\udcff``): file names may hold any character but ``/`` and NUL."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 def free_bytes(folder: Path) -> int | None:
     """Free bytes on the file system of ``folder`` (None when that cannot be read)."""
     try:
@@ -81,7 +87,8 @@ def atomic_write(path: str | Path, data: bytes | str, *, durable: bool = True) -
     file behind. ``durable`` flushes the data to disk before the rename.
     """
     path = Path(path)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
+    # surrogateescape: a file name that is not UTF-8 (read by Python as lone surrogates) is written as its bytes
+    payload = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data
     tmp = temp_path(path.parent, path.name)
     try:
         with open(tmp, "wb") as f:
