@@ -65,7 +65,7 @@ def onnx(cfg: DictConfig) -> dict:
     info = {**model.key, "model_fingerprint": model.fingerprint, "hand": meta.get("hand")}
     o = cfg.onnx
     return export_onnx(encoder, out, info, opset=o.opset, check=o.check, check_images=o.check_images,
-                       tolerance=o.tolerance, seed=cfg.seed)
+                       tolerance=o.tolerance, seed=cfg.seed, overwrite=cfg.overwrite)
 
 
 #: format -> exporter (each takes the composed config and returns a short report with the path written).

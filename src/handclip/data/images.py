@@ -86,11 +86,15 @@ def to_rgb(img: Image.Image, path: str | Path) -> Image.Image:
                 f"(mode {img.mode}) with values from {low:g} to {high:g}; expected values from 0 to {top:g}: "
                 "save it as an 8- or 16-bit image")
         img = Image.fromarray(np.rint(values * (255.0 / top)).astype(np.uint8), "L")
-    try:
-        return img.convert("RGB")
-    except ValueError as err:
-        raise HandCLIPError(f"cannot read image {str(path)!r}: its mode {img.mode} cannot be converted to RGB "
-                            f"({err})") from None
+    error = None
+    for steps in (("RGB",), ("LA", "RGB"), ("RGBA", "RGB")):  # La (premultiplied alpha) converts only through LA
+        try:
+            for mode in steps:
+                img = img.convert(mode)
+            return img
+        except ValueError as err:
+            error = error or err
+    raise HandCLIPError(f"cannot read image {str(path)!r}: its mode {img.mode} cannot be converted to RGB ({error})")
 
 
 def load_rgb(path: str | Path) -> Image.Image:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +22,18 @@ from handclip.errors import HandCLIPError
 from handclip.identify.images import embed_files, report_failures
 from handclip.identify.sources import scan_gallery
 from handclip.models.encoder import ImageEncoder
-from handclip.utils.files import check_output_file, temp_path
+from handclip.utils.files import check_output_file, write_file
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".npz", ".safetensors")
 
 
-def save_embeddings(out: Path, embeddings: np.ndarray, paths: list[str], identities: list[str], meta: dict) -> Path:
-    """Write the file atomically, in the format its suffix names."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(out.parent, out.name)
-    try:
+def save_embeddings(out: Path, embeddings: np.ndarray, paths: list[str], identities: list[str], meta: dict,
+                    overwrite: bool = False) -> Path:
+    """Write the file atomically, in the format its suffix names (:func:`~handclip.utils.files.write_file`)."""
+
+    def write(tmp: Path) -> None:
         if out.suffix.lower() == ".npz":
             with open(tmp, "wb") as f:
                 np.savez(f, embeddings=embeddings, paths=np.array(paths, dtype=str),
@@ -45,10 +44,8 @@ def save_embeddings(out: Path, embeddings: np.ndarray, paths: list[str], identit
             save_file({"embeddings": np.ascontiguousarray(embeddings)}, str(tmp),
                       metadata={"paths": json.dumps(paths), "identities": json.dumps(identities),
                                 "meta": json.dumps(meta)})
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+
+    return write_file(out, overwrite, write, "export")
 
 
 def export_embeddings(encoder: ImageEncoder, model: dict, images: str | Path, out: str | Path, device: torch.device,
@@ -68,7 +65,7 @@ def export_embeddings(encoder: ImageEncoder, model: dict, images: str | Path, ou
             "dim": int(embedded.embeddings.shape[1]), "handclip_version": __version__,
             "unreadable": [{"path": str(files[i].path), "reason": msg} for i, msg in embedded.failed]}
     save_embeddings(out, embedded.embeddings.numpy().astype(np.float32), [str(f.path) for f in kept],
-                    [f.identity for f in kept], meta)
+                    [f.identity for f in kept], meta, overwrite)
     return {"path": str(out), "images": len(kept), "unreadable": len(embedded.failed),
             "dim": meta["dim"], "format": out.suffix.lower().lstrip(".")}
 

@@ -6,6 +6,7 @@ Layout of an index folder::
                       the gallery folder, count, width, dtype, unreadable files
     entries.json      one [relative path, identity, size, mtime_ns] per row
     embeddings.npy    (N, D) L2-normalised embeddings (float16 by default), memory-mapped when read
+    (meta.json also holds the SHA-256 of entries.json and embeddings.npy, checked whenever the index is read)
 
 Opening an index for a gallery and a model:
 
@@ -13,17 +14,22 @@ Opening an index for a gallery and a model:
 * files added, changed or removed: only those are embedded, the rest is copied ("updated", and said so);
 * same model but other weights (a retrained checkpoint at the same path), or another dtype: rebuilt, said so;
 * made by another model or for another gallery folder: refused, unless ``overwrite`` (then rebuilt);
-* a folder that is not an index: refused (never replaced).
+* a folder that is not an index: refused (never replaced);
+* files that do not match the checksums in meta.json (changed on disk, even at the same size), or an index of an
+  earlier format: rebuilt, said so.
 
-A new or updated index is written to a temporary folder beside it and swapped in whole.
+A new or updated index is written to a partial folder beside it (``.<index>.partial-*``) and swapped in whole,
+while the run holds the index's claim (``.<index>.lock``): another run waits for it, then reuses what it wrote,
+and a partial folder left by a killed run is removed by the next.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,11 +42,13 @@ from handclip.errors import HandCLIPError
 from handclip.identify.images import embed_files, report_failures
 from handclip.identify.sources import GalleryFile
 from handclip.models.encoder import ImageEncoder
-from handclip.utils.files import atomic_write, swap_in
+from handclip.utils.files import atomic_write, check_writable, claimed, partial_folder, swap_in
 
 log = logging.getLogger(__name__)
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
+#: The files whose SHA-256 meta.json records.
+_CHECKED = ("entries.json", "embeddings.npy")
 _MARK = "handclip_gallery_index"
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -85,17 +93,39 @@ def _entry(f: GalleryFile) -> list:
     return [f.rel, f.identity, st.st_size, st.st_mtime_ns]
 
 
-def _read(path: Path) -> tuple[dict, list[list], np.ndarray] | None:
-    """(meta, entries, memory map) of a complete index, or None when a part is unreadable or inconsistent."""
+def check_index_path(path: Path) -> None:
+    """Refuse, before any work, an index path that holds something else, or where a new index cannot be written
+    (an existing index in a read-only folder may still be used)."""
+    path = Path(path).expanduser().absolute()
+    if path.exists() and (not path.is_dir() or not _is_index(path)):
+        raise HandCLIPError(f"index path {str(path)!r} exists and is not a HandCLIP gallery index; choose another "
+                            "index=PATH (it is never replaced)")
+    if not path.exists():
+        check_writable(path.parent, "gallery index folder (index=)")
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _read(path: Path) -> tuple[dict, list[list], np.ndarray] | str:
+    """(meta, entries, memory map) of a complete index, or why it cannot be used (a part unreadable, corrupted or
+    inconsistent)."""
     try:
         meta = json.loads((path / "meta.json").read_text())
+        if meta.get(_MARK) != INDEX_FORMAT:
+            return f"it has format {meta.get(_MARK)!r} (this version reads {INDEX_FORMAT})"
+        changed = [name for name in _CHECKED if _sha256(path / name) != meta["sha256"][name]]
+        if changed:
+            return f"{' and '.join(changed)} changed on disk since it was written (corrupted)"
         entries = json.loads((path / "entries.json").read_text())
         emb = np.load(path / "embeddings.npy", mmap_mode="c")  # copy-on-write: writable for torch, file untouched
-        ok = (meta.get(_MARK) == INDEX_FORMAT and emb.shape == (meta["count"], meta["dim"])
-              and len(entries) == meta["count"] and str(emb.dtype) == meta["dtype"])
-        return (meta, entries, emb) if ok else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        ok = (emb.shape == (meta["count"], meta["dim"]) and len(entries) == meta["count"]
+              and str(emb.dtype) == meta["dtype"])
+        return (meta, entries, emb) if ok else "its parts do not agree"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"it is incomplete or unreadable ({type(err).__name__}: {err})"
 
 
 def _is_index(path: Path) -> bool:
@@ -129,19 +159,33 @@ def _key(e: list) -> tuple:
 def open_index(path: str | Path, gallery: Path, files: list[GalleryFile], encoder: ImageEncoder, model: ModelInfo,
                device: torch.device, dtype: str = "float16", overwrite: bool = False, batch_size: int = 64,
                num_workers: int | None = None, progress: bool = True) -> GalleryIndex:
-    """The index of ``files`` (a scan of ``gallery``) at ``path``: reused, updated or built (see the module)."""
+    """The index of ``files`` (a scan of ``gallery``) at ``path``: reused, updated or built (see the module).
+
+    Opened under the index's claim, waiting for a run that holds it; an index in a folder that cannot be written
+    (read-only media) is used as it is, and refused before any embedding when it would need updating."""
     if dtype not in DTYPES:
         raise HandCLIPError(f"index_dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     path = Path(path).expanduser().resolve()
+    args = (path, gallery, files, encoder, model, device, dtype, overwrite, batch_size, num_workers, progress)
+    if path.is_dir() and not os.access(path.parent, os.W_OK):
+        return _open_index(*args)
+    with claimed(path, "identify", wait=True):
+        return _open_index(*args)
+
+
+def _open_index(path: Path, gallery: Path, files: list[GalleryFile], encoder: ImageEncoder, model: ModelInfo,
+                device: torch.device, dtype: str, overwrite: bool, batch_size: int, num_workers: int | None,
+                progress: bool) -> GalleryIndex:
     entries = [_entry(f) for f in files]
+    existed = path.exists()
     old, reason = None, None
+    check_index_path(path)
     if path.exists():
-        if not path.is_dir() or not _is_index(path):
-            raise HandCLIPError(f"index path {str(path)!r} exists and is not a HandCLIP gallery index; choose another "
-                                "index=PATH (it is never replaced)")
         old = _read(path)
-        reason = "it is incomplete or unreadable" if old is None else _why_rebuild(old[0], model, gallery, dtype,
-                                                                                    overwrite, path)
+        if isinstance(old, str):
+            old, reason = None, old
+        else:
+            reason = _why_rebuild(old[0], model, gallery, dtype, overwrite, path)
     current = {_key(e) for e in entries}
     reusable: dict[tuple, int] = {}  # key -> row of the old index
     skipped_before: dict[tuple, str] = {}  # unreadable files of the old index, not tried again while unchanged
@@ -156,6 +200,7 @@ def open_index(path: str | Path, gallery: Path, files: list[GalleryFile], encode
             return _opened(path, old, {"status": "reused", "embedded": 0, "decoded": 0, "rows": len(old[1])})
     if reason:
         log.warning("rebuilding the gallery index %s: %s", path, reason)
+    check_writable(path.parent, "gallery index folder (index=)")  # before embedding anything
     todo = [i for i, e in enumerate(entries) if _key(e) not in reusable and _key(e) not in skipped_before]
     embedded = embed_files(encoder, [files[i].path for i in todo], device, batch_size, num_workers, progress,
                            desc="gallery: embedding")
@@ -175,7 +220,7 @@ def open_index(path: str | Path, gallery: Path, files: list[GalleryFile], encode
     _write(path, meta, [entries[i] for i in kept], sources, embedded.embeddings.numpy(),
            None if old is None else old[2])
     reused = sum(1 for kind, _ in sources if kind == "old")
-    status = {"status": "built" if old is None else ("rebuilt" if reason else "updated"), "reason": reason,
+    status = {"status": "built" if not existed else ("rebuilt" if reason else "updated"), "reason": reason,
               "embedded": len(embedded.rows), "decoded": embedded.decoded, "reused_rows": reused,
               "removed_rows": 0 if old is None or reason else len(old[1]) - reused, "rows": len(kept)}
     if status["status"] == "updated":
@@ -188,7 +233,7 @@ def _write(path: Path, meta: dict, entries: list, sources: list[tuple[str, int]]
            old: np.ndarray | None, block: int = 65536) -> None:
     """Write the index to a temporary folder beside ``path`` and swap it in; rows are copied block by block."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = partial_folder(path)
     try:
         out = np.lib.format.open_memmap(tmp / "embeddings.npy", mode="w+", dtype=DTYPES[meta["dtype"]],
                                         shape=(len(entries), meta["dim"]))
@@ -201,6 +246,7 @@ def _write(path: Path, meta: dict, entries: list, sources: list[tuple[str, int]]
         out.flush()
         del out
         atomic_write(tmp / "entries.json", json.dumps(entries))
+        meta = {**meta, "sha256": {name: _sha256(tmp / name) for name in _CHECKED}}
         atomic_write(tmp / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: marks the folder complete
         swap_in(tmp, path)
     except BaseException:
@@ -208,9 +254,9 @@ def _write(path: Path, meta: dict, entries: list, sources: list[tuple[str, int]]
         raise
 
 
-def _opened(path: Path, read: tuple | None, status: dict) -> GalleryIndex:
-    if read is None:  # pragma: no cover - only when the disk fails between writing and reading back
-        raise HandCLIPError(f"gallery index {str(path)!r} could not be read back after writing it")
+def _opened(path: Path, read: tuple | str, status: dict) -> GalleryIndex:
+    if isinstance(read, str):  # pragma: no cover - only when the disk fails between writing and reading back
+        raise HandCLIPError(f"gallery index {str(path)!r} could not be read back after writing it: {read}")
     meta, entries, emb = read
     return GalleryIndex(path=path, embeddings=torch.from_numpy(emb), files=[e[0] for e in entries],
                         identities=[e[1] for e in entries], meta=meta, status=status)

@@ -8,14 +8,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from handclip.errors import HandCLIPError
 from handclip.evaluation.pictures import BLUE, Row, Tile, match_colour, ranking_picture
-from handclip.utils.files import atomic_write, printable, swap_in
+from handclip.utils.files import atomic_write, partial_folder, printable, swap_in
 
 UNKNOWN = "unknown"
 #: What identify writes into its output folder (and may replace with overwrite=true).
@@ -33,12 +32,29 @@ def decide(query: Path, truth: str | None, top: list[dict], threshold: float) ->
             "accepted": accepted, "correct": None if truth is None else decision == truth, "top": top}
 
 
+def _pictures_written(out_dir: Path) -> set[str]:
+    """The ranking pictures (names in ``rankings/``) that the results in ``out_dir`` list as written by identify."""
+    try:
+        records = json.loads((out_dir / "results.json").read_text())["queries"]
+        return {Path(r["picture"]).name for r in records if isinstance(r, dict) and r.get("picture")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
 def check_output(out_dir: Path, overwrite: bool) -> None:
-    """Refuse a folder holding earlier results (unless ``overwrite``) or anything identify did not write."""
+    """Refuse a folder holding earlier results (unless ``overwrite``) or anything identify did not write: in the
+    folder, or in its ``rankings/`` (only the pictures its results.json lists are identify's)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise HandCLIPError(f"output {str(out_dir)!r} exists and is not a folder")
     present = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
     foreign = [n for n in present if n not in OWNED]
+    rankings = out_dir / "rankings"
+    if rankings.is_symlink() or rankings.exists() and not rankings.is_dir():
+        foreign.append("rankings (not a folder of pictures)")
+    elif rankings.is_dir():
+        written = _pictures_written(out_dir)
+        foreign += sorted(f"rankings/{p.name}" for p in rankings.iterdir() if p.name not in written or not p.is_file()
+                          or p.is_symlink())
     if foreign:
         raise HandCLIPError(f"output folder {str(out_dir)!r} holds files identify did not write "
                             f"({', '.join(foreign[:5])}); choose another name=...")
@@ -90,10 +106,13 @@ def summary(result: dict) -> dict:
 
 def write_results(result: dict, out_dir: Path, overwrite: bool = False, pictures: bool = True,
                   progress: bool = True) -> dict[str, Path]:
-    """Write results.json, results.csv and rankings/ into a fresh folder and swap it in as ``out_dir``."""
+    """Write results.json, results.csv and rankings/ into a fresh folder and swap it in as ``out_dir``.
+
+    Call it holding ``out_dir``'s claim (:func:`~handclip.utils.files.claimed`): the partial folder of a killed run
+    is then removed by the next one."""
     check_output(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = partial_folder(out_dir)
     try:
         threshold = result["threshold"]["threshold"]
         if pictures:
@@ -104,7 +123,7 @@ def write_results(result: dict, out_dir: Path, overwrite: bool = False, pictures
                 ranking_picture(_picture_rows(record, threshold), tmp / rel)
                 record["picture"] = str(out_dir / rel)
         result["summary"] = summary(result)
-        atomic_write(tmp / "results.json", json.dumps(result, indent=2, default=str) + "\n")
+        atomic_write(tmp / "results.json", json.dumps(result, indent=2, default=str, allow_nan=False) + "\n")
         atomic_write(tmp / "results.csv", _csv(result))
         swap_in(tmp, out_dir)
     except BaseException:
@@ -128,7 +147,8 @@ def print_results(result: dict, files: dict[str, Path], limit: int = 50) -> None
     for r, path in zip(result["queries"][:limit], paths):
         top = ", ".join(f"{t['identity']} {t['score']:.3f}" for t in r["top"])
         verdict = "" if r["correct"] is None else ("  [right]" if r["correct"] else f"  [wrong: {r['true_identity']}]")
-        print(f"{printable(str(path.relative_to(base)))}: {r['decision']} ({r['score']:.3f}){verdict}  | top-{len(r['top'])}: {top}")
+        name = printable(str(path.relative_to(base)))
+        print(f"{name}: {r['decision']} ({r['score']:.3f}){verdict}  | top-{len(r['top'])}: {top}")
     s = result["summary"]
     if s["queries"] > limit:
         print(f"... {s['queries'] - limit} more in {files['csv']}")

@@ -1,9 +1,12 @@
 """Identify new hand photos against a gallery: the steps behind ``python -m handclip.identify``.
 
-1. the model (a checkpoint, or the zero-shot model given by ``model``) and its open-set threshold (the
-   checkpoint's calibration file, ``calibration=FILE``, or ``threshold=VALUE``), checked before any work;
-2. the gallery index, reused or updated (:mod:`handclip.identify.index`);
-3. the query photos embedded (unreadable ones named, counted and left out);
+1. every input checked before any work: the results folder (claimed, so that a second run of the same name is
+   refused, and writable), the query photos and the gallery files, the model (a checkpoint, or the zero-shot
+   model given by ``model``), its open-set threshold (the checkpoint's calibration file, ``calibration=FILE``, or
+   ``threshold=VALUE``) and the index folder;
+2. the query photos embedded (unreadable ones named, counted and left out; none readable: refused before the
+   gallery is embedded);
+3. the gallery index, reused or updated (:mod:`handclip.identify.index`);
 4. exact top-k identities (:mod:`handclip.identify.search`) and a decision per query: the top identity when
    its score reaches the threshold, else "unknown";
 5. ``results.json``, ``results.csv`` and a ranking picture per query (:mod:`handclip.identify.results`).
@@ -23,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from handclip.errors import HandCLIPError
 from handclip.evaluation.calibration import read_calibration, select_threshold, sidecar_path
 from handclip.identify.images import embed_files, report_failures
-from handclip.identify.index import GalleryIndex, ModelInfo, open_index
+from handclip.identify.index import ModelInfo, check_index_path, open_index
 from handclip.identify.results import check_output, decide, print_results, write_results
 from handclip.identify.search import top_k_identities
 from handclip.identify.sources import known_identity, resolve_queries, scan_gallery
@@ -31,6 +34,7 @@ from handclip.models.checkpoint import load_module, read_checkpoint_meta
 from handclip.models.encoder import ImageEncoder, zero_shot_encoder
 from handclip.models.fingerprint import encoder_fingerprint
 from handclip.utils.devices import resolve_device
+from handclip.utils.files import check_writable, claimed
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +98,6 @@ def index_path(cfg: DictConfig, gallery: Path, model: ModelInfo) -> Path:
     return Path(cfg.paths.output_root) / "identify" / "index" / f"{_slug(gallery.name)}-{digest}"
 
 
-def gallery_index(cfg: DictConfig, encoder: ImageEncoder, model: ModelInfo, device: torch.device) -> GalleryIndex:
-    files = scan_gallery(str(cfg.gallery))
-    gallery = Path(str(cfg.gallery)).expanduser().resolve()
-    return open_index(index_path(cfg, gallery, model), gallery, files, encoder, model, device, cfg.index_dtype,
-                      cfg.overwrite, cfg.batch_size, cfg.num_workers, cfg.progress)
-
-
 def identify(cfg: DictConfig) -> dict:
     """Run identification as configured; return the results (as written to ``results.json``)."""
     for key in ("gallery", "query"):
@@ -110,19 +107,31 @@ def identify(cfg: DictConfig) -> dict:
     if int(cfg.top_k) < 1:
         raise HandCLIPError(f"top_k must be >= 1, got {cfg.top_k}")
     out_dir = Path(cfg.paths.output_root) / "identify" / output_name(cfg)
-    check_output(out_dir, cfg.overwrite)  # refuse early, before any work
+    check_writable(out_dir, "results folder (paths.output_root, name=)")
+    with claimed(out_dir, "identify"):  # a second run of the same name is refused while this one lives
+        check_output(out_dir, cfg.overwrite)
+        return _identify(cfg, out_dir)
+
+
+def _identify(cfg: DictConfig, out_dir: Path) -> dict:
+    queries = resolve_queries(cfg.query)
+    files = scan_gallery(str(cfg.gallery))
+    gallery = Path(str(cfg.gallery)).expanduser().resolve()
     device = resolve_device(cfg.device)
     encoder, model, meta = load_model(cfg)
     threshold = resolve_threshold(cfg, meta, model.fingerprint)
-    queries = resolve_queries(cfg.query)
-    index = gallery_index(cfg, encoder, model, device)
-    log.info("gallery index %s: %s (%d images, %d embedded)", index.path, index.status["status"], len(index.files),
-             index.status["embedded"])
+    index_at = index_path(cfg, gallery, model)
+    check_index_path(index_at)
     embedded = embed_files(encoder, queries, device, cfg.batch_size, cfg.num_workers, cfg.progress,
                            desc="queries: embedding")
     report_failures([(queries[i], msg) for i, msg in embedded.failed], "query")
     if not embedded.rows:
-        raise HandCLIPError(f"none of the {len(queries)} query image(s) could be read")
+        raise HandCLIPError(f"none of the {len(queries)} query image(s) could be read (the gallery was not "
+                            "embedded)")
+    index = open_index(index_at, gallery, files, encoder, model, device, cfg.index_dtype, cfg.overwrite,
+                       cfg.batch_size, cfg.num_workers, cfg.progress)
+    log.info("gallery index %s: %s (%d images, %d embedded)", index.path, index.status["status"], len(index.files),
+             index.status["embedded"])
     labels, names = index.labels()
     hits = top_k_identities(embedded.embeddings.to(device), index.embeddings, labels, int(cfg.top_k))
     gallery_root = Path(index.meta["gallery"])

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch
 
 from handclip.errors import HandCLIPError
 from handclip.models.encoder import ImageEncoder
-from handclip.utils.files import temp_path
+from handclip.utils.files import write_file
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,8 @@ def parity(encoder: ImageEncoder, path: str | Path, images: torch.Tensor) -> flo
 
 
 def export_onnx(encoder: ImageEncoder, out: str | Path, metadata: dict | None = None, opset: int = 18,
-                check: bool = True, check_images: int = 8, tolerance: float = 1e-4, seed: int = 0) -> dict:
+                check: bool = True, check_images: int = 8, tolerance: float = 1e-4, seed: int = 0,
+                overwrite: bool = False) -> dict:
     """Export ``encoder`` to ``out`` (written atomically); with ``check``, refuse a graph whose normalised
     embeddings differ from PyTorch's by more than ``tolerance`` on ``check_images`` random crops."""
     onnx = _require("onnx")
@@ -57,9 +57,9 @@ def export_onnx(encoder: ImageEncoder, out: str | Path, metadata: dict | None = 
     encoder = encoder.to("cpu").eval()
     size = tuple(int(v) for v in encoder.preprocess.input_size)  # (3, H, W)
     example = torch.randint(0, 256, (2, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(out.parent, out.name)
-    try:
+    report = {"path": str(out), "opset": opset, "input_size": list(size)}
+
+    def write(tmp: Path) -> None:
         torch.onnx.export(encoder, (example,), str(tmp), dynamo=True, external_data=False, opset_version=opset,
                           input_names=["images"], output_names=["embedding"],
                           dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
@@ -70,7 +70,6 @@ def export_onnx(encoder: ImageEncoder, out: str | Path, metadata: dict | None = 
                  **{k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}}
         onnx.helper.set_model_props(model, props)
         onnx.save(model, str(tmp))
-        report = {"path": str(out), "opset": opset, "input_size": list(size)}
         if check:
             images = torch.randint(0, 256, (check_images, *size), dtype=torch.uint8,
                                    generator=torch.Generator().manual_seed(seed + 1))
@@ -79,7 +78,6 @@ def export_onnx(encoder: ImageEncoder, out: str | Path, metadata: dict | None = 
             if not diff <= tolerance:
                 raise HandCLIPError(f"the ONNX export differs from PyTorch by {diff:.3g} (L2-normalised embeddings, "
                                     f"max abs) > {tolerance:g}; not written")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_file(out, overwrite, write, "export")
     return report

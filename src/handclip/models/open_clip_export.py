@@ -10,7 +10,6 @@ not part of it (open_clip has no place for it; it scores only the training ident
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from safetensors.torch import save_file
 import handclip
 from handclip.models.checkpoint import load_module, read_checkpoint_meta
 from handclip.models.clip import create_clip, uses_pretrained_weights
-from handclip.utils.files import check_output_file, temp_path
+from handclip.utils.files import check_output_file, write_file
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +56,4 @@ def export_open_clip(ckpt_path: str | Path, out: str | Path | None = None, pretr
     state = open_clip_state_dict(module.encoder.visual, clip)
     metadata = {"format": "pt", "model_name": meta["model_name"], "text_tower": str(source), "hand": meta["hand"],
                 "handclip_version": handclip.__version__, "source_checkpoint": str(ckpt_path.resolve())}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(out.parent, out.name)
-    try:
-        save_file(state, str(tmp), metadata=metadata)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return write_file(out, overwrite, lambda tmp: save_file(state, str(tmp), metadata=metadata), "export")

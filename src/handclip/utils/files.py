@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import glob
+import logging
 import os
+import secrets
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from handclip.errors import HandCLIPError
+from handclip.utils.locks import claim, try_lock
+
+log = logging.getLogger(__name__)
 
 #: Errors that mean "the file system has no room for this file".
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -119,6 +126,94 @@ def swap_in(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def partial_folder(out: Path) -> Path:
+    """A new folder ``.<out>.partial-<random>`` beside ``out`` to build it in, with the mode a plainly made folder
+    gets (``mkdtemp`` would make it private, 0700, and so the output once swapped in)."""
+    while True:
+        tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
+        with contextlib.suppress(FileExistsError):
+            tmp.mkdir()
+            return tmp
+
+
+def clean_leftovers(out: Path, what: str) -> None:
+    """Undo what a killed ``what`` run left beside ``out``: its partial folders (``.<out>.partial-*``; one locked by
+    a live run is left alone), its temporary files (``.<out>.*.tmp``: call this only while holding ``out``'s
+    claim, under which they are written), and the previous output that an interrupted :func:`swap_in` had moved
+    aside (``.<out>.old-*``: put back when ``out`` is missing, else removed)."""
+    name = glob.escape(out.name)
+    for old in sorted(out.parent.glob(f".{name}.old-*")):
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            log.info("removed %s, the previous output left by an interrupted replacement of %s", old, out)
+        else:
+            old.rename(out)
+            log.warning("restored %s from %s, where an interrupted replacement had left it", out, old)
+    for partial in sorted(out.parent.glob(f".{name}.partial-*")):
+        lock = try_lock(partial)
+        if lock is None:
+            log.warning("%s is being written by another %s run; leaving it alone", partial, what)
+            continue
+        with lock:
+            shutil.rmtree(partial, ignore_errors=True)
+        log.info("removed %s, left by an interrupted %s run", partial, what)
+    for tmp in sorted(out.parent.glob(f".{name}.*.tmp")):
+        tmp.unlink(missing_ok=True)
+        log.info("removed %s, left by an interrupted %s run", tmp, what)
+
+
+@contextlib.contextmanager
+def claimed(out: Path, what: str, wait: bool = False) -> Iterator[None]:
+    """Hold ``out`` (a file or folder to write) for this run through the lock file ``.<out>.lock`` beside it, and
+    remove what killed runs left there. Another run is refused while this one holds it (``wait``: waits for it).
+    The lock file goes with the claim; on a file system that cannot lock, ``out`` is written unclaimed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = claim(out.parent / f".{out.name}.lock", wait=wait)
+    if lock is None:
+        raise HandCLIPError(f"{str(out)!r} is being written by another {what} run that is still running; wait for it "
+                            "to end, or write elsewhere")
+    with lock:
+        if lock.held:
+            clean_leftovers(out, what)
+        yield
+
+
+def publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished file ``tmp`` to ``out``: replacing an existing ``out`` only with ``overwrite``, else
+    refusing one that appeared since the run started (a hard link never replaces; where links are not
+    supported, ``out`` is checked just before the rename)."""
+    if overwrite:
+        os.replace(tmp, out)
+        return
+    try:
+        os.link(tmp, out)
+    except FileExistsError:
+        raise HandCLIPError(f"{str(out)!r} was written by another run meanwhile; it is kept (pass overwrite=true to "
+                            "replace it, or choose another name)") from None
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV):
+            raise
+        if out.exists():
+            raise HandCLIPError(f"{str(out)!r} was written by another run meanwhile; it is kept") from None
+        os.replace(tmp, out)
+        return
+    tmp.unlink()
+
+
+def write_file(out: Path, overwrite: bool, write: Callable[[Path], None], what: str) -> Path:
+    """Write ``out`` through ``write(temporary path)`` under ``out``'s claim, then :func:`publish` it: readers never
+    see half a file, a killed run's temporary file is removed by the next run, and no other run's file is
+    replaced without ``overwrite``."""
+    with claimed(out, what):
+        tmp = temp_path(out.parent, out.name)
+        try:
+            write(tmp)
+            publish(tmp, out, overwrite)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return out
+
+
 def check_output_folder(out: Path, force: bool, replaced: str, owned: Callable[[str], bool] | None = None) -> None:
     """Refuse an output folder that holds something, unless ``force``.
 
@@ -153,6 +248,7 @@ def check_output_file(out: str | Path | None, overwrite: bool, suffixes: tuple[s
         raise HandCLIPError(f"out={str(out)!r} is a folder; expected a file name")
     if out.exists() and not overwrite:
         raise HandCLIPError(f"{str(out)!r} exists; pass overwrite=true to replace it, or choose another out=FILE")
+    check_writable(out.parent, "the folder of out=")
     return out
 
 

@@ -50,11 +50,16 @@ class Lock:
 
     def __init__(self, fd: int, held: bool):
         self.fd, self.held = fd, held
+        self.remove: Path | None = None
+        """A lock file removed on release (:func:`claim`)."""
         _OPEN.add(fd)
 
     def release(self) -> None:
         if self.fd in _OPEN:  # not in a forked child, which closed its copy already
             _OPEN.discard(self.fd)
+            if self.remove is not None:  # removed while still locked: see claim()
+                with contextlib.suppress(OSError):
+                    self.remove.unlink()
             os.close(self.fd)  # releases the flock
         self.fd = -1
 
@@ -87,6 +92,30 @@ def try_lock(path: str | Path) -> Lock | None:
     """Lock ``path`` (a folder, or a file created if missing) exclusively without waiting; None when another
     process holds it."""
     return _lock(Path(path), shared=False, blocking=False)
+
+
+def claim(path: str | Path, wait: bool = False) -> Lock | None:
+    """Lock the file ``path`` (created) exclusively, waiting for its holder with ``wait``, else None when another
+    process holds it; the file is removed when the lock is released, so a claim leaves nothing behind.
+
+    A process that opened the file just before its holder removed it would lock a file no longer at ``path``;
+    the lock is taken again until the file locked is the one at ``path``.
+    """
+    path = Path(path)
+    while True:
+        lock = _lock(path, shared=False, blocking=wait)
+        if lock is None:
+            return None
+        if not lock.held:
+            return lock
+        try:
+            current = os.fstat(lock.fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            lock.remove = path
+            return lock
+        lock.release()
 
 
 @contextlib.contextmanager

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import secrets
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -43,7 +42,7 @@ from handclip.data.split.raw import CSV_NAME, IMAGES_DIR, check_images, read_han
 from handclip.data.split.write import build_split_info, verify_output, write_plans
 from handclip.errors import HandCLIPError
 from handclip.hands import DATASETS, HAND_DIR_PREFIX
-from handclip.utils.files import check_output_folder, check_writable, swap_in
+from handclip.utils.files import check_output_folder, check_writable, clean_leftovers, partial_folder, swap_in
 from handclip.utils.locks import try_lock
 
 log = logging.getLogger(__name__)
@@ -73,26 +72,6 @@ def _make_parents(path: Path) -> Path | None:
             top = top or parent
     path.parent.mkdir(parents=True, exist_ok=True)
     return top
-
-
-def _clean_leftovers(out: Path) -> None:
-    """Undo what a killed run left next to ``out``: its partial folders, and the previous output that a
-    killed ``--force`` replacement had moved aside (put back when ``out`` is missing, else removed)."""
-    for old in sorted(out.parent.glob(f".{out.name}.old-*")):
-        if out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            log.info("removed %s, the previous output left by an interrupted replacement of %s", old, out)
-        else:
-            old.rename(out)
-            log.warning("restored %s from %s, where an interrupted replacement had left it", out, old)
-    for partial in sorted(out.parent.glob(f".{out.name}.partial-*")):
-        lock = try_lock(partial)
-        if lock is None:
-            log.warning("%s is being written by another prepare run; leaving it alone", partial)
-            continue
-        with lock:
-            shutil.rmtree(partial, ignore_errors=True)
-        log.info("removed %s, left by an interrupted prepare run", partial)
 
 
 def _plan(dataset: str, raw: Path, seed: int, runs: int, limits: dict[str, int], split: str, cross_aspect: bool):
@@ -126,7 +105,7 @@ def prepare_dataset(raw_dir: str | Path, out_dir: str | Path, seed: int = 0, run
         wanted = f"{CSV_NAME} and {IMAGES_DIR}/" if dataset == "11k" else "Original Images/1-501 and 502-712"
         raise HandCLIPError(f"raw data folder {str(raw)!r} not found; expected the {dataset} download with {wanted}")
     if out.parent.is_dir():
-        _clean_leftovers(out)
+        clean_leftovers(out, "prepare")
     limits = resolve_thresholds(thresholds)
     plans, records, sources, notes = _plan(dataset, raw, seed, runs, limits, split, cross_aspect)
     _check_out(out, raw, force)
@@ -134,8 +113,7 @@ def prepare_dataset(raw_dir: str | Path, out_dir: str | Path, seed: int = 0, run
     info = build_split_info(plans, records, seed, runs, limits, split, cross_aspect, dataset, notes)
 
     created_top = _make_parents(out)
-    tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
-    tmp.mkdir()  # mode 0o777 less the umask, like any folder the user makes (mkdtemp would give 0o700)
+    tmp = partial_folder(out)
     try:
         with try_lock(tmp) or contextlib.nullcontext():  # a live run's partial folder is not a leftover
             linker = write_plans(plans, sources, tmp)
