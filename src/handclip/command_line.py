@@ -8,6 +8,7 @@ instead of Hydra's multi-line report; input errors of the task itself become one
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from collections.abc import Callable
 
@@ -77,6 +78,31 @@ def check_group_options(argv: list[str]) -> None:
             if group == "hand":
                 check_hand(option)  # the hand types' own message
             raise HandCLIPError(f"{group}={option}: no such {group} config; expected one of: {', '.join(known)}")
+
+
+#: Characters of Hydra's override grammar (quotes, sweeps, lists, functions, interpolations): never quoted for the user.
+_GRAMMAR = set("'\"\\,[]{}()$")
+
+
+def quote_non_ascii(argv: list[str]) -> list[str]:
+    """``key=value`` with characters beyond ASCII (``name=José``, ``gallery=/data/Données``), which Hydra's override
+    grammar reads only inside quotes, as ``key='value'``. A value that also holds grammar characters (``,``, quotes,
+    brackets, ``$``) is left as it is: :func:`_parse_overrides` then says how to quote it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser, out = None, []
+    for token in argv:
+        match = re.fullmatch(r"([+~]{0,2}[\w.@/-]+)=(.*)", token, re.S)
+        if match and not match.group(2).isascii():
+            key, value = match.groups()
+            parser = parser or OverridesParser.create()
+            try:
+                parser.parse_override(token)
+            except Exception:  # noqa: BLE001 - Hydra's grammar error: not a valid unquoted value
+                if not _GRAMMAR & set(value):
+                    token = f"{key}='{value}'"
+        out.append(token)
+    return out
 
 
 def _parse_overrides(argv: list[str]) -> list:
@@ -281,6 +307,7 @@ def hydra_entry(config_name: str) -> Callable[[Callable[[DictConfig], object]], 
 
         @functools.wraps(main)
         def entry() -> None:
+            sys.argv[1:] = quote_non_ascii(sys.argv[1:])
             exit_on_error(check_launcher_installed)(sys.argv[1:])  # before Hydra composes the launcher
             exit_on_error(check_group_options)(sys.argv[1:])
             exit_on_error(check_override_keys)(config_name, sys.argv[1:])
