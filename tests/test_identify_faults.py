@@ -19,7 +19,7 @@ import pytest
 from conftest import cli_env, write_image
 from PIL import Image
 
-from handclip.config import compose, quote_non_ascii
+from handclip.config import check_override_keys, compose, quote_non_ascii
 from handclip.data.images import load_rgb, to_rgb
 from handclip.errors import HandCLIPError
 from handclip.evaluation.pictures import thumbnail
@@ -27,6 +27,7 @@ from handclip.export import export
 from handclip.identify import identify
 from handclip.identify import run as run_mod
 from handclip.identify.embeddings_export import load_embeddings
+from handclip.identify.results import write_results
 from handclip.identify.sources import resolve_queries, scan_gallery
 from handclip.utils.files import printable, publish, temp_path
 from handclip.utils.locks import claim
@@ -405,3 +406,42 @@ def test_a_corrupted_index_is_rebuilt(world, caplog):
     assert "embeddings.npy changed on disk since it was written (corrupted)" in caplog.text
     assert [r["top"] for r in again["queries"]] == [r["top"] for r in first["queries"]]
     assert all(np.isfinite(t["score"]) for r in again["queries"] for t in r["top"])
+
+
+# -- 9. numbers: typed, finite, in range (the schema's ranges), one line before any work ------
+@pytest.mark.parametrize(("override", "message"), [
+    ("threshold=abc", r"threshold=abc: expected a number"), ("top_k=abc", r"top_k=abc: expected .*int"),
+    ("target_fmr=0", r"target_fmr=0(\.0)?: expected .*between 0 and 1"),
+    ("target_fmr=nan", r"target_fmr=nan: expected .*between 0 and 1"),
+    ("threshold=nan", r"threshold=nan: expected a finite number"), ("threshold=-inf", r"threshold=-inf: expected"),
+    ("top_k=0", r"top_k=0: expected a number >= 1"), ("batch_size=0", r"batch_size=0: expected a number >= 1"),
+    ("index_dtype=float8", r"index_dtype=float8: expected one of float16, float32"),
+])
+def test_wrong_numbers_are_one_line_naming_the_key(override, message):
+    with pytest.raises(HandCLIPError, match=message):
+        check_override_keys("identify", ["experiment=demo", "gallery=g", "query=q", override])
+
+
+def test_numbers_at_their_bounds_are_accepted():
+    check_override_keys("identify", ["top_k=1", "target_fmr=1e-9", "target_fmr=0.999999", "threshold=-1",
+                                     "batch_size=1", "index_dtype=float32"])
+
+
+@pytest.mark.parametrize("override", ["threshold=nan", "top_k=abc"])
+def test_cli_wrong_number_exit_status_2(tmp_path, override):  # ~1.3 s: checked before torch loads
+    args = ["experiment=demo", f"paths.output_root={tmp_path}", "gallery=g", "query=q", override]
+    done = subprocess.run([sys.executable, "-m", "handclip.identify", *args], env=cli_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"error: {override}: " + done.stderr.split(f"{override}: ", 1)[1].strip()]
+    assert not (tmp_path / "identify").exists()
+
+
+def test_results_json_is_strict_json(world):
+    identify(cfg(world, "pictures=false"))
+    text = (world["out"] / "identify" / "queries-vs-gallery" / "results.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"results.json holds {c}"))
+    bad = {"queries": [], "skipped_queries": [], "threshold": {"threshold": float("nan"), "source": "x"}}
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        write_results(bad, world["out"] / "nan", pictures=False)
+    assert not (world["out"] / "nan").exists() and hidden(world["out"]) == []

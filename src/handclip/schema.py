@@ -51,6 +51,16 @@ def finite(default: Any = MISSING) -> Any:
     return field(default=default, metadata={"rule": "a finite number"})
 
 
+def one_of(*choices: str, default: Any = MISSING) -> Any:
+    """One of the strings ``choices``."""
+
+    def check(value: Any) -> None:
+        if value not in choices:
+            raise HandCLIPError(f"expected one of {', '.join(choices)}")
+
+    return checked_by(check, default)
+
+
 def checked_by(check: Callable[[Any], Any], default: Any = MISSING) -> Any:
     """A value ``check(value)`` accepts (it raises HandCLIPError with its own message otherwise)."""
     return field(default=default, metadata={"check": check})
@@ -235,7 +245,7 @@ class IdentifySchema(_ModelCommand):
     name: Optional[str] = MISSING
     overwrite: bool = MISSING
     index: Optional[str] = MISSING
-    index_dtype: str = MISSING
+    index_dtype: str = one_of("float16", "float32")
     pictures: bool = MISSING
     print_limit: int = at_least(0)
     device: str = MISSING
