@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 
 #: Bump when the storage layout or the meaning of a row changes: old caches are then ignored.
 #: 2: rows are decoded upright by the EXIF orientation tag (version 1 ignored it).
-FORMAT_VERSION = 2
+#: 3: 16-bit and floating-point grayscale images are scaled to 8 bits (version 2 made them white).
+FORMAT_VERSION = 3
 
 #: Lock file of a cache directory, held (shared) by every build that writes there.
 LOCK_NAME = ".lock"
