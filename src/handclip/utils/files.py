@@ -167,15 +167,24 @@ def claimed(out: Path, what: str, wait: bool = False) -> Iterator[None]:
     """Hold ``out`` (a file or folder to write) for this run through the lock file ``.<out>.lock`` beside it, and
     remove what killed runs left there. Another run is refused while this one holds it (``wait``: waits for it).
     The lock file goes with the claim; on a file system that cannot lock, ``out`` is written unclaimed."""
+    missing = [p for p in out.parents if not p.exists()]  # made here, removed again when the run writes nothing
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = claim(out.parent / f".{out.name}.lock", wait=wait)
     if lock is None:
         raise HandCLIPError(f"{str(out)!r} is being written by another {what} run that is still running; wait for it "
                             "to end, or write elsewhere")
-    with lock:
-        if lock.held:
-            clean_leftovers(out, what)
-        yield
+    try:
+        with lock:
+            if lock.held:
+                clean_leftovers(out, what)
+            yield
+    except BaseException:
+        for folder in missing:  # innermost first; stops at one that is not empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def publish(tmp: Path, out: Path, overwrite: bool) -> None:
