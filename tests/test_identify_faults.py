@@ -19,7 +19,8 @@ import pytest
 from conftest import cli_env, write_image
 from PIL import Image
 
-from handclip.config import check_override_keys, compose, quote_non_ascii
+from handclip.command_line import check_override_keys, quote_non_ascii
+from handclip.config import compose
 from handclip.data.images import load_rgb, to_rgb
 from handclip.errors import HandCLIPError
 from handclip.evaluation.pictures import thumbnail
