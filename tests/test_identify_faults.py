@@ -373,6 +373,14 @@ def test_an_unreadable_query_is_refused_before_the_gallery_is_embedded(world, em
     assert embeds == [1] and not world["out"].exists()  # nothing written, no folder made
 
 
+def test_export_checks_its_images_before_loading_the_model(world, monkeypatch):
+    monkeypatch.setattr(run_mod, "load_model", lambda *a: pytest.fail("loaded the model"))
+    (world["base"] / "empty").mkdir()
+    with pytest.raises(HandCLIPError, match=r"image folder '.*empty' holds no images"):
+        export(compose("export", ["experiment=demo", "format=embeddings", f"images={world['base'] / 'empty'}",
+                                  f"out={world['base'] / 'e.npz'}"]))
+
+
 # -- 10. overwrite=true replaces only what identify wrote -------------------------------------
 def test_overwrite_keeps_a_users_file_in_rankings(world):
     identify(cfg(world))

@@ -43,16 +43,18 @@ def open_clip(cfg: DictConfig) -> dict:
 
 def embeddings(cfg: DictConfig) -> dict:
     """Embeddings of every image of a folder, with paths and identities (.npz or .safetensors)."""
-    from handclip.identify.embeddings_export import SUFFIXES, export_embeddings
+    from handclip.identify.embeddings_export import SUFFIXES, export_embeddings, scan_images
     from handclip.identify.run import load_model
     from handclip.utils.devices import resolve_device
 
     if not cfg.images:
         raise HandCLIPError("format=embeddings needs images=DIR (<identity>/<image> folders or a flat folder)")
-    check_output_file(cfg.out, cfg.overwrite, SUFFIXES)  # before loading the model
+    check_output_file(cfg.out, cfg.overwrite, SUFFIXES)  # the output and the images before loading the model
+    files = scan_images(cfg.images)
     encoder, model, _ = load_model(cfg)
     return export_embeddings(encoder, {**model.key, "fingerprint": model.fingerprint}, cfg.images, cfg.out,
-                             resolve_device(cfg.device), cfg.overwrite, cfg.batch_size, cfg.num_workers, cfg.progress)
+                             resolve_device(cfg.device), cfg.overwrite, cfg.batch_size, cfg.num_workers, cfg.progress,
+                             files=files)
 
 
 def onnx(cfg: DictConfig) -> dict:
