@@ -452,3 +452,34 @@ def test_results_json_is_strict_json(world):
     with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
         write_results(bad, world["out"] / "nan", pictures=False)
     assert not (world["out"] / "nan").exists() and hidden(world["out"]) == []
+
+
+@pytest.fixture
+def read_only_view(tmp_path):
+    """(a folder, a read-only view of it): a read-only bind mount, skipped where mounting is refused."""
+    folder, view = tmp_path / "rw", tmp_path / "ro_view"
+    folder.mkdir()
+    view.mkdir()
+    done = subprocess.run(["mount", "--bind", str(folder), str(view)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {done.stderr.strip()}")
+    try:
+        done = subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot make a bind mount read-only here: {done.stderr.strip()}")
+        yield folder, view
+    finally:
+        subprocess.run(["umount", str(view)], check=True)
+
+
+def test_an_index_on_read_only_media_is_used_and_never_written(world, read_only_view, embeds):
+    folder, view = read_only_view
+    identify(cfg(world, f"index={folder / 'index'}", "pictures=false", "name=a"))
+    embeds.clear()
+    result = identify(cfg(world, f"index={view / 'index'}", "pictures=false", "name=b"))
+    assert result["gallery"]["index_status"]["status"] == "reused" and embeds == [2]
+    write_image(world["gallery"] / "p0" / "new.png", seed=9, identity=0)  # the index would need updating
+    embeds.clear()
+    with pytest.raises(HandCLIPError, match=r"gallery index folder \(index=\) '.*ro_view' is not writable"):
+        identify(cfg(world, f"index={view / 'index'}", "pictures=false", "name=c"))
+    assert embeds == [2]  # the queries only: refused before the gallery is embedded
