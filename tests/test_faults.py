@@ -627,7 +627,8 @@ def test_group_options_are_checked_against_the_config_folders():
     check_group_options(["hand=dorsal_right,palmar_left", "trainer=ddp", "experiment=demo", "model=null",
                          "trainer.max_epochs=3", "hand=glob(*)", "launcher=slurm", "+callbacks.x._target_=y"])
     check_group_options(["--config-dir=/extra", "hand=my_own_hand"])  # extra configs: left to Hydra
-    with pytest.raises(HandCLIPError, match="model=vit_b23: no such model config; expected one of: tiny, vit_b32"):
+    with pytest.raises(HandCLIPError, match="model=vit_b23: no such model config; expected one of: rn50, tiny, "
+                                            "tiny_rn50, tiny_vit_b16, tiny_vit_l14, vit_b16, vit_b32, vit_l14$"):
         check_group_options(["model=vit_b23"])
 
 

@@ -4,6 +4,7 @@ index (reuse, update, refusal), pictures, and every bad input of the issue."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -255,3 +256,44 @@ def test_cli_one_error_line_and_exit_status_2(world, tmp_path):
                         f"ckpt_path={world['ckpt']}", f"gallery={world['gallery']}", f"query={tmp_path / 'notes.txt'}")
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith("error: query ") and "Traceback" not in result.stderr
+
+
+def test_a_score_exactly_at_the_threshold_is_accepted(world, tmp_path):
+    """The README's rule, at its boundary: accepted when the top score is >= the threshold, equality included."""
+    from handclip.identify.results import decide
+
+    top = [{"rank": 1, "identity": "a", "score": 0.5, "file": "x"}]
+    assert decide(Path("q.png"), None, top, 0.5)["decision"] == "a"
+    assert decide(Path("q.png"), None, top, float(np.nextafter(0.5, 1)))["decision"] == "unknown"
+    first = identify(cfg(world, tmp_path, "threshold=-1", "name=all", "pictures=false"))
+    record = first["queries"][0]
+    score = record["top"][0]["score"]  # a real score, as identify computed it
+    at = identify(cfg(world, tmp_path, f"threshold={score!r}", "name=at", "pictures=false"))
+    above = identify(cfg(world, tmp_path, f"threshold={float(np.nextafter(score, 2))!r}", "name=above",
+                         "pictures=false"))
+    assert at["threshold"]["threshold"] == score
+    assert at["queries"][0]["decision"] == record["top"][0]["identity"] and at["queries"][0]["accepted"] is True
+    assert above["queries"][0]["decision"] == "unknown" and above["queries"][0]["accepted"] is False
+
+
+def test_a_gallery_photo_changed_without_changing_size_is_embedded_again(world, tmp_path, monkeypatch):
+    """The index key holds the modification time, not only the size: a photo rewritten with other pixels and the
+    same number of bytes (uncompressed PNG) is embedded again."""
+    w = copy_gallery(world, tmp_path)
+    photo = sorted(sorted(w["gallery"].iterdir())[0].iterdir())[0]
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(photo, format="PNG", compress_level=0)
+    size = photo.stat().st_size
+    first = identify(cfg(w, tmp_path, "name=a", "pictures=false", "index_dtype=float32"))
+    before = photo.stat().st_mtime_ns
+    Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(photo, format="PNG", compress_level=0)
+    assert photo.stat().st_size == size  # same number of bytes, other pixels
+    os.utime(photo, ns=(before + 2_000_000_000, before + 2_000_000_000))  # a later write, as a clock would give
+    seen = count_decodes(monkeypatch)
+    second = identify(cfg(w, tmp_path, "name=b", "pictures=false", "index_dtype=float32"))
+    status = second["gallery"]["index_status"]
+    assert status["status"] == "updated" and status["embedded"] == 1
+    assert [p for p in seen if not p.is_relative_to(w["queries"])] == [photo]
+    scores = lambda result: {t["file"]: t["score"] for r in result["queries"] for t in r["top"]}  # noqa: E731
+    changed = {f for f in scores(first).keys() & scores(second).keys() if scores(first)[f] != scores(second)[f]}
+    assert changed == {str(photo)}  # only the rewritten photo scores differently
