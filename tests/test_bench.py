@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_module
 
-from handclip.bench import (
+from handclip.bench.run import (
     bench_settings,
     device_slug,
     evaluate_goals,

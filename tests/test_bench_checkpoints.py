@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from handclip.bench import format_table, run_benchmark
 from handclip.bench.checkpoints import _projected
+from handclip.bench.run import format_table, run_benchmark
 from handclip.config import compose
 
 

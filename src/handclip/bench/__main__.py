@@ -6,12 +6,13 @@
 
 from omegaconf import DictConfig
 
-from handclip.bench import run_benchmark
 from handclip.command_line import hydra_entry
 
 
 @hydra_entry("bench")
 def main(cfg: DictConfig) -> None:
+    from handclip.bench.run import run_benchmark  # torch: after the command line is checked
+
     run_benchmark(cfg)
 
 

@@ -44,7 +44,7 @@ def synthetic_jpegs(scratch: Path, count: int, size: tuple[int, int], seed: int,
                 say(f"    {done}/{total} images")
 
         summary = synthetic.generate_dataset(
-            raw, subjects=subjects, images_per_aspect=2, seed=seed, size=tuple(size), force=True, progress=progress
+            raw, subjects=subjects, images_per_aspect=2, seed=seed, size=tuple(size), overwrite=True, progress=progress
         )
         info.update(generated=True, generate_s=round(summary.seconds, 2))
     paths = sorted(hands.glob("*.jpg"))[:count]

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from handclip.errors import HandCLIPError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported by the functions that need it: prepare and synth use usable_cpus and answer --help and
+# mistakes without loading it.
 
 
 def usable_cpus() -> int:
@@ -18,6 +23,8 @@ def usable_cpus() -> int:
 
 def resolve_device(name: str = "auto", setting: str = "device") -> torch.device:
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``; ``setting`` names the option in errors."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -49,6 +56,8 @@ def _gpu_requested(accelerator: str) -> bool | None:
     if accelerator == "cpu":
         return False
     if accelerator == "auto":
+        import torch
+
         return torch.cuda.is_available()
     return None
 
@@ -60,6 +69,8 @@ def check_trainer_devices(accelerator: str, devices, setting: str = "trainer") -
     ``"0,2"``). Under SLURM (or any launcher that starts the processes itself) CPU processes are not
     counted against this process's cores.
     """
+    import torch
+
     gpu = _gpu_requested(str(accelerator).lower())
     if gpu is None or devices in (-1, "-1", "auto", None):
         return
