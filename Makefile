@@ -67,8 +67,8 @@ mutate: install ## Mutation testing (mutmut) of the core modules against their f
 	$(PY) tests/mutation_summary.py
 
 demo-data: install ## Synthetic hands (data/demo/raw) split by the 11k protocol (data/demo/splits)
-	$(PY) -m handclip.synth --out $(DEMO_DIR)/raw --subjects 40 --images-per-aspect 10 --force
-	$(PY) -m handclip.prepare --raw $(DEMO_DIR)/raw --out $(DEMO_DIR)/splits --force
+	$(PY) -m handclip.synth --out $(DEMO_DIR)/raw --subjects 40 --images-per-aspect 10 --overwrite
+	$(PY) -m handclip.prepare --raw $(DEMO_DIR)/raw --out $(DEMO_DIR)/splits --overwrite
 
 clean-demo: ## Remove the demo's outputs (outputs/demo)
 	rm -rf outputs/demo

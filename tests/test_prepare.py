@@ -212,10 +212,10 @@ def test_refuses_non_empty_out_and_force_replaces(raw: Path, tmp_path: Path) -> 
     old = out / "train_val_test_split_dorsal_r" / "old.txt"  # an earlier prepare output
     old.parent.mkdir(parents=True)
     old.write_text("old")
-    with pytest.raises(HandCLIPError, match="not empty.*--force"):
+    with pytest.raises(HandCLIPError, match="not empty.*--overwrite"):
         prepare_dataset(raw, out, runs=1)
     assert old.exists()
-    prepare_dataset(raw, out, runs=1, force=True)
+    prepare_dataset(raw, out, runs=1, overwrite=True)
     assert not old.exists()
     assert (out / "split_info.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary siblings left
@@ -231,14 +231,14 @@ def test_failure_keeps_old_output(raw: Path, tmp_path: Path, monkeypatch: pytest
 
     monkeypatch.setattr(protocol, "verify_output", broken)
     with pytest.raises(HandCLIPError, match="self-check"):
-        prepare_dataset(raw, out, runs=1, force=True)
+        prepare_dataset(raw, out, runs=1, overwrite=True)
     assert _listing(tmp_path) == ["out", "out/train_val_test_split_dorsal_r",
                                   "out/train_val_test_split_dorsal_r/old.txt"]
 
 
 def test_refuses_out_containing_raw(raw: Path) -> None:
     with pytest.raises(HandCLIPError, match="contains the raw data"):
-        prepare_dataset(raw, raw.parent, force=True)
+        prepare_dataset(raw, raw.parent, overwrite=True)
     assert (raw / "HandInfo.csv").is_file()
 
 
@@ -316,7 +316,7 @@ def test_force_refuses_a_folder_that_is_not_a_prepare_output(tmp_path, raw):
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     with pytest.raises(HandCLIPError, match="precious.txt"):
-        prepare_dataset(raw, out, runs=1, force=True)
+        prepare_dataset(raw, out, runs=1, overwrite=True)
     assert (out / "precious.txt").read_text() == "keep me"
 
 

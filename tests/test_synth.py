@@ -110,10 +110,10 @@ def test_refuses_non_empty_out_without_force(tmp_path: Path) -> None:
     (out / "notes.txt").write_text("keep me")
     (out / "Hands").mkdir()
     (out / "Hands" / "stale.jpg").write_bytes(b"old")
-    with pytest.raises(HandCLIPError, match="not empty.*--force"):
+    with pytest.raises(HandCLIPError, match="not empty.*--overwrite"):
         generate_dataset(out, subjects=2, images_per_aspect=2, size=(64, 48), workers=1)
     assert (out / "Hands" / "stale.jpg").exists()
-    generate_dataset(out, subjects=2, images_per_aspect=2, size=(64, 48), workers=1, force=True)
+    generate_dataset(out, subjects=2, images_per_aspect=2, size=(64, 48), workers=1, overwrite=True)
     assert not (out / "Hands" / "stale.jpg").exists()
     assert (out / "notes.txt").read_text() == "keep me"
     assert len(list((out / "Hands").iterdir())) == len(_rows(out))
@@ -164,7 +164,7 @@ def test_force_keeps_old_images_until_the_new_set_is_complete(tmp_path, monkeypa
 
     monkeypatch.setattr(synthetic, "run_jobs", broken)
     with pytest.raises(RuntimeError, match="interrupted"):
-        synthetic.generate_dataset(out, subjects=3, images_per_aspect=2, size=(96, 72), workers=1, force=True)
+        synthetic.generate_dataset(out, subjects=3, images_per_aspect=2, size=(96, 72), workers=1, overwrite=True)
     assert sorted(p.name for p in (out / "Hands").iterdir()) == before
     assert (out / "HandInfo.csv").read_text() == csv_before
     assert not (out / ".Hands.partial").exists()

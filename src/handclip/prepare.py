@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m handclip.prepare [--dataset 11k|hd] --raw DIR --out DIR [--seed 0] [--runs 10] [--force]
+    python -m handclip.prepare [--dataset 11k|hd] --raw DIR --out DIR [--seed 0] [--runs 10] [--overwrite]
                                [--split threshold|half] [--thresholds dorsal_right=1050,...] [--cross-aspect]
 
 11k: ``--raw`` holds ``HandInfo.csv`` and ``Hands/``; ``--out`` gets one ``train_val_test_split_<hand>/``
@@ -20,11 +20,24 @@ from collections.abc import Sequence
 from handclip.data.split import DEFAULT_RUNS, SPLIT_MODES, parse_thresholds, prepare_dataset
 from handclip.errors import exit_on_error
 from handclip.hands import DATASETS, PUBLISHED_THRESHOLDS
+from handclip.utils.cli import HelpFormatter, add_overwrite_flag
+
+EPILOG = """examples:
+  python -m handclip.prepare --raw /path/to/11k --out data/11k
+  python -m handclip.prepare --raw data/demo/raw --out data/demo/splits --runs 2 --overwrite
+  python -m handclip.prepare --dataset hd --raw /path/to/hd --out data/hd
+
+outputs: --out gets train_val_test_split_<hand>/ for each hand type (train/, val/, query{i}/, gallery{i}/ per
+identity folder; gallery{i}_all/ with --cross-aspect; HD: train_val_test_split_hd/) and split_info.json (seed,
+thresholds, counts). A non-empty --out is replaced only with --overwrite, once the new split is complete.
+Also installed as: handclip-prepare
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = ",".join(f"{k}={v}" for k, v in PUBLISHED_THRESHOLDS.items())
-    parser = argparse.ArgumentParser(prog="python -m handclip.prepare", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m handclip.prepare", description=__doc__.split("\n\n")[0],
+                                     epilog=EPILOG, formatter_class=HelpFormatter)
     parser.add_argument("--dataset", choices=DATASETS, default="11k",
                         help="11k (11k Hands, default) or hd (PolyU HD dorsal images, MBA-Net's protocol)")
     parser.add_argument("--raw", required=True,
@@ -39,8 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"override id thresholds for --split threshold (defaults {defaults})")
     parser.add_argument("--cross-aspect", action="store_true",
                         help="also write gallery{i}_all: the four hand types' galleries merged")
-    parser.add_argument("--force", action="store_true",
-                        help="replace a non-empty --out (only once the new one is built)")
+    add_overwrite_flag(parser, "replace a non-empty --out (only once the new one is built)")
     return parser
 
 
@@ -66,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     thresholds = parse_thresholds(args.thresholds) if args.thresholds else None
     info = prepare_dataset(args.raw, args.out, seed=args.seed, runs=args.runs, thresholds=thresholds,
-                           split=args.split, cross_aspect=args.cross_aspect, force=args.force,
+                           split=args.split, cross_aspect=args.cross_aspect, overwrite=args.overwrite,
                            dataset=args.dataset)
     print("\n".join(_summary_lines(info)))
     return 0

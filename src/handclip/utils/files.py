@@ -223,24 +223,24 @@ def write_file(out: Path, overwrite: bool, write: Callable[[Path], None], what: 
     return out
 
 
-def check_output_folder(out: Path, force: bool, replaced: str, owned: Callable[[str], bool] | None = None) -> None:
-    """Refuse an output folder that holds something, unless ``force``.
+def check_output_folder(out: Path, overwrite: bool, replaced: str, owned: Callable[[str], bool] | None = None) -> None:
+    """Refuse an output folder that holds something, unless ``overwrite``.
 
-    ``replaced`` says what ``--force`` replaces (for the message). With ``owned``, ``--force`` is also
+    ``replaced`` says what ``--overwrite`` replaces (for the message). With ``owned``, ``--overwrite`` is also
     refused when the folder holds entries that ``owned(name)`` does not recognise as an earlier output.
     """
     if out.exists() and not out.is_dir():
         raise HandCLIPError(f"output {str(out)!r} exists and is not a folder")
     if not (out.is_dir() and any(out.iterdir())):
         return
-    if not force:
+    if not overwrite:
         raise HandCLIPError(f"output folder {str(out)!r} is not empty; choose an empty or new folder, or pass "
-                            f"--force to replace {replaced}")
+                            f"--overwrite to replace {replaced}")
     if owned is not None:
         foreign = sorted(p.name for p in out.iterdir() if not owned(p.name))
         if foreign:
             raise HandCLIPError(
-                f"--force replaces only {replaced}, but {str(out)!r} also holds "
+                f"--overwrite replaces only {replaced}, but {str(out)!r} also holds "
                 f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}; choose another output folder"
             )
 

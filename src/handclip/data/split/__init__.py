@@ -56,11 +56,11 @@ __all__ = [
 ]
 
 
-def _check_out(out: Path, raw: Path, force: bool) -> None:
+def _check_out(out: Path, raw: Path, overwrite: bool) -> None:
     out_r, raw_r = out.resolve(), raw.resolve()
     if out_r == raw_r or out_r in raw_r.parents:
         raise HandCLIPError(f"output folder {str(out)!r} contains the raw data {str(raw)!r}; choose another --out")
-    check_output_folder(out, force, "an earlier prepare output",
+    check_output_folder(out, overwrite, "an earlier prepare output",
                         owned=lambda name: name == INFO_NAME or name.startswith(HAND_DIR_PREFIX))
 
 
@@ -91,12 +91,12 @@ def _plan(dataset: str, raw: Path, seed: int, runs: int, limits: dict[str, int],
 
 def prepare_dataset(raw_dir: str | Path, out_dir: str | Path, seed: int = 0, runs: int = DEFAULT_RUNS,
                     thresholds: Mapping[str, int] | None = None, split: str = "threshold",
-                    cross_aspect: bool = False, force: bool = False, dataset: str = "11k") -> dict:
+                    cross_aspect: bool = False, overwrite: bool = False, dataset: str = "11k") -> dict:
     """Build the split folders of ``dataset`` (11k or hd) from its raw download; return the split_info dict.
 
     The input is fully validated before anything is written; the output is built in a temporary
     sibling folder, checked against the plan and the protocol's invariants, and only then moved to
-    ``out_dir`` (replacing an existing one only with ``force``). On any error nothing is left behind.
+    ``out_dir`` (replacing an existing one only with ``overwrite``). On any error nothing is left behind.
     """
     if dataset not in DATASETS:
         raise HandCLIPError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
@@ -108,7 +108,7 @@ def prepare_dataset(raw_dir: str | Path, out_dir: str | Path, seed: int = 0, run
         clean_leftovers(out, "prepare")
     limits = resolve_thresholds(thresholds)
     plans, records, sources, notes = _plan(dataset, raw, seed, runs, limits, split, cross_aspect)
-    _check_out(out, raw, force)
+    _check_out(out, raw, overwrite)
     check_writable(out, "output folder (--out)")
     info = build_split_info(plans, records, seed, runs, limits, split, cross_aspect, dataset, notes)
 

@@ -124,10 +124,10 @@ def check_size(size: tuple[int, int]) -> tuple[int, int]:
     return (int(w), int(h))
 
 
-def _prepare_out(out_dir: Path, force: bool) -> None:
-    """Refuse a non-empty output without ``force`` (with it, only Hands/ and HandInfo.csv are replaced,
+def _prepare_out(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a non-empty output without ``overwrite`` (with it, only Hands/ and HandInfo.csv are replaced,
     once the new ones are complete)."""
-    check_output_folder(out_dir, force, "its Hands/ and HandInfo.csv")
+    check_output_folder(out_dir, overwrite, "its Hands/ and HandInfo.csv")
     check_writable(out_dir, "output folder (--out)")
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -143,7 +143,7 @@ def generate_dataset(
     images_per_aspect: int = 6,
     seed: int = 0,
     size: tuple[int, int] = DEFAULT_SIZE,
-    force: bool = False,
+    overwrite: bool = False,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> SynthSummary:
@@ -159,7 +159,7 @@ def generate_dataset(
     size = check_size(tuple(size))  # type: ignore[arg-type]
     ids = subject_ids(subjects, seed)
     out = Path(out_dir).expanduser()
-    _prepare_out(out, force)
+    _prepare_out(out, overwrite)
     identities = [make_identity(seed, i, sid, images_per_aspect) for i, sid in enumerate(ids)]
     jobs = plan_images(identities, seed)
 
@@ -174,7 +174,7 @@ def generate_dataset(
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    # Swap in the complete new set; the old one (with --force) is removed only now.
+    # Swap in the complete new set; the old one (with --overwrite) is removed only now.
     swap_in(partial, hands_dir)
     csv_path = atomic_write(out / "HandInfo.csv", csv_text(identities, jobs))
     return SynthSummary(out, csv_path, len(identities), len(jobs), sum(j.accessory for j in jobs),

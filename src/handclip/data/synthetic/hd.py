@@ -55,7 +55,7 @@ def hd_subject_ids(subjects: int, seed: int) -> list[tuple[str, int]]:
 
 
 def generate_hd_dataset(out_dir: str | Path, subjects: int = 40, images_per_aspect: int = 6, seed: int = 0,
-                        size: tuple[int, int] = DEFAULT_SIZE, force: bool = False, workers: int | None = None,
+                        size: tuple[int, int] = DEFAULT_SIZE, overwrite: bool = False, workers: int | None = None,
                         progress: Callable[[int, int], None] | None = None) -> SynthSummary:
     """Write ``<out_dir>/Original Images/{1-501,502-712}/<id>_<n>.jpg``: ``images_per_aspect`` +-2 dorsal right
     photographs (at least 2) of each of ``subjects`` synthetic subjects."""
@@ -66,7 +66,7 @@ def generate_hd_dataset(out_dir: str | Path, subjects: int = 40, images_per_aspe
     ids = hd_subject_ids(subjects, seed)
     out = Path(out_dir).expanduser()
     images_dir = out / "Original Images"
-    check_output_folder(out, force, "its Original Images/")
+    check_output_folder(out, overwrite, "its Original Images/")
     check_writable(out, "output folder (--out)")
     out.mkdir(parents=True, exist_ok=True)
     identities = [make_identity(seed, i, str(sid), images_per_aspect) for i, (_, sid) in enumerate(ids)]
