@@ -26,19 +26,22 @@ PYTEST := PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $(PY) -m pytest -p xdist.plugin -p py
 TEST_WORKERS ?= $(shell n=$$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 
 # What `install` looks for (found, not imported: importing them all takes ~12 s) and HandCLIP's own metadata.
+# An install older than pyproject.toml (another version, no console scripts) is installed again.
 NEEDED := torch torchvision open_clip pytorch_lightning hydra omegaconf torchmetrics PIL matplotlib pytest xdist \
-	pytest_timeout tqdm onnx onnxscript onnxruntime submitit optuna
+	pytest_timeout tqdm onnx onnxscript onnxruntime submitit optuna safetensors lightning_utilities platformdirs \
+	ruff
 define INSTALLED_CHECK
-import importlib.metadata as m, importlib.util as u, sys
-m.version("handclip")
-sys.exit(any(u.find_spec(name) is None for name in "$(NEEDED)".split()))
+import importlib.metadata as m, importlib.util as u, re, sys
+wanted = re.search(r'^version = "([^"]+)"', open("pyproject.toml").read(), re.M).group(1)
+stale = m.version("handclip") != wanted or not m.entry_points(group="console_scripts", name="handclip-bench")
+sys.exit(stale or any(u.find_spec(name) is None for name in "$(NEEDED)".split()))
 endef
 export INSTALLED_CHECK
 
 DEMO_DIR := data/demo
 HANDS := dorsal_right,dorsal_left,palmar_right,palmar_left
 
-.PHONY: help install test test-fast mutate demo demo-data train eval bench clean-demo
+.PHONY: help install lint test test-fast mutate demo demo-data train eval bench clean-demo
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -52,6 +55,9 @@ endif
 
 install: $(PY_PREREQ) ## Install HandCLIP (editable) and its test tools into the environment; quick when already there
 	@$(PY) -c "$$INSTALLED_CHECK" 2>/dev/null || $(PY) -m pip install -e ".[test]" $(TORCH_PIN)
+
+lint: install ## ruff over src/ and tests/ (settings in pyproject.toml); CI runs it before the tests
+	$(PY) -m ruff check src tests
 
 test: install ## Run the whole test suite (CPU, offline, a few minutes)
 	$(OFFLINE) $(PYTEST) -q -n $(TEST_WORKERS)
