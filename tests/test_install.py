@@ -40,7 +40,9 @@ def run_installed(wheel: Path, cwd: Path, *args: str) -> subprocess.CompletedPro
     import os
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HANDCLIP_ROOT")}
-    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(wheel.parent.parent / "site"))
+    # the user's cache folder (platformdirs reads XDG_CACHE_HOME on Linux), kept inside the test's folder
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(wheel.parent.parent / "site"),
+               XDG_CACHE_HOME=str(wheel.parent.parent / "user-cache"))
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -65,6 +67,7 @@ def test_installed_entry_points_run_from_another_directory(installed, tmp_path):
     assert job.returncode == 0, job.stderr[-3000:]
     assert "model_name: ViT-B-32-quickgelu" in job.stdout
     assert f"data_dir: {work.resolve()}/data/11k" in job.stdout  # anchored to the current directory
+    assert f"cache_dir: {installed.parent.parent / 'user-cache' / 'handclip'}\n" in job.stdout  # the user's cache
     for module in ("handclip.eval", "handclip.bench"):
         assert run_installed(installed, work, "-m", module, "--cfg", "job").returncode == 0, module
 
@@ -83,4 +86,6 @@ def test_installed_entry_points_run_from_another_directory(installed, tmp_path):
     assert (work / "outputs" / "demo" / "train" / "dorsal_right" / "checkpoints" / "best.ckpt").is_file()
     assert "| dorsal_right | HandCLIP (fine-tuned) |" in result.stdout
     assert (work / "outputs" / "demo" / "eval" / "comparison.md").is_file()
-    assert (work / ".cache" / "handclip").is_dir()
+    # the crop cache in the user's cache folder, not in ./.cache of the directory the commands ran in
+    assert any((installed.parent.parent / "user-cache" / "handclip").iterdir())
+    assert not (work / ".cache").exists()

@@ -1,9 +1,9 @@
 """Hydra/OmegaConf glue: where the configs are, the ``${handclip_root:}`` resolver, entry points, composing.
 
 The configs are the top-level ``configs/`` folder of a source checkout; an installed wheel carries the
-same folder as ``handclip/configs``. Relative data, output and cache paths are anchored to
-:func:`project_root`: ``$HANDCLIP_ROOT`` if set, else the checkout, else (an installed package) the
-current directory.
+same folder as ``handclip/configs``. Relative data and output paths are anchored to :func:`project_root`:
+``$HANDCLIP_ROOT`` if set, else the checkout, else (an installed package) the current directory. Caches go
+to :func:`cache_dir` (an installed package: the user's cache folder).
 """
 
 from __future__ import annotations
@@ -32,6 +32,19 @@ def project_root() -> str:
     """Anchor for relative paths: $HANDCLIP_ROOT if set, else the checkout, else the current directory."""
     root = os.environ.get("HANDCLIP_ROOT") or checkout_root() or Path.cwd()
     return str(Path(root).resolve())
+
+
+def cache_dir(name: str = "handclip") -> str:
+    """``${handclip_cache_dir:<name>}``: where HandCLIP keeps what it can rebuild (the crop cache: ``handclip``; the
+    benchmark's scratch files: ``bench``). In a source checkout, or with $HANDCLIP_ROOT, ``<root>/.cache/<name>``; an
+    installed package uses the user's cache folder (platformdirs: ``~/.cache/handclip`` on Linux, with ``<name>``
+    below it for the others), not ``./.cache`` of whatever directory it runs in."""
+    if os.environ.get("HANDCLIP_ROOT") or checkout_root() is not None:
+        return str(Path(project_root()) / ".cache" / name)
+    from platformdirs import user_cache_dir
+
+    base = Path(user_cache_dir("handclip", appauthor=False))
+    return str(base if name == "handclip" else base / name)
 
 
 def _uses_cuda(accelerator: str) -> bool:
@@ -136,8 +149,9 @@ def register_resolvers() -> None:
     from handclip.schema import register_schemas
 
     register_schemas()
-    resolvers = {"handclip_root": project_root, "handclip_precision": precision_for, "handclip_gpu_count": gpu_count,
-                 "handclip_job_devices": job_devices, "handclip_log_file": log_file, "handclip_sweep_dir": sweep_dir,
+    resolvers = {"handclip_root": project_root, "handclip_cache_dir": cache_dir, "handclip_precision": precision_for,
+                 "handclip_gpu_count": gpu_count, "handclip_job_devices": job_devices, "handclip_log_file": log_file,
+                 "handclip_sweep_dir": sweep_dir,
                  "handclip_value": cli_value, "handclip_options": group_options}
     for name, resolver in resolvers.items():
         if not OmegaConf.has_resolver(name):
