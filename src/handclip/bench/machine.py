@@ -10,12 +10,12 @@ from typing import Any
 import torch
 
 from handclip.utils.devices import usable_cpus
+from handclip.utils.files import slug
 
 
 def slugify(text: str) -> str:
     """'Intel(R) Xeon(R) Processor (2 cores)' -> 'intel-xeon-processor-2-cores'."""
-    text = re.sub(r"\((r|tm|c)\)", "", text.lower())
-    return re.sub(r"[^a-z0-9]+", "-", text).strip("-") or "unknown"
+    return slug(re.sub(r"\((r|tm|c)\)", "", text.lower()), allowed="a-z0-9", sep="-", default="unknown")
 
 
 def cpu_info() -> dict:

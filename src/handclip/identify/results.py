@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from tqdm.auto import tqdm
 
 from handclip.errors import HandCLIPError
 from handclip.evaluation.pictures import BLUE, Row, Tile, match_colour, ranking_picture
-from handclip.utils.files import atomic_write, partial_folder, printable, swap_in
+from handclip.utils.files import atomic_write, partial_folder, printable, slug, swap_in
 
 UNKNOWN = "unknown"
 #: What identify writes into its output folder (and may replace with overwrite=true).
@@ -118,7 +117,7 @@ def write_results(result: dict, out_dir: Path, overwrite: bool = False, pictures
         if pictures:
             for n, record in enumerate(tqdm(result["queries"], desc="ranking pictures", disable=not progress,
                                             leave=False)):
-                stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(record["query"]).stem)
+                stem = slug(Path(record["query"]).stem)
                 rel = f"rankings/{n:05d}_{stem}.png"
                 ranking_picture(_picture_rows(record, threshold), tmp / rel)
                 record["picture"] = str(out_dir / rel)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from pathlib import Path
 
 import torch
@@ -34,7 +33,7 @@ from handclip.models.checkpoint import load_module, read_checkpoint_meta
 from handclip.models.encoder import ImageEncoder, zero_shot_encoder
 from handclip.models.fingerprint import encoder_fingerprint
 from handclip.utils.devices import resolve_device
-from handclip.utils.files import check_writable, claimed
+from handclip.utils.files import check_writable, claimed, slug
 
 log = logging.getLogger(__name__)
 
@@ -77,17 +76,13 @@ def resolve_threshold(cfg: DictConfig, meta: dict, fingerprint: str) -> dict:
     return {**chosen, "source": str(path)}
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "query"
-
-
 def output_name(cfg: DictConfig) -> str:
     """``name=`` or ``<query>-vs-<gallery>`` (``<folder>-glob`` for a pattern)."""
     if cfg.name:
-        return _slug(str(cfg.name))
+        return slug(str(cfg.name), default="query")
     query = Path(str(cfg.query))
     stem = f"{query.parent.name}-glob" if any(c in str(cfg.query) for c in "*?[") else query.stem
-    return _slug(f"{stem}-vs-{Path(str(cfg.gallery)).name}")
+    return slug(f"{stem}-vs-{Path(str(cfg.gallery)).name}", default="query")
 
 
 def index_path(cfg: DictConfig, gallery: Path, model: ModelInfo) -> Path:
@@ -95,7 +90,7 @@ def index_path(cfg: DictConfig, gallery: Path, model: ModelInfo) -> Path:
     if cfg.index:
         return Path(str(cfg.index)).expanduser()
     digest = hashlib.sha256(json.dumps([str(gallery), model.key]).encode()).hexdigest()[:12]
-    return Path(cfg.paths.output_root) / "identify" / "index" / f"{_slug(gallery.name)}-{digest}"
+    return Path(cfg.paths.output_root) / "identify" / "index" / f"{slug(gallery.name, default='query')}-{digest}"
 
 
 def identify(cfg: DictConfig) -> dict:

@@ -7,6 +7,7 @@ import errno
 import glob
 import logging
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -20,6 +21,14 @@ log = logging.getLogger(__name__)
 
 #: Errors that mean "the file system has no room for this file".
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def slug(text: str, *, allowed: str = "A-Za-z0-9._-", sep: str = "_", lower: bool = False, default: str = "") -> str:
+    """``text`` as a file or folder name: each run of characters outside ``allowed`` (a regex character class body)
+    becomes ``sep``, ``sep`` at either end is dropped, ``default`` when nothing is left (the one slug helper of
+    HandCLIP: identify's result and index folders and ranking pictures, the benchmark's device names)."""
+    text = text.lower() if lower else text
+    return re.sub(f"[^{allowed}]+", sep, text).strip(sep) or default
 
 
 def is_disk_full(err: BaseException) -> bool:
