@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from conftest import cli_env, make_layout, run_module, tiny_cfg, tmpfs
 
@@ -22,7 +23,7 @@ from handclip.models.checkpoint import load_module, read_checkpoint_meta
 from handclip.train import train
 from handclip.training import callbacks as callbacks_mod
 from handclip.training import checkpoint_io as io_mod
-from handclip.training.callbacks import BestCheckpoint, LastCheckpoint
+from handclip.training.callbacks import LastCheckpoint
 from handclip.training.checkpoint_io import AtomicCheckpointIO, BackgroundCheckpointIO
 
 
@@ -269,12 +270,13 @@ def test_last_checkpoint_cadence(data, tmp_path, monkeypatch, every_minutes, eve
 
     monkeypatch.setattr(HandCLIPModule, "on_train_epoch_start", epoch_start, raising=False)
     writes: dict[str, list[int]] = {"last": [], "best": []}
-    for name, cls in (("last", LastCheckpoint), ("best", BestCheckpoint)):
-        def record(self, trainer, filepath, _name=name, _orig=cls._save_checkpoint):
-            writes[_name].append(trainer.current_epoch)
-            _orig(self, trainer, filepath)
+    save = pl.Trainer.save_checkpoint
 
-        monkeypatch.setattr(cls, "_save_checkpoint", record)
+    def record(trainer, filepath, *args, **kwargs):  # both callbacks write through the trainer's public method
+        writes[Path(filepath).stem].append(trainer.current_epoch)
+        save(trainer, filepath, *args, **kwargs)
+
+    monkeypatch.setattr(pl.Trainer, "save_checkpoint", record)
     minutes = "null" if every_minutes is None else every_minutes
     cfg = tiny_cfg(data, tmp_path, f"trainer.max_epochs={epochs}", f"callbacks.last_checkpoint.every_minutes={minutes}",
                    f"callbacks.last_checkpoint.every_n_epochs={every_n_epochs or 'null'}")

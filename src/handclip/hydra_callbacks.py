@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
 import traceback
@@ -74,6 +76,17 @@ class SweepFolders(Callback):
             os.environ[SWEPT_KEYS_VARIABLE] = self._before
 
 
+def _failure(job_return: JobReturn) -> BaseException:
+    """The exception of a failed job, from Hydra's public ``JobReturn.return_value`` (which raises it, after a line
+    on stderr that the report here replaces)."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        try:
+            value = job_return.return_value
+        except BaseException as err:
+            return err
+    return RuntimeError(f"the job failed without an exception (it returned {value!r})")
+
+
 class SweepSummary(Callback):
     """Let a multirun go on past a failed job; end it with a summary and a non-zero exit status."""
 
@@ -93,7 +106,7 @@ class SweepSummary(Callback):
         if job_return.status != JobStatus.FAILED:
             self._jobs.append((overrides, None, True))
             return
-        err = job_return._return_value
+        err = _failure(job_return)
         found = user_error(err)
         if found is not None:
             message = error_message(found)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
 from handclip.bench.measure import PeakMemory, ratio
@@ -129,21 +129,19 @@ def _bench_writes(s: dict, device: torch.device, scratch: Path, seed: int, say: 
     }
 
 
-class _Timed:
-    """Mixin: seconds the training thread spends in each checkpoint write."""
+def _timed_writes(trainer: pl.Trainer) -> dict[str, list[float]]:
+    """Seconds the training thread spends in each checkpoint write, by file (best, last): both callbacks write
+    through the trainer's public save_checkpoint."""
+    seconds: dict[str, list[float]] = {"best": [], "last": []}
+    save = trainer.save_checkpoint
 
-    def _save_checkpoint(self, trainer, filepath):
+    def timed(filepath, *args, **kwargs):
         start = time.perf_counter()
-        super()._save_checkpoint(trainer, filepath)
-        self.seconds.append(time.perf_counter() - start)
+        save(filepath, *args, **kwargs)
+        seconds[Path(filepath).stem].append(time.perf_counter() - start)
 
-
-class _TimedBest(_Timed, BestCheckpoint):
-    seconds: list[float]
-
-
-class _TimedLast(_Timed, LastCheckpoint):
-    seconds: list[float]
+    trainer.save_checkpoint = timed
+    return seconds
 
 
 class _TimedBackground(BackgroundCheckpointIO):
@@ -166,24 +164,24 @@ def _bench_run(s: dict, r: dict, mode: str, device: torch.device, scratch: Path,
     folder = scratch / f"checkpoint-run-{mode}"
     for old in folder.glob("*.ckpt"):
         old.unlink()
-    best = _TimedBest(dirpath=str(folder), filename="best", monitor="val/rank1", mode="max", save_top_k=1,
-                      save_weights_only=True, every_n_epochs=1, auto_insert_metric_name=False,
-                      enable_version_counter=False)
-    last = _TimedLast(dirpath=str(folder), every_minutes=float(r["every_minutes"]))
-    best.seconds, last.seconds = [], []
+    best = BestCheckpoint(dirpath=str(folder), filename="best", monitor="val/rank1", mode="max", save_top_k=1,
+                          save_weights_only=True, every_n_epochs=1, auto_insert_metric_name=False,
+                          enable_version_counter=False)
+    last = LastCheckpoint(dirpath=str(folder), every_minutes=float(r["every_minutes"]))
     io = _TimedBackground(AtomicCheckpointIO()) if mode == "background" else AtomicCheckpointIO()
     epochs = int(r["epochs"])
     say(f"  run ({mode}): {epochs} epochs of {n} images ({classes} identities), batch {r['batch_size']} ...")
     with _quiet_lightning():
         trainer = _trainer(device, scratch, max_epochs=epochs, callbacks=[best, last], plugins=[io])
+        seconds = _timed_writes(trainer)
         start = time.perf_counter()
         trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loaders)
         wall = time.perf_counter() - start
     at_end = getattr(io, "teardown_s", 0.0)
-    writing = sum(best.seconds) + sum(last.seconds) + at_end
+    writing = sum(seconds["best"]) + sum(seconds["last"]) + at_end
     return {"mode": mode, "epochs": epochs, "wall_s": wall, "writing_s": writing, "share": writing / wall,
-            "best_writes": len(best.seconds), "last_writes": len(last.seconds), "best_s": best.seconds,
-            "last_s": last.seconds, "wait_at_end_s": at_end, "epoch_s": (wall - writing) / epochs}
+            "best_writes": len(seconds["best"]), "last_writes": len(seconds["last"]), "best_s": seconds["best"],
+            "last_s": seconds["last"], "wait_at_end_s": at_end, "epoch_s": (wall - writing) / epochs}
 
 
 def _projected(epoch_s: float, best_s: float, last_s: float, epochs: int, every_minutes: float | None) -> dict:

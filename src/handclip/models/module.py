@@ -155,7 +155,8 @@ class HandCLIPModule(pl.LightningModule):
         if all(finite):
             return
         loss, step, epoch, batch_idx = pending[finite.index(False)]
-        full = "32" in str(getattr(self._trainer, "precision", "32"))  # fp32 already: only the lr is left to try
+        # fp32 already: only the lr is left to try
+        full = "32" in str(getattr(self._attached_trainer(), "precision", "32"))
         raise HandCLIPError(
             f"training loss became {loss.item()} at global step {step} "
             f"(epoch {epoch}, batch {batch_idx}); stopping. Try a lower model.lr"
@@ -181,7 +182,8 @@ class HandCLIPModule(pl.LightningModule):
     # -- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Besides the weights: the preprocessing and the logged figures (:mod:`handclip.models.metadata`)."""
-        metrics = self._trainer.callback_metrics if self._trainer is not None else {}
+        trainer = self._attached_trainer()
+        metrics = trainer.callback_metrics if trainer is not None else {}
         checkpoint[META_KEY] = checkpoint_metadata(self.encoder.preprocess, metrics)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -210,7 +212,15 @@ class HandCLIPModule(pl.LightningModule):
         outputs.append((self.encoder.embed(images).detach().float(), labels, index))
 
     def _world_size(self) -> int:
-        return self.trainer.world_size if self._trainer is not None else 1
+        trainer = self._attached_trainer()
+        return trainer.world_size if trainer is not None else 1
+
+    def _attached_trainer(self) -> pl.Trainer | None:
+        """The Trainer running this module, or None outside one (Lightning's public ``trainer`` raises then)."""
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
 
     def _gathered(self, outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
         """(embeddings, labels) of every process, in dataset order, each dataset index once."""

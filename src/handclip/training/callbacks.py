@@ -19,11 +19,13 @@ import random
 import time
 from pathlib import Path
 from typing import Any
+from weakref import proxy
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.trainer.states import TrainerFn
 
 from handclip.errors import HandCLIPError
 from handclip.models.checkpoint import read_checkpoint_meta
@@ -81,12 +83,16 @@ class LastCheckpoint(ModelCheckpoint):
         super().__init__(dirpath=dirpath, filename=filename, monitor=None, save_top_k=1, every_n_epochs=0, **kwargs)
         self.every_minutes = every_minutes
         self.every_n = every_n_epochs
+        # The writes are decided and done here, through Lightning's public API only (trainer.save_checkpoint,
+        # format_checkpoint_name, Logger.after_save_checkpoint), with this callback's own clock and step.
+        self.last_write_time: float | None = None
+        self.saved_step = 0  # as Lightning's: nothing to save before the first step
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._last_time_checked = _clock()
+        self.last_write_time = _clock()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._should_skip_saving_checkpoint(trainer):
+        if self._skip(trainer):
             return
         # every process must take the same decision (a save waits for all of them): rank 0's clock decides
         if trainer.strategy.broadcast(self._due(trainer)):
@@ -94,8 +100,14 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # training that stopped elsewhere than at an epoch end (max_steps, max_time) still leaves its last state
-        if not self._should_skip_saving_checkpoint(trainer):
+        if not self._skip(trainer):
             self._write(trainer)
+
+    def _skip(self, trainer: pl.Trainer) -> bool:
+        """No checkpoint in a fast_dev_run, outside fitting, in the sanity check, or twice at one step (the rules of
+        Lightning's ModelCheckpoint)."""
+        return (bool(trainer.fast_dev_run) or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
+                or self.saved_step == trainer.global_step)
 
     def _due(self, trainer: pl.Trainer) -> bool:
         finished = trainer.current_epoch + 1
@@ -103,12 +115,16 @@ class LastCheckpoint(ModelCheckpoint):
             return True
         if self.every_n and finished % self.every_n == 0:
             return True
-        elapsed = _clock() - (self._last_time_checked or 0.0)
+        elapsed = _clock() - (self.last_write_time or 0.0)
         return self.every_minutes is not None and elapsed >= 60 * self.every_minutes
 
     def _write(self, trainer: pl.Trainer) -> None:
-        self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
-        self._last_time_checked = _clock()
+        metrics = {**trainer.callback_metrics, "epoch": trainer.current_epoch, "step": trainer.global_step}
+        path = self.format_checkpoint_name(metrics)
+        trainer.save_checkpoint(path, self.save_weights_only)  # every process: the strategy decides who writes
+        self.best_model_path, self.saved_step, self.last_write_time = path, trainer.global_step, _clock()
+        for logger in trainer.loggers:
+            logger.after_save_checkpoint(proxy(self))
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "rng": rng_states()}

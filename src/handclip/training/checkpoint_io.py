@@ -8,8 +8,9 @@ over the target: readers see the previous file or the new one, never a part. Whe
 is removed, the previous checkpoint stays as it was and the run stops with a :class:`HandCLIPError` naming the
 folder and the space needed. Temporary files left by a killed run are removed by the next write into the folder.
 
-:class:`BackgroundCheckpointIO` is Lightning's ``AsyncCheckpointIO`` (a point-in-time copy of the tensors on the
-training thread, the file written in a worker thread) with a bounded queue and errors raised once.
+:class:`BackgroundCheckpointIO` does what Lightning's ``AsyncCheckpointIO`` does (a point-in-time copy of the tensors on
+the training thread, the file written in a worker thread) with its own executor, a bounded queue and errors raised
+once.
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_utilities.core.apply_func import apply_to_collection
-from pytorch_lightning.plugins.io import AsyncCheckpointIO
+from pytorch_lightning.plugins.io import CheckpointIO, TorchCheckpointIO
 
 from handclip.errors import HandCLIPError
 from handclip.utils.files import free_bytes, is_disk_full, temp_path
@@ -125,19 +125,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             stale.unlink(missing_ok=True)
 
 
-class BackgroundCheckpointIO(AsyncCheckpointIO):
-    """Lightning's ``AsyncCheckpointIO`` with at most one write in flight, and a failed write raised once.
+class BackgroundCheckpointIO(CheckpointIO):
+    """Checkpoints written by a worker thread of its own, at most one write in flight, a failed write raised once.
 
-    The training thread pays for a copy of the tensors (as ``AsyncCheckpointIO`` makes it); the file is written by
-    the worker thread. A new write first waits for the one in flight, so at most one extra copy of a checkpoint is
-    held however slow the disk. A write that failed stops the run at the next checkpoint or at the end of training
-    (teardown waits for the last write); while the run is already stopping on another error it is logged instead,
-    so that the first error is the one reported.
+    What Lightning's ``AsyncCheckpointIO`` does, on Lightning's public ``CheckpointIO`` interface (this class owns its
+    executor instead of reaching into that one's). The training thread pays for a point-in-time copy of the tensors;
+    the file is written by the worker thread. A new write first waits for the one in flight, so at most one extra copy
+    of a checkpoint is held however slow the disk. A write that failed stops the run at the next checkpoint or at the
+    end of training (teardown waits for the last write); while the run is already stopping on another error it is
+    logged instead, so that the first error is the one reported.
     """
 
-    def __init__(self, checkpoint_io=None) -> None:
-        super().__init__(checkpoint_io)
+    def __init__(self, checkpoint_io: CheckpointIO) -> None:
+        self.checkpoint_io = checkpoint_io
+        # made on the first write and shut down by teardown (which also runs between trainer.fit and trainer.test)
+        self._executor: ThreadPoolExecutor | None = None
         self._in_flight: Future | None = None
+        self._error: BaseException | None = None
 
     def wait(self) -> None:
         """Block until the write in flight, if any, has finished; raise its error (once)."""
@@ -150,7 +154,8 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         self.wait()
-        self._ensure_setup()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="handclip-checkpoint")
         copy = apply_to_collection(checkpoint, torch.Tensor, lambda t: t.detach().clone())
         self._in_flight = self._executor.submit(self._write, copy, path, storage_options)
 
@@ -159,6 +164,13 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
             self.checkpoint_io.save_checkpoint(checkpoint, path, storage_options=storage_options)
         except BaseException as err:  # raised on the training thread by wait()
             self._error = err
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+        self.wait()  # a checkpoint this run is still writing is read once it is complete
+        return self.checkpoint_io.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+    def remove_checkpoint(self, path) -> None:
+        self.checkpoint_io.remove_checkpoint(path)
 
     def teardown(self) -> None:
         stopping_on = sys.exc_info()[1]  # teardown also runs while the trainer handles another error
@@ -169,7 +181,10 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
                 raise
             log.error("a checkpoint write failed as well: %s", err)
         finally:
-            super().teardown()
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            self.checkpoint_io.teardown()
 
 
 def checkpoint_io(background: bool = True, durable: bool = True):
