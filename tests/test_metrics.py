@@ -116,6 +116,37 @@ def test_tie_heavy_data_match_brute_force(ap, chunk_size):
     assert_same(result, expected, abs_tol=1e-12)
 
 
+@pytest.mark.parametrize("seed", [0, 5])
+def test_rank_k_and_map_agree_with_torchmetrics_retrieval(seed):
+    """A second, independent library: torchmetrics' retrieval metrics per query (hit rate at k = CMC Rank-k,
+    average precision = torchreid's AP), averaged over the valid queries, on data without ties (where both
+    rankings are the same whatever the tie rule)."""
+    from torchmetrics.functional.retrieval import retrieval_average_precision, retrieval_hit_rate
+
+    q, ql, g, gl = random_reid_data(seed=seed)
+    sim = torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(g, dim=1).T
+    assert all(len(row.unique()) == len(row) for row in sim)  # no ties
+    # torchmetrics counts a relevant item with a score <= 0 as irrelevant: cosine similarities shifted by 2 (all
+    # positive, same order)
+    sim = sim.double() + 2
+    ranks = (1, 3, 5, 10)
+    hits = {k: [] for k in ranks}
+    aps = []
+    for i in range(len(q)):
+        target = gl == ql[i]
+        if not target.any():
+            continue  # invalid query: left out, as HandCLIP does
+        for k in ranks:
+            hits[k].append(float(retrieval_hit_rate(sim[i], target, top_k=k)))
+        aps.append(float(retrieval_average_precision(sim[i], target)))
+    result = compute_reid_metrics(q, ql, g, gl, ranks=ranks, ap="standard")
+    assert result["num_valid_queries"] == len(aps) < len(q)
+    assert 0 < result["rank1"] < result["rank10"] < 1  # not a degenerate case
+    for k in ranks:
+        assert result[f"rank{k}"] == pytest.approx(np.mean(hits[k]), abs=1e-6), k
+    assert result["mAP"] == pytest.approx(np.mean(aps), abs=1e-6)
+
+
 def test_ties_are_broken_by_gallery_order():
     v = [1.0, 1.0, 1.0, 1.0]
     w = [1.0, -1.0, 1.0, -1.0]  # orthogonal to v
