@@ -13,6 +13,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from handclip.utils.cli import cli_value, group_options
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -125,24 +127,6 @@ def sweep_dir() -> str:
     return f"{name}/" if name else ""
 
 
-def cli_value(value) -> str:
-    """``${handclip_value:${key}}``: a value as it is written on the command line (null, true, [1,5,10]); the help
-    pages (``configs/hydra/help/``) show each key's live value with it."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (list, tuple)) or OmegaConf.is_list(value):
-        return "[" + ",".join(cli_value(v) for v in value) + "]"
-    return str(value)
-
-
-def group_options(group: str) -> str:
-    """``${handclip_options:<group>}``: the options of a config group (``configs/<group>/*.yaml``), for the help
-    pages."""
-    return " | ".join(sorted(p.stem for p in (config_dir() / group).glob("*.yaml")))
-
-
 def register_resolvers() -> None:
     """Make ``${handclip_root:}`` and the other ``handclip_*`` resolvers known to OmegaConf, and the typed schemas
     (:mod:`handclip.schema`) known to Hydra (idempotent)."""
@@ -152,7 +136,8 @@ def register_resolvers() -> None:
     resolvers = {"handclip_root": project_root, "handclip_cache_dir": cache_dir, "handclip_precision": precision_for,
                  "handclip_gpu_count": gpu_count, "handclip_job_devices": job_devices, "handclip_log_file": log_file,
                  "handclip_sweep_dir": sweep_dir,
-                 "handclip_value": cli_value, "handclip_options": group_options}
+                 "handclip_value": cli_value,
+                 "handclip_options": lambda group: group_options(config_dir() / group)}
     for name, resolver in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)

@@ -1,9 +1,13 @@
-"""What the argparse commands (prepare, synth) share: the help page's layout and the ``--overwrite`` flag."""
+"""Help pages and flags the commands share: the argparse commands' (prepare, synth) layout and ``--overwrite`` flag,
+and what the Hydra commands' help templates (``configs/hydra/help/``) print values with."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -31,3 +35,20 @@ def add_overwrite_flag(parser: argparse.ArgumentParser, help: str) -> None:
     parser.add_argument("--overwrite", action="store_true", help=help)
     parser.add_argument("--force", dest="overwrite", action=_Renamed, new_name="--overwrite", default=False,
                         help=argparse.SUPPRESS)
+
+
+def cli_value(value) -> str:
+    """``${handclip_value:${key}}``: a value as it is written on the command line (null, true, [1,5,10]); the help
+    pages show each key's live value with it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)) or OmegaConf.is_list(value):
+        return "[" + ",".join(cli_value(v) for v in value) + "]"
+    return str(value)
+
+
+def group_options(folder: Path) -> str:
+    """``${handclip_options:<group>}``: the options of a config group (the YAML files of its folder)."""
+    return " | ".join(sorted(p.stem for p in folder.glob("*.yaml")))
