@@ -15,7 +15,7 @@ import sys
 import pytest
 from conftest import ROOT, cli_env
 
-from handclip.config import check_group_options, check_override_keys
+from handclip.command_line import check_group_options, check_override_keys
 
 #: command -> (the module `python -m` runs, its config)
 HYDRA_COMMANDS = {"train": ("handclip.train", "train"), "eval": ("handclip.eval", "eval"),
@@ -85,7 +85,7 @@ def test_help_shows_the_values_of_this_command_line(command, args, shown, monkey
 
 def test_help_lists_the_options_of_each_group_from_its_folder(monkeypatch):
     _, page, _ = run_in_process("handclip.train", "--help", monkeypatch=monkeypatch)
-    for group in ("hand", "model", "trainer", "logger", "experiment", "launcher"):
+    for group in ("hand", "model", "trainer", "logger", "experiment", "launcher", "hparams_search"):
         options = " | ".join(sorted(p.stem for p in (ROOT / "configs" / group).glob("*.yaml")))
         assert f"options: {options}" in page, group
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from handclip.utils.cli import cli_value, group_options
+from handclip.utils.files import slug
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -95,22 +96,20 @@ SWEPT_KEYS_VARIABLE = "HANDCLIP_SWEPT_KEYS"
 UNNAMED_KEYS = ("hand", "paths", "ckpt_path", "hydra", "launcher", "data.num_workers", "data.cache_workers",
                 "data.progress", "data.cache_dir", "trainer.enable_progress_bar", "device", "progress")
 #: Characters kept in a sweep job's folder name (Hydra's override_dirname style); others become "_".
-_FOLDER_UNSAFE = r"[^A-Za-z0-9._=,+-]+"
+_FOLDER_SAFE = "A-Za-z0-9._=,+-"
 
 
 def sweep_job_name(overrides: list[str], swept: set[str]) -> str:
     """The folder name of a sweep job, from its overrides of swept keys: ``model.lr=0.0001,seed=2`` (sorted, as
     Hydra's ``override_dirname``); "" when the sweep varies nothing but the hand type (and settings that do not
     change what is trained: paths, workers, progress)."""
-    import re
-
     named = []
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
         if key in swept and not any(key == k or key.startswith(f"{k}.") or key.startswith(f"{k}/")
                                     for k in UNNAMED_KEYS):
             named.append(f"{key}={value}")
-    return re.sub(_FOLDER_UNSAFE, "_", ",".join(sorted(named)))
+    return slug(",".join(sorted(named)), allowed=_FOLDER_SAFE)
 
 
 def sweep_dir() -> str:

@@ -30,12 +30,12 @@ from handclip.utils.cli import HelpFormatter, add_overwrite_flag
 EPILOG = """examples:
   python -m handclip.synth --out data/demo/raw --subjects 40 --images-per-aspect 10
   python -m handclip.synth --out data/raw_synth --subjects 200 --size 1600x1200 --seed 1 --overwrite
-  python -m handclip.synth --dataset hd --out data/hd_synth --subjects 60 --contact-sheet hd_hands.png
+  python -m handclip.synth --dataset hd --out data/hd_synth --subjects 60 --size 640x480
 
 outputs: <out>/Hands/*.jpg and <out>/HandInfo.csv in the format of the 11k Hands download (hd: <out>/Original
 Images/1-501 and 502-712); same seed, same bytes. Split them with: python -m handclip.prepare [--dataset hd]
---raw <out> --out <data root>. A non-empty --out is replaced only with --overwrite. Also installed as:
-handclip-synth
+--raw <out> --out <data root>. A non-empty --out is replaced only with --overwrite.
+Also installed as: handclip-synth
 """
 
 

@@ -7,13 +7,12 @@ import hashlib
 import io
 import json
 import logging
-import re
 from pathlib import Path
 
 from handclip.errors import HandCLIPError
 from handclip.evaluation import verification_report
 from handclip.hands import HAND_TYPES
-from handclip.utils.files import atomic_write
+from handclip.utils.files import atomic_write, slug
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +116,12 @@ def report_name(hand: str, ckpt: Path | None, run: str | None) -> str:
     if run is None:
         folder = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else ckpt.parent.name
         digest = hashlib.sha256(str(ckpt).encode()).hexdigest()[:8]
-        return f"{name}_{slug(folder)}-{digest}" + ("" if ckpt.name == "best.ckpt" else f"_{slug(ckpt.stem)}")
-    return name + ("" if ckpt.name == "best.ckpt" else f"_{slug(ckpt.stem)}")
+        return f"{name}_{_name(folder)}-{digest}" + ("" if ckpt.name == "best.ckpt" else f"_{_name(ckpt.stem)}")
+    return name + ("" if ckpt.name == "best.ckpt" else f"_{_name(ckpt.stem)}")
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._=,+-]+", "_", text).strip("_") or "run"
+def _name(text: str) -> str:
+    return slug(text, allowed="A-Za-z0-9._=,+-", default="run")
 
 
 def _evaluated(entries: list[dict]) -> list[tuple]:
