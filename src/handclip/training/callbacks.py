@@ -123,7 +123,7 @@ class LastCheckpoint(ModelCheckpoint):
         path = self.format_checkpoint_name(metrics)
         trainer.save_checkpoint(path, self.save_weights_only)  # every process: the strategy decides who writes
         self.best_model_path, self.saved_step, self.last_write_time = path, trainer.global_step, _clock()
-        for logger in trainer.loggers:
+        for logger in trainer.loggers if trainer.is_global_zero else []:
             logger.after_save_checkpoint(proxy(self))
 
     def state_dict(self) -> dict[str, Any]:
