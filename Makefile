@@ -29,7 +29,7 @@ TEST_WORKERS ?= $(shell n=$$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2); [
 # An install older than pyproject.toml (another version, no console scripts) is installed again.
 NEEDED := torch torchvision open_clip pytorch_lightning hydra omegaconf torchmetrics PIL matplotlib pytest xdist \
 	pytest_timeout tqdm onnx onnxscript onnxruntime submitit optuna safetensors lightning_utilities platformdirs \
-	ruff
+	ruff mlflow wandb
 define INSTALLED_CHECK
 import importlib.metadata as m, importlib.util as u, re, sys
 wanted = re.search(r'^version = "([^"]+)"', open("pyproject.toml").read(), re.M).group(1)

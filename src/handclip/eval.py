@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from handclip.command_line import hydra_entry
 from handclip.errors import HandCLIPError
 from handclip.hands import check_hand
+from handclip.training.trackers import check_loggers_installed, log_test_summary
 
 # torch, Lightning and open_clip are imported when the job runs (as in handclip.train): a mistyped option
 # on the command line is answered before they load.
@@ -21,6 +22,7 @@ from handclip.hands import check_hand
 
 def evaluate(cfg: DictConfig) -> dict:
     """Score as configured, write the report files, return ``{"entries": [...], "files": {...}}``."""
+    check_loggers_installed(cfg.get("logger"))  # before torch loads
     import pytorch_lightning as pl
     from hydra.utils import instantiate
 
@@ -87,6 +89,8 @@ def evaluate(cfg: DictConfig) -> dict:
         files.update(write_figures(entries, out_dir, stem))
     print(markdown_table(table_rows(entries)) + verification_markdown(entries), end="")
     print(f"written: {', '.join(str(p) for p in files.values())}")
+    log_test_summary(cfg.get("logger"), entries, {"hand": "all" if cfg.all else cfg.hand.name,
+                                                  "ckpt_path": cfg.ckpt_path, "model": model.model_name})
     return {"entries": entries, "files": files}
 
 

@@ -143,8 +143,8 @@ class TrainerConfig:
     overfit_batches: Any = 0.0
     limit_train_batches: Any = None
     limit_val_batches: Any = None
-    # simple, advanced, pytorch, or null
-    profiler: Optional[str] = None
+    # simple, advanced, pytorch, null, or a profiler to instantiate (_target_: ..., as debug=profiler does)
+    profiler: Any = None
     detect_anomaly: bool = False
 
 
@@ -230,6 +230,8 @@ class EvalSchema(_ModelCommand):
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     verification: VerificationConfig = field(default_factory=VerificationConfig)
     rerank: Optional[RerankConfig] = None
+    # the test summary also goes to these loggers (configs/logger), if any
+    logger: Optional[dict[str, Any]] = None
 
 
 @dataclass

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from handclip.command_line import hydra_entry
 from handclip.hands import check_hand
+from handclip.training.trackers import check_loggers_installed
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -38,6 +39,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from handclip.utils.devices import check_trainer_devices, launched_as_rank_zero
 
     check_hand(cfg.hand.name)
+    check_loggers_installed(cfg.get("logger"))
     max_epochs = check_max_epochs(cfg.trainer.get("max_epochs"))
     check_trainer_devices(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("devices", 1))
     # Under DDP every process runs this function; only rank 0 checks, claims and writes the run folder.
@@ -62,6 +64,8 @@ def _fit(cfg: DictConfig, output_dir: Path, ckpt_path: Path | None, rank_zero: b
     from handclip.launch import ddp_job, describe_scale
     from handclip.models.clip import preprocess_config
     from handclip.run_folder import MONITORED, check_resume_compatible, save_config
+    from handclip.training.history import CURVES_NAME, RunHistory, run_title
+    from handclip.training.trackers import open_loggers
 
     pl.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available() and str(cfg.trainer.get("precision")) in ("bf16-mixed", "16-mixed"):
@@ -78,12 +82,16 @@ def _fit(cfg: DictConfig, output_dir: Path, ckpt_path: Path | None, rank_zero: b
         log.info("config saved to %s", save_config(cfg, output_dir, resumed=ckpt_path is not None))
 
     callbacks = [cb for cb in (instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c) if cb is not None]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    if scale := describe_scale(trainer, datamodule.batch_size):
-        log.info(scale)
-    with ddp_job(trainer):  # DDP re-runs this job's command line (not a -m sweep's) for its processes
-        trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    # every run draws its curves (curves.png) and gives its final figures to the loggers, whatever `callbacks` says
+    callbacks.append(RunHistory(output_dir / CURVES_NAME, title=run_title(output_dir, cfg.paths.output_root)))
+    with open_loggers(cfg.get("logger")) as loggers:
+        # callbacks=none: no checkpoint at all (Lightning would otherwise add one of its own)
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                              enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks))
+        if scale := describe_scale(trainer, datamodule.batch_size):
+            log.info(scale)
+        with ddp_job(trainer):  # DDP re-runs this job's command line (not a -m sweep's) for its processes
+            trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     figures = {k: float(v) for k, v in trainer.callback_metrics.items()}
     checkpoint = trainer.checkpoint_callback
     if checkpoint is not None and checkpoint.best_model_path and checkpoint.best_model_score is not None:

@@ -9,13 +9,15 @@ import pytorch_lightning as pl
 
 from handclip.evaluation.calibration import calibrate, sidecar_path, write_calibration
 from handclip.models.checkpoint import load_module
+from handclip.training.trackers import log_figures
 
 log = logging.getLogger(__name__)
 
 
 class CalibrationCallback(pl.Callback):
     """At the end of ``fit``: load the best checkpoint, calibrate its threshold on val against the training
-    identities and write ``<checkpoint stem>.calibration.json`` beside it (the checkpoint is not rewritten)."""
+    identities and write ``<checkpoint stem>.calibration.json`` beside it (the checkpoint is not rewritten); the
+    threshold and its TAR on val also go to the loggers (``calibration/threshold``, ``calibration/tar``)."""
 
     def __init__(self, checkpoint: str, target_fmr: float = 0.01, progress: bool = False):
         self.checkpoint = Path(checkpoint)
@@ -37,3 +39,6 @@ class CalibrationCallback(pl.Callback):
         path = write_calibration(sidecar_path(self.checkpoint), result, self.checkpoint)
         log.info("open-set threshold %.4f (FMR %g on val against the training identities; TAR %.3f) written to %s",
                  result["threshold"], self.target_fmr, result["tar"], path)
+        # to whichever logger is on (a tracker shows it with the run's figures)
+        log_figures(trainer.loggers, {"calibration/threshold": result["threshold"], "calibration/tar": result["tar"],
+                                      "calibration/target_fmr": self.target_fmr}, step=trainer.global_step)

@@ -23,7 +23,8 @@ _STYLE = {ZERO_SHOT: ("--", "tab:gray"), FINE_TUNED: ("-", "tab:blue")}
 _HAND_COLOURS = dict(zip(HAND_TYPES, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_png(fig: Figure, path: Path) -> Path:
+    """``fig`` as a PNG at ``path``, written atomically (the folder is created)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,7 +56,7 @@ def cmc_plot(hand: str, entries: list[dict], path: Path) -> Path:
     ax.set_xticks(ranks if len(ranks) <= 20 else ranks[::2])
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def roc_det_plot(entries: list[dict], path: Path) -> Path:
@@ -89,7 +90,7 @@ def roc_det_plot(entries: list[dict], path: Path) -> Path:
     for ax in (roc, det):
         ax.grid(alpha=0.3, which="both")
     roc.legend(fontsize=8, loc="lower right")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _example_rows(entry: dict) -> list[Row]:
