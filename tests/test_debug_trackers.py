@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import column, eval_cfg, make_layout, read_metrics, run_module, tiny_cfg
+from conftest import cli_env, column, eval_cfg, make_layout, read_metrics, run_module, tiny_cfg
 from PIL import Image
 
 from handclip.config import compose
@@ -152,6 +154,9 @@ def test_threshold_final_and_best_figures_reach_the_logger(limited):
     assert summary["final/train_loss"] == pytest.approx(column(read_metrics(run_dir), "train/loss_epoch")[-1])
     assert summary["best/val_rank1"] == pytest.approx(max(rank1))
     assert summary["best/epoch"] == rank1.index(max(rank1)) + 1
+    # every row names its epoch, as Lightning's own rows do: the summary ones the last epoch trained (from 0)
+    assert all(row["epoch"] for row in rows)
+    assert {row["epoch"] for row in rows if row.get("final/val_rank1") or row.get("calibration/threshold")} == {"2"}
     best = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     assert best["epoch"] + 1 == summary["best/epoch"]
 
@@ -231,3 +236,13 @@ def test_many_loggers_offline_write_their_files(data, tmp_path):
     for key in (b"val/rank1", b"calibration/threshold", b"final/val_rank1", b"best/val_rank1"):
         assert key in recorded, key
     _png(run_dir / "curves.png")
+
+
+@pytest.mark.slow
+def test_tracker_packages_load_only_when_a_preset_asks_for_them():
+    """Installed for the tests, MLflow and W&B cost nothing to runs (and tests) that do not use them."""
+    code = ("import sys, pytorch_lightning, handclip.train, handclip.eval, handclip.training.history; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'mlflow', 'wandb', 'tensorboard'}))")
+    done = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

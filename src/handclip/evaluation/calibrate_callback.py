@@ -23,6 +23,10 @@ class CalibrationCallback(pl.Callback):
         self.checkpoint = Path(checkpoint)
         self.target_fmr = float(target_fmr)
         self.progress = progress
+        self._epoch = 0  # the last epoch trained, which the threshold is logged with
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch = trainer.current_epoch
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -40,5 +44,6 @@ class CalibrationCallback(pl.Callback):
         log.info("open-set threshold %.4f (FMR %g on val against the training identities; TAR %.3f) written to %s",
                  result["threshold"], self.target_fmr, result["tar"], path)
         # to whichever logger is on (a tracker shows it with the run's figures)
-        log_figures(trainer.loggers, {"calibration/threshold": result["threshold"], "calibration/tar": result["tar"],
-                                      "calibration/target_fmr": self.target_fmr}, step=trainer.global_step)
+        figures = {"calibration/threshold": result["threshold"], "calibration/tar": result["tar"],
+                   "calibration/target_fmr": self.target_fmr}
+        log_figures(trainer.loggers, figures, step=trainer.global_step, epoch=self._epoch)

@@ -56,7 +56,8 @@ class RunHistory(pl.Callback):
         self._draw(trainer)  # the epochs done so far
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        log_figures(trainer.loggers, self.summary(), step=trainer.global_step)
+        if self.epochs:
+            log_figures(trainer.loggers, self.summary(), step=trainer.global_step, epoch=max(self.epochs))
 
     def _draw(self, trainer: pl.Trainer) -> None:
         if not trainer.is_global_zero or not self.epochs:

@@ -83,12 +83,15 @@ def open_loggers(logger_cfg: Mapping | None) -> Iterator[list]:
             wandb.finish(exit_code=1 if failed else 0)
 
 
-def log_figures(loggers: list, figures: Mapping[str, float], step: int | None = None) -> None:
+def log_figures(loggers: list, figures: Mapping[str, float], step: int | None = None, epoch: int | None = None) -> None:
     """Log ``figures`` to every logger, under names every tracker accepts (MLflow refuses ``@``, ``=``, ``%``:
-    ``tar@fmr=1%`` is logged as ``tar_at_fmr_1pct``)."""
-    clean = {_metric_name(k): float(v) for k, v in figures.items() if v is not None}
+    ``tar@fmr=1%`` is logged as ``tar_at_fmr_1pct``); ``epoch`` (the epoch they belong to) is logged with them, as
+    Lightning logs it with every figure, so that every row of a CSV log names its epoch."""
+    clean: dict[str, float | int] = {_metric_name(k): float(v) for k, v in figures.items() if v is not None}
     if not clean:
         return
+    if epoch is not None:
+        clean["epoch"] = int(epoch)
     for logger in loggers:
         logger.log_metrics(clean, step=step)
         logger.save()
