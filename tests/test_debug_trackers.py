@@ -150,13 +150,13 @@ def test_threshold_final_and_best_figures_reach_the_logger(limited):
     assert summary["calibration/threshold"] == pytest.approx(calibration["threshold"])
     assert summary["calibration/target_fmr"] == 0.01
     rank1 = column(read_metrics(run_dir), "val/rank1")
-    assert summary["final/val_rank1"] == pytest.approx(rank1[-1]) and summary["final/epoch"] == 3
-    assert summary["final/train_loss"] == pytest.approx(column(read_metrics(run_dir), "train/loss_epoch")[-1])
-    assert summary["best/val_rank1"] == pytest.approx(max(rank1))
+    assert summary["final/val/rank1"] == pytest.approx(rank1[-1]) and summary["final/epoch"] == 3
+    assert summary["final/train/loss"] == pytest.approx(column(read_metrics(run_dir), "train/loss_epoch")[-1])
+    assert summary["best/val/rank1"] == pytest.approx(max(rank1))
     assert summary["best/epoch"] == rank1.index(max(rank1)) + 1
     # every row names its epoch, as Lightning's own rows do: the summary ones the last epoch trained (from 0)
     assert all(row["epoch"] for row in rows)
-    assert {row["epoch"] for row in rows if row.get("final/val_rank1") or row.get("calibration/threshold")} == {"2"}
+    assert {row["epoch"] for row in rows if row.get("final/val/rank1") or row.get("calibration/threshold")} == {"2"}
     best = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     assert best["epoch"] + 1 == summary["best/epoch"]
 
@@ -229,11 +229,11 @@ def test_many_loggers_offline_write_their_files(data, tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("handclip").experiment_id])
     assert [m.value for m in client.get_metric_history(run.info.run_id, "val/rank1")] == pytest.approx(rank1)
     assert run.data.metrics["calibration/threshold"] == pytest.approx(threshold)
-    assert run.data.metrics["best/val_rank1"] == pytest.approx(max(rank1))
+    assert run.data.metrics["best/val/rank1"] == pytest.approx(max(rank1))
     assert run.data.params["lr"] == "0.0003"  # the model's hyperparameters, as Lightning logs them
     (wandb_run,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     recorded = wandb_run.read_bytes()
-    for key in (b"val/rank1", b"calibration/threshold", b"final/val_rank1", b"best/val_rank1"):
+    for key in (b"val/rank1", b"calibration/threshold", b"final/val/rank1", b"best/val/rank1"):
         assert key in recorded, key
     _png(run_dir / "curves.png")
 

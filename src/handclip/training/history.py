@@ -3,8 +3,8 @@
 :class:`RunHistory` is a callback that every training run has, whatever ``callbacks`` and ``logger`` say: it
 records the figures the model logs (training loss and accuracy, val loss, accuracy and rank-1) at each epoch
 end, keeps them in ``last.ckpt`` (a resumed run draws every epoch, not only its own), draws them when training
-ends or fails, and at the end of ``fit`` gives the loggers the final and best figures (``final/...``,
-``best/...``), which a tracker shows as the run's summary.
+ends or fails, and at the end of ``fit`` gives the loggers the final and best figures (``final/val/rank1``,
+``best/val/rank1``, ...), which a tracker shows as the run's summary.
 """
 
 from __future__ import annotations
@@ -68,17 +68,17 @@ class RunHistory(pl.Callback):
             log.warning("could not write %s: %s", self.path, err)
 
     def summary(self) -> dict[str, float]:
-        """``final/<figure>`` of the last epoch and ``best/val_rank1``, ``best/epoch`` (epochs counted from 1)."""
+        """``final/<figure>`` of the last epoch (``final/val/rank1``, ``final/train/loss``, ...), ``best/val/rank1`` and
+        ``best/epoch`` (epochs counted from 1)."""
         if not self.epochs:
             return {}
         last = max(self.epochs)
-        figures = {f"final/{key.replace('/', '_').removesuffix('_epoch')}": value
-                   for key, value in self.epochs[last].items()}
+        figures = {f"final/{key.removesuffix('_epoch')}": value for key, value in self.epochs[last].items()}
         figures["final/epoch"] = last + 1
         scored = [(row["val/rank1"], -epoch) for epoch, row in self.epochs.items() if "val/rank1" in row]
         if scored:
             rank1, epoch = max(scored)  # the first epoch of the highest rank-1: the one best.ckpt holds
-            figures["best/val_rank1"], figures["best/epoch"] = rank1, 1 - epoch
+            figures["best/val/rank1"], figures["best/epoch"] = rank1, 1 - epoch
         return figures
 
     def state_dict(self) -> dict[str, Any]:
