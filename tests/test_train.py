@@ -288,7 +288,12 @@ def test_second_run_refuses_then_resume_continues(trained, data, tmp_path):
     assert sorted({int(r["epoch"]) for r in rows}) == list(range(4, EPOCHS))
     assert (run_dir / "config.yaml").is_file()
     assert list(run_dir.glob("config.resumed-*.yaml"))
-    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == EPOCHS - 1
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == EPOCHS - 1
+    # the run's history came back too: curves.png of the resumed run draws the first run's epochs as well
+    history = last["callbacks"]["RunHistory"]["epochs"]
+    assert sorted(history) == list(range(EPOCHS))
+    assert [history[e]["val/rank1"] for e in range(4)] == pytest.approx(column(read_metrics(run_dir), "val/rank1"))
     # the weights came back: the resumed epochs start where the first 4 left off, not from scratch
     first = read_metrics(run_dir, version=0)
     assert column(rows, "train/loss_epoch")[0] < 0.8 * column(first, "train/loss_epoch")[0]
