@@ -71,11 +71,12 @@ class PKBatchSampler(BatchSampler):
     with other images of the same identity drawn without replacement, and an identity with fewer than K images
     is drawn with replacement (all of its images first). So every image appears at least once per epoch, and
     only as often as filling whole groups needs. A global batch takes one group each from the ``P x world size``
-    identities with the most groups left (ties broken at random), so its identities are distinct whenever
-    enough identities are left and the epoch ends with as few short batches as possible; the global batches are
-    then shuffled. Process ``r`` of a run on ``world size`` processes takes every ``world size``-th group of each
-    global batch, starting at ``r``: whole groups, never split. A global batch with fewer groups than processes
-    joins another one, so every process gets a non-empty batch and all take the same number of steps.
+    identities with the most groups left (ties broken at random), so its identities are distinct and the epoch
+    has as few batches as that allows (short ones only at its end, when few identities have groups left); the
+    global batches are then shuffled. Process ``r`` of a run on ``world size`` processes takes every
+    ``world size``-th group of each global batch, starting at ``r``: whole groups, never split. Global batches
+    with fewer groups than processes are joined (with each other, the last with the one before), so every process
+    gets a non-empty batch and all take the same number of steps.
 
     The order is seeded: under a :class:`DistributedSampler` (injected by Lightning) by its seed and epoch (the
     same on every process); otherwise by torch's global generator (``seed_everything``), like a
@@ -108,6 +109,23 @@ class PKBatchSampler(BatchSampler):
             left = sorted([n - 1 for n in left[:take]] + left[take:], reverse=True)
         return sizes
 
+    @staticmethod
+    def _joined(sizes: list[int], world: int) -> list[list[int]]:
+        """Which built global batches form each final one: short ones (fewer groups than processes) are joined
+        to the one before them until it has enough; a short first one takes the next."""
+        joined: list[list[int]] = []
+        count: list[int] = []
+        for i, size in enumerate(sizes):
+            if joined and count[-1] < world:
+                joined[-1].append(i)
+                count[-1] += size
+            else:
+                joined.append([i])
+                count.append(size)
+        if len(joined) > 1 and count[-1] < world:
+            joined[-2:] = [joined[-2] + joined[-1]]
+        return joined
+
     def _global_batches(self, generator: torch.Generator, world: int) -> list[list[torch.Tensor]]:
         groups = []  # per identity: its groups of K indices, in a random order
         for members in self._by_identity:
@@ -127,8 +145,7 @@ class PKBatchSampler(BatchSampler):
             chosen = torch.topk(keys, take).indices.tolist()
             batches.append([groups[i][int(left[i]) - 1] for i in chosen])
             left[chosen] -= 1
-        if len(batches) > 1 and len(batches[-1]) < world:
-            batches[-2:] = [batches[-2] + batches[-1]]
+        batches = [[g for i in part for g in batches[i]] for part in self._joined([len(b) for b in batches], world)]
         order = torch.randperm(len(batches), generator=generator).tolist()
         return [batches[i] for i in order]
 
@@ -154,5 +171,4 @@ class PKBatchSampler(BatchSampler):
 
     def __len__(self) -> int:
         _, world = self._world()
-        sizes = self._shape(world)
-        return len(sizes) - (1 if len(sizes) > 1 and sizes[-1] < world else 0)
+        return len(self._joined(self._shape(world), world))
