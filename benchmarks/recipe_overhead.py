@@ -6,8 +6,9 @@ Measures, on the CPU, in one process: the bare training step of ViT-B/32 (random
 backward, AdamW step, as ``python -m handclip.bench``'s ``train`` part) at ``--batch`` images (P x K with K = 4),
 the batch-hard triplet loss (forward and backward on the step's 512-d features), and the PK sampler's cost per
 batch (a whole epoch's batches of an 11k-sized training split: 95 identities x 3-17 images, P 16 x K 4, divided
-by their number). Writes benchmarks/results/recipe-overhead-<device>.json, with the share of the CPU other
-processes used meanwhile (figures from a busy machine overstate every time, the step's most).
+by their number). Every figure is the fastest of its repeats (the least disturbed by other processes). Writes
+benchmarks/results/recipe-overhead-<device>.json, with the share of the CPU other processes used meanwhile, and the
+ratios also against the quiet-machine step of the CPU benchmark's result file when there is one for this device.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     labels = [i for i in range(95) for _ in range(rng.randint(3, 17))]
     sampler = PKBatchSampler(torch.utils.data.RandomSampler(labels), 64, labels=labels, identities=16, images=4)
     epoch = timed(lambda: list(sampler), device, repeats=20, warmup=2)
-    per_batch_sampler = summary(epoch)["median_s"] / len(sampler)
+    per_batch_sampler = min(epoch) / len(sampler)
 
     # the triplet loss on the step's features, forward and backward, at the step's batch and at P 16 x K 4
     def triplet(n: int):
@@ -52,8 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
         ids = torch.arange(n) // 4
         return lambda: batch_hard_triplet_loss(features, ids, 0.3).backward()
 
-    triplet_step = summary(timed(triplet(args.batch), device, repeats=50, warmup=5))["median_s"]
-    triplet_64 = summary(timed(triplet(64), device, repeats=50, warmup=5))["median_s"]
+    triplet_step = min(timed(triplet(args.batch), device, repeats=50, warmup=5))
+    triplet_64 = min(timed(triplet(64), device, repeats=50, warmup=5))
 
     # the bare ViT-B/32 training step
     module = build_module("ViT-B-32-quickgelu", 95, 1e-5, 0.01).train()
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     steps = timed(step, device, repeats=args.steps, warmup=1)
-    step_s = summary(steps)["median_s"]
+    step_s = min(steps)
     per_image = step_s / args.batch
     result = {
         "device": device_slug(device),
@@ -84,7 +85,16 @@ def main(argv: list[str] | None = None) -> dict:
         "overhead_at_batch_64_estimated": (triplet_64 + per_batch_sampler) / (64 * per_image),
         "goal": "PK sampler + triplet loss <= 5 % of a training step",
     }
-    result["goal_met"] = result["overhead_at_step_batch"] <= 0.05 and result["overhead_at_batch_64_estimated"] <= 0.05
+    ratios = [result["overhead_at_step_batch"], result["overhead_at_batch_64_estimated"]]
+    quiet = RESULTS / f"{result['device']}.json"
+    if quiet.is_file():  # the CPU benchmark's bare step, measured on a quiet machine
+        bench = json.loads(quiet.read_text())["train"]
+        quiet_per_image = bench["bare_step"]["median_s"] / bench["batch_size"]
+        result["quiet_benchmark_step"] = {"file": quiet.name, "batch_size": bench["batch_size"],
+                                          "bare_step_median_s": bench["bare_step"]["median_s"]}
+        result["overhead_at_batch_64_vs_quiet_benchmark"] = (triplet_64 + per_batch_sampler) / (64 * quiet_per_image)
+        ratios.append(result["overhead_at_batch_64_vs_quiet_benchmark"])
+    result["goal_met"] = max(ratios) <= 0.05
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"recipe-overhead-{result['device']}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
