@@ -189,8 +189,11 @@ class HandCLIPModule(pl.LightningModule):
     # -- training ------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        features = self.encoder.features(images)
-        logits = self.classify(features)
+        if self.hparams.get("triplet_margin") is None:
+            logits = self(images)
+        else:  # the triplet loss takes the tower's features: computed once for both losses
+            features = self.encoder.features(images)
+            logits = self.classify(features)
         loss = self.loss_fn(logits, labels)
         if self.hparams.get("triplet_margin") is not None:
             triplet = batch_hard_triplet_loss(features, labels, self.hparams.triplet_margin, self.hparams.triplet_soft)
