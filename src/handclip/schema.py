@@ -66,16 +66,6 @@ def checked_by(check: Callable[[Any], Any], default: Any = MISSING) -> Any:
     return field(default=default, metadata={"check": check})
 
 
-def one_of(*choices: str, default: Any = MISSING) -> Any:
-    """One of ``choices``."""
-
-    def check(value: Any) -> None:
-        if value not in choices:
-            raise HandCLIPError(f"expected one of {', '.join(choices)}")
-
-    return checked_by(check, default)
-
-
 def _in_unit_interval(value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise HandCLIPError("expected a number in [0, 1)")
