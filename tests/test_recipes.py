@@ -198,6 +198,32 @@ def test_bad_recipe_settings_are_named():
             HandDataModule("x", "dorsal_right", preprocess_config("HandCLIP-Tiny", None), cache=False, **bad)
 
 
+@pytest.mark.parametrize(("command", "refused", "accepted", "rule"), [
+    ("train", "model.neck=bn", "model.neck=bnneck", "model.neck=bn: expected one of none, bnneck"),
+    ("train", "model.neck_feature=middle", "model.neck_feature=after",
+     "model.neck_feature=middle: expected one of before, after"),
+    ("train", "model.label_smoothing=1", "model.label_smoothing=0.999",
+     "model.label_smoothing=1.0: expected a number in [0, 1)"),
+    ("train", "model.triplet_margin=-0.1", "model.triplet_margin=0",
+     "model.triplet_margin=-0.1: expected a number >= 0"),
+    ("train", "model.warmup_epochs=-1", "model.warmup_epochs=0", "model.warmup_epochs=-1.0: expected a number >= 0"),
+    ("train", "model.head_lr=0", "model.head_lr=1e-9", "model.head_lr=0.0: expected a number > 0"),
+    ("train", "data.sampler=balanced", "data.sampler=pk", "data.sampler=balanced: expected one of random, pk"),
+    ("train", "data.pk_images=0", "data.pk_images=1", "data.pk_images=0: expected a number >= 1"),
+    ("train", "data.pk_identities=0", "data.pk_identities=1", "data.pk_identities=0: expected a number >= 1"),
+    ("train", "eval.tta=mirror", "eval.tta=flip", "eval.tta=mirror: expected one of none, flip"),
+    ("eval", "eval.tta=mirror", "eval.tta=none", "eval.tta=mirror: expected one of none, flip"),
+    ("identify", "eval.tta=both", "eval.tta=flip", "eval.tta=both: expected one of none, flip"),
+])
+def test_recipe_keys_are_checked_at_their_boundary_before_torch(command, refused, accepted, rule):
+    from handclip.command_line import check_override_keys
+
+    check_override_keys(command, [accepted])
+    with pytest.raises(HandCLIPError) as err:
+        check_override_keys(command, [refused])
+    assert str(err.value) == rule
+
+
 # -- BNNeck, label smoothing, flip TTA on the module --------------------------------------------
 TINY = {"classes": ["a", "b", "c"], "hand": "dorsal_right", "model_name": "HandCLIP-Tiny", "pretrained": None}
 
