@@ -48,6 +48,7 @@ def evaluate(cfg: DictConfig) -> dict:
     check_folders_writable(cfg)
     pl.seed_everything(cfg.seed, verbose=False)
     out_dir = Path(cfg.paths.output_root) / "eval"
+    tta = (cfg.get("eval") or {}).get("tta")  # null: each checkpoint's own (none for the zero-shot model)
     ver = cfg.verification
     verification = VerificationOptions(
         fmr_levels=tuple(ver.fmr_levels), target_fmr=ver.target_fmr, cmc_max_rank=ver.cmc_max_rank,
@@ -55,7 +56,7 @@ def evaluate(cfg: DictConfig) -> dict:
     rerank = Rerank(**cfg.rerank) if cfg.get("rerank") else None
     options = ScoreOptions(device=resolve_device(cfg.device), ranks=tuple(cfg.metrics.ranks), ap=cfg.metrics.ap,
                            cross_aspect=cfg.metrics.cross_aspect, progress=cfg.data.progress,
-                           verification=verification, calibration_dir=out_dir, rerank=rerank)
+                           verification=verification, calibration_dir=out_dir, rerank=rerank, tta=tta)
 
     def data_for(hand, preprocess):
         return instantiate(cfg.data, hand=hand, _partial_=True)(preprocess=preprocess)
@@ -65,7 +66,7 @@ def evaluate(cfg: DictConfig) -> dict:
         hands = available_hands(cfg.data.root)
         if not hands:
             raise HandCLIPError(f"no hand folders under {cfg.data.root}; prepare data or run `make demo`")
-        encoder = zero_shot_encoder(model.model_name, model.pretrained, model.cache_dir)
+        encoder = zero_shot_encoder(model.model_name, model.pretrained, model.cache_dir, tta=tta)
         entries = compare_hands(hands, encoder, model.model_name, model.pretrained, cfg.paths.output_root,
                                 data_for, options)
         stem = cfg.name or "comparison"
@@ -81,7 +82,7 @@ def evaluate(cfg: DictConfig) -> dict:
         if ckpt:
             entries = [score_checkpoint(ckpt, hand, data_for, options, cfg.allow_hand_mismatch, run=run or "")]
         else:
-            encoder = zero_shot_encoder(model.model_name, model.pretrained, model.cache_dir)
+            encoder = zero_shot_encoder(model.model_name, model.pretrained, model.cache_dir, tta=tta)
             entries = [score_zero_shot(encoder, model.model_name, model.pretrained, hand, data_for, options)]
     entries = [row for entry in entries for row in (entry, *rerank_entries(entry))]
     files = write_report(entries, out_dir, OmegaConf.to_container(cfg, resolve=True), stem=stem)

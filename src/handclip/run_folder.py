@@ -192,8 +192,8 @@ def check_resume_compatible(ckpt_path: Path, hparams) -> None:
             f"checkpoint {ckpt_path} holds weights only, without the optimizer and loop state a run resumes from "
             "(best.ckpt is written that way); resume from last.ckpt with ckpt_path=last"
         )
-    for key in ("model_name", "hand"):
-        if meta.get(key) != hparams[key]:
+    for key, default in (("model_name", None), ("hand", None), ("neck", "none")):
+        if meta.get(key, default) != hparams.get(key, default):
             raise HandCLIPError(
                 f"checkpoint {ckpt_path} was trained with {key}={meta.get(key)!r}, but this run uses "
                 f"{key}={hparams[key]!r}; resume with the same config or start a new run"

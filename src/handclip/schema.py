@@ -66,6 +66,11 @@ def checked_by(check: Callable[[Any], Any], default: Any = MISSING) -> Any:
     return field(default=default, metadata={"check": check})
 
 
+def _in_unit_interval(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise HandCLIPError("expected a number in [0, 1)")
+
+
 # -- the groups ---------------------------------------------------------------------------------------------------
 @dataclass
 class HandConfig:
@@ -103,6 +108,10 @@ class DataConfig:
     # true, false or auto
     device_batches: Any = MISSING
     progress: bool = MISSING
+    # recipe options (README, "Recipes"): identity-balanced P x K batches
+    sampler: str = one_of("random", "pk", default="random")
+    pk_identities: int = at_least(1, default=16)
+    pk_images: int = at_least(1, default=4)
 
 
 @dataclass
@@ -114,6 +123,23 @@ class ModelConfig:
     lr: float = above(0)
     weight_decay: float = at_least(0)
     compile: bool = MISSING
+    # recipe options (README, "Recipes"), all off by default
+    neck: str = one_of("none", "bnneck", default="none")
+    neck_feature: str = one_of("before", "after", default="before")
+    label_smoothing: float = checked_by(_in_unit_interval, default=0.0)
+    triplet_margin: Optional[float] = at_least(0, default=None)
+    triplet_weight: float = at_least(0, default=1.0)
+    triplet_soft: bool = False
+    warmup_epochs: float = at_least(0, default=0.0)
+    head_lr: Optional[float] = above(0, default=None)
+
+
+@dataclass
+class EvalOptionsConfig:
+    """``eval.*``: test-time settings of every embedding (train: kept in the checkpoint; eval, identify, export:
+    null keeps the checkpoint's own)."""
+
+    tta: Optional[str] = one_of("none", "flip", default=None)
 
 
 @dataclass
@@ -210,6 +236,7 @@ class _ModelCommand(_Command):
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalOptionsConfig = field(default_factory=EvalOptionsConfig)
 
 
 @dataclass

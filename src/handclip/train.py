@@ -75,7 +75,8 @@ def _fit(cfg: DictConfig, output_dir: Path, ckpt_path: Path | None, rank_zero: b
     data_for = instantiate(cfg.data, _partial_=True)  # objects are passed at call time, not through OmegaConf
     datamodule = data_for(preprocess=preprocess_config(cfg.model.model_name, cfg.model.pretrained))
     # A resumed run takes every weight it uses from its checkpoint: no need to fetch the pretrained ones.
-    model = instantiate(cfg.model, classes=datamodule.classes, hand=cfg.hand.name, load_pretrained=ckpt_path is None)
+    model = instantiate(cfg.model, classes=datamodule.classes, hand=cfg.hand.name, load_pretrained=ckpt_path is None,
+                        tta=(cfg.get("eval") or {}).get("tta") or "none")
     if ckpt_path is not None:
         check_resume_compatible(ckpt_path, model.hparams)
     if rank_zero:

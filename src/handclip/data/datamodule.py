@@ -22,7 +22,7 @@ from handclip.data.datasets import (
     batch_collate,
 )
 from handclip.data.images import ImageLoader
-from handclip.data.sampling import EveryImageOnceBatchSampler
+from handclip.data.sampling import EveryImageOnceBatchSampler, PKBatchSampler
 from handclip.errors import HandCLIPError
 from handclip.hands import HAND_TYPES, check_hand, hand_dir_name
 
@@ -68,7 +68,13 @@ class HandDataModule(pl.LightningDataModule):
         cache_workers: int | None = None,
         device_batches: bool | str = "auto",
         progress: bool = True,
+        sampler: str = "random",
+        pk_identities: int = 16,
+        pk_images: int = 4,
     ):
+        """``sampler``: "random" (each training image once per epoch, shuffled) or "pk" (identity-balanced
+        batches of ``pk_identities`` x ``pk_images`` per process, :class:`PKBatchSampler`; ``batch_size`` is then
+        their product)."""
         super().__init__()
         check_hand(hand)
         if batch_size < 1 or eval_batch_size < 1:
@@ -79,6 +85,13 @@ class HandDataModule(pl.LightningDataModule):
                 raise HandCLIPError(f"data.{setting} must be a whole number >= 0 (0: in this process), got {value!r}")
         if device_batches not in (True, False, "auto"):
             raise HandCLIPError(f"data.device_batches must be true, false or auto, got {device_batches!r}")
+        if sampler not in ("random", "pk"):
+            raise HandCLIPError(f"data.sampler must be random or pk, got {sampler!r}")
+        for setting, value in (("pk_identities", pk_identities), ("pk_images", pk_images)):
+            if not isinstance(value, int) or value < 1:
+                raise HandCLIPError(f"data.{setting} must be a whole number >= 1, got {value!r}")
+        if sampler == "pk":
+            batch_size = pk_identities * pk_images
         if cache and not cache_dir:
             raise HandCLIPError("data.cache=true needs data.cache_dir (a folder for decoded crops)")
         self.root = Path(root)
@@ -93,6 +106,7 @@ class HandDataModule(pl.LightningDataModule):
         self.device_batches = device_batches
         self._on_device: dict[Dataset, tuple] = {}
         self.progress = progress
+        self.sampler, self.pk_identities, self.pk_images = sampler, pk_identities, pk_images
         self.preprocess = preprocess
         self.loader = ImageLoader(preprocess)
         self._listed: tuple[list[str], list, list] | None = None
@@ -187,7 +201,7 @@ class HandDataModule(pl.LightningDataModule):
         Lightning is not given it). ``device``: where the batches will be used, for loaders used outside a
         Trainer (evaluation): cached crops are sliced there (``device_batches``), or else copied from pinned
         memory when it is a GPU."""
-        batches = EveryImageOnceBatchSampler if train else BatchSampler
+        batches = self._train_batches(dataset) if train else BatchSampler
         pin = self.pin_memory or (device is not None and torch.device(device).type == "cuda")
         device = self._device(device)
         if self._use_device_batches(dataset, device):
@@ -206,7 +220,7 @@ class HandDataModule(pl.LightningDataModule):
         # Under DDP Lightning replaces the sampler by a DistributedSampler (re-creating the batch sampler).
         if train:
             sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
-            batching = {"batch_sampler": EveryImageOnceBatchSampler(sampler, batch_size, drop_last=False)}
+            batching = {"batch_sampler": batches(sampler, batch_size, drop_last=False)}
         else:
             batching = {"batch_size": batch_size, "shuffle": shuffle}
         return DataLoader(
@@ -218,6 +232,18 @@ class HandDataModule(pl.LightningDataModule):
             collate_fn=batch_collate if batched else None,
             persistent_workers=bool(self.num_workers) and not batched,
         )
+
+    def _train_batches(self, dataset: Dataset):
+        """The batch sampler class (or a factory taking the same arguments) of training batches."""
+        if self.sampler != "pk":
+            return EveryImageOnceBatchSampler
+        labels = dataset.labels.tolist() if isinstance(dataset.labels, torch.Tensor) else list(dataset.labels)
+
+        def pk(sampler, batch_size: int, drop_last: bool = False) -> PKBatchSampler:
+            return PKBatchSampler(sampler, batch_size, drop_last, labels=labels, identities=self.pk_identities,
+                                  images=self.pk_images)
+
+        return pk
 
     def train_dataloader(self):
         self._check_shareable(self.train_set)

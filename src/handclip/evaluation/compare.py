@@ -42,6 +42,8 @@ class ScoreOptions:
     calibration_dir: Path | None = None
     #: Also score the runs after re-ranking (rows of their own, transductive).
     rerank: Rerank | None = None
+    #: Test-time augmentation of checkpoints (``eval.tta``): None keeps each checkpoint's own.
+    tta: str | None = None
 
 
 def _score(encoder: ImageEncoder, data_for: DataFor, hand: str, options: ScoreOptions,
@@ -85,7 +87,7 @@ def score_checkpoint(ckpt_path: Path, hand: str, data_for: DataFor, options: Sco
             f"checkpoint {ckpt_path} was trained on hand type {meta['hand']!r}, not {hand!r}; "
             f"pass hand={meta['hand']}, or allow_hand_mismatch=true to score it on {hand!r} anyway"
         )
-    module = load_module(ckpt_path)
+    module = load_module(ckpt_path, tta=options.tta)
     # The sidecar belongs to the hand type the checkpoint was trained on: written only when scoring that one.
     path = sidecar_path(ckpt_path) if meta["hand"] == hand else None
     result = _score(module.encoder, data_for, hand, options, calibration_path=path, checkpoint=ckpt_path)

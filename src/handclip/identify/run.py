@@ -40,14 +40,15 @@ log = logging.getLogger(__name__)
 
 def load_model(cfg: DictConfig) -> tuple[ImageEncoder, ModelInfo, dict]:
     """The image encoder to use, what names it (for the index), and its checkpoint metadata (empty: zero-shot)."""
+    tta = (cfg.get("eval") or {}).get("tta")  # null: the checkpoint's own (none for the zero-shot model)
     if cfg.ckpt_path:
         ckpt = Path(str(cfg.ckpt_path)).expanduser().resolve()
         meta = read_checkpoint_meta(ckpt)
-        encoder = load_module(ckpt).encoder
+        encoder = load_module(ckpt, tta=tta).encoder
         key = {"checkpoint": str(ckpt), "model_name": meta["model_name"]}
     else:
         torch.manual_seed(cfg.seed)  # random-weight models (tests, the demo) come out as in `eval`
-        encoder = zero_shot_encoder(cfg.model.model_name, cfg.model.pretrained, cfg.model.cache_dir)
+        encoder = zero_shot_encoder(cfg.model.model_name, cfg.model.pretrained, cfg.model.cache_dir, tta=tta)
         meta, key = {}, {"zero_shot": cfg.model.model_name, "pretrained": cfg.model.pretrained}
     return encoder.eval(), ModelInfo(key=key, fingerprint=encoder_fingerprint(encoder)), meta
 

@@ -66,24 +66,34 @@ def read_epochs_trained(path: str | Path) -> int:
         return int(ckpt.get("epoch", -1)) + 1
 
 
-def load_module(path: str | Path, map_location: str | torch.device = "cpu"):
+#: Recipe hyperparameters a checkpoint may hold (older ones hold none: the module's defaults then apply).
+RECIPE_KEYS = ("neck", "neck_feature", "label_smoothing", "triplet_margin", "triplet_weight", "triplet_soft",
+               "warmup_epochs", "head_lr", "tta")
+
+
+def load_module(path: str | Path, map_location: str | torch.device = "cpu", tta: str | None = None):
     """The fine-tuned HandCLIPModule of a checkpoint (architecture rebuilt without downloading weights).
 
     The image tower gets the preprocessing stored in the checkpoint (older checkpoints: open_clip's for the
-    model and pretrained source, as they were trained with).
+    model and pretrained source, as they were trained with), and the recipe it was trained with (BNNeck and its
+    test feature, test-time augmentation). ``tta``: another test-time augmentation than the checkpoint's own.
     """
     path = Path(path)
     ckpt = _load(path)
     meta = _meta(ckpt, path)
+    recipe = {key: meta[key] for key in RECIPE_KEYS if key in meta}
+    if tta is not None:
+        recipe["tta"] = tta
     # The checkpoint holds every weight that is used: build the architecture without fetching pretrained ones.
     module = HandCLIPModule(
         classes=meta["classes"], hand=meta["hand"], model_name=meta["model_name"], pretrained=meta.get("pretrained"),
-        lr=meta.get("lr", 1e-5), weight_decay=meta.get("weight_decay", 0.01), load_pretrained=False,
+        lr=meta.get("lr", 1e-5), weight_decay=meta.get("weight_decay", 0.01), load_pretrained=False, **recipe,
     )
     state = upgrade_state_dict(ckpt["state_dict"])
     stored = preprocess_from_meta(meta["preprocess"])
     if stored is not None and stored != module.encoder.preprocess:
-        module.encoder = ImageEncoder(module.encoder.visual, stored)
+        old = module.encoder
+        module.encoder = ImageEncoder(old.visual, stored, neck=old.neck, feature=old.feature, tta=old.tta)
     try:
         module.load_state_dict(state)
     except RuntimeError as err:

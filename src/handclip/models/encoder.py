@@ -3,6 +3,10 @@
 As in open_clip, preprocessing is carried by the model: the encoder holds its ``PreprocessCfg`` (resize,
 crop, mean, std), data loading receives the geometric part of it, and the encoder applies the arithmetic
 part (:class:`Normalizer`) on its own device. Evaluation scores any object with ``embed``.
+
+``embed`` is the *test-time* embedding, the one every path uses (eval, calibration, identify, every export):
+the tower's output, optionally averaged with that of the mirrored photo (``tta="flip"``) and optionally taken
+after the BNNeck (``feature="after"``). Training uses :meth:`ImageEncoder.features` (the tower alone).
 """
 
 from __future__ import annotations
@@ -12,8 +16,22 @@ from collections.abc import Sequence
 import torch
 from open_clip.transform import PreprocessCfg
 from torch import nn
+from torch.nn import functional as F
 
+from handclip.errors import HandCLIPError
 from handclip.models.clip import create_clip, preprocess_config
+
+#: Test-time augmentation of ``embed``: none, or the mean of a photo's and its mirror's embeddings.
+TTA_MODES = ("none", "flip")
+#: Which feature ``embed`` returns when the encoder has a BNNeck: before BN (CLIP-ReID, the default) or after.
+NECK_FEATURES = ("before", "after")
+
+
+def check_choice(setting: str, value, choices: tuple[str, ...]) -> str:
+    """``value`` when it is one of ``choices``, else an error naming the setting."""
+    if value not in choices:
+        raise HandCLIPError(f"{setting} must be one of {', '.join(choices)}, got {value!r}")
+    return str(value)
 
 
 class Normalizer(nn.Module):
@@ -31,14 +49,47 @@ class Normalizer(nn.Module):
         return images.sub(self.mean).div(self.std)
 
 
-class ImageEncoder(nn.Module):
-    """An image tower and its preprocessing. ``embed`` takes uint8 crops (``N x 3 x H x W``)."""
+class BNNeck(nn.BatchNorm1d):
+    """The bag-of-tricks BNNeck: BatchNorm between the embedding and the classifier, its shift frozen at 0 (as in
+    BoT and CLIP-ReID). A training batch of one image (the short last batch of an epoch) is normalised with the
+    running statistics instead of failing."""
 
-    def __init__(self, visual: nn.Module, preprocess: PreprocessCfg):
+    def __init__(self, width: int):
+        super().__init__(width)
+        self.bias.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
+
+
+class ImageEncoder(nn.Module):
+    """An image tower and its preprocessing. ``embed`` takes uint8 crops (``N x 3 x H x W``).
+
+    ``neck``: a :class:`BNNeck` (or None), ``feature``: which feature ``embed`` returns with a neck (before or
+    after it), ``tta``: "flip" averages the embeddings of each photo and its mirror image.
+    """
+
+    def __init__(self, visual: nn.Module, preprocess: PreprocessCfg, neck: nn.Module | None = None,
+                 feature: str = "before", tta: str = "none"):
         super().__init__()
         self.visual = visual
         self.preprocess = preprocess
         self.normalize = Normalizer(preprocess.mean, preprocess.std)
+        self.neck = neck
+        self.feature = check_choice("model.neck_feature", feature, NECK_FEATURES)
+        self.tta = check_choice("eval.tta", tta, TTA_MODES)
+
+    def embedding_settings(self) -> dict[str, str]:
+        """What decides ``embed`` besides the weights, where it differs from the plain tower output (empty for
+        the default encoder): ``{"tta": "flip"}``, ``{"feature": "after"}``."""
+        settings = {}
+        if self.tta != "none":
+            settings["tta"] = self.tta
+        if self.neck is not None and self.feature != "before":
+            settings["feature"] = self.feature
+        return settings
 
     @property
     def output_dim(self) -> int:
@@ -54,17 +105,31 @@ class ImageEncoder(nn.Module):
         self.visual.compile(**options)
         self._dynamic_batch = True
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Image-tower embeddings (not normalised) of a batch of uint8 crops."""
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Image-tower outputs (not normalised) of a batch of uint8 crops: what training uses."""
         images = self.normalize(images)
         if getattr(self, "_dynamic_batch", False):
             torch._dynamo.maybe_mark_dynamic(images, 0)
         return self.visual(images)
 
+    def embed(self, images: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Test-time embeddings (not normalised) of a batch of uint8 crops: the tower's output, averaged with that
+        of the mirrored crops when ``tta="flip"``, after the BNNeck when ``feature="after"``. ``features``: the
+        tower's output for ``images`` when already computed. Without neck and TTA, exactly :meth:`features`."""
+        if features is None:
+            features = self.features(images)
+        if self.tta == "flip":
+            features = (features + self.features(images.flip(-1))) / 2
+        if self.neck is not None and self.feature == "after":
+            features = self.neck(features)
+        return features
+
     forward = embed
 
 
-def zero_shot_encoder(model_name: str, pretrained: str | None, cache_dir: str | None = None) -> ImageEncoder:
-    """The image tower of a (pretrained) open_clip model, untouched by HandCLIP; the text tower is dropped."""
+def zero_shot_encoder(model_name: str, pretrained: str | None, cache_dir: str | None = None,
+                      tta: str | None = None) -> ImageEncoder:
+    """The image tower of a (pretrained) open_clip model, untouched by HandCLIP; the text tower is dropped.
+    ``tta``: test-time augmentation (None: none)."""
     clip = create_clip(model_name, pretrained, cache_dir)
-    return ImageEncoder(clip.visual, preprocess_config(model_name, pretrained)).eval()
+    return ImageEncoder(clip.visual, preprocess_config(model_name, pretrained), tta=tta or "none").eval()

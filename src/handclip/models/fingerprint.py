@@ -24,10 +24,18 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 def encoder_fingerprint(encoder: ImageEncoder) -> str:
-    """sha256 (hex, 20 characters) of the preprocessing settings and every weight of the image tower."""
+    """sha256 (hex, 20 characters) of the preprocessing settings and every weight of the image tower; and, when
+    they change the embeddings, of the test-time settings (flip TTA) and the BNNeck (post-BN test feature). The
+    default encoder's fingerprint is what it was before these options existed."""
     digest = hashlib.sha256()
     digest.update(json.dumps(dataclasses.asdict(encoder.preprocess), sort_keys=True, default=str).encode())
-    for name, tensor in sorted(encoder.visual.state_dict().items()):
+    state = dict(encoder.visual.state_dict())
+    settings = encoder.embedding_settings()
+    if settings:
+        digest.update(json.dumps(settings, sort_keys=True).encode())
+        if "feature" in settings:
+            state.update({f"neck.{k}": v for k, v in encoder.neck.state_dict().items()})
+    for name, tensor in sorted(state.items()):
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(_tensor_bytes(tensor))
     return digest.hexdigest()[:20]

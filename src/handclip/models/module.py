@@ -1,4 +1,10 @@
-"""The HandCLIP LightningModule: an image encoder (CLIP's image tower) plus a linear identity classifier."""
+"""The HandCLIP LightningModule: an image encoder (CLIP's image tower) plus a linear identity classifier.
+
+The default recipe is cross-entropy with AdamW and no scheduler. Opt-in recipe options (README, "Recipes"): a
+BNNeck between embedding and classifier (``neck="bnneck"``), label smoothing, a batch-hard triplet loss
+(``triplet_margin``; with ``data.sampler=pk``), a linear warm-up (``warmup_epochs``), a separate head lr
+(``head_lr``) and flip test-time augmentation (``tta``, carried by the encoder).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +19,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from handclip.errors import HandCLIPError
 from handclip.metrics import compute_reid_metrics
 from handclip.models.clip import create_clip, freeze_text_tower, preprocess_config
-from handclip.models.encoder import ImageEncoder
+from handclip.models.encoder import BNNeck, ImageEncoder, check_choice
+from handclip.models.losses import batch_hard_triplet_loss
 from handclip.models.metadata import META_KEY, checkpoint_metadata
 from handclip.models.migrate import upgrade_state_dict
 
@@ -34,6 +41,16 @@ def _number(setting: str, value, positive: bool = False) -> float:
     if not math.isfinite(number) or number < 0 or (positive and number == 0):
         raise HandCLIPError(f"{setting} must be a {'positive' if positive else 'non-negative'} number, got {value!r}")
     return number
+
+
+#: The neck between embedding and classifier: none (the default) or the bag-of-tricks BNNeck.
+NECKS = ("none", "bnneck")
+#: The warm-up starts at this fraction of the lr and rises linearly to it (CLIP-ReID's warm-up factor 0.1).
+WARMUP_START_FACTOR = 0.1
+
+
+def _optional_number(setting: str, value, positive: bool = False) -> float | None:
+    return None if value is None else _number(setting, value, positive)
 
 
 #: Param-group settings that choose how AdamW runs on this device, not what it computes.
@@ -80,13 +97,35 @@ class HandCLIPModule(pl.LightningModule):
         weight_decay: float = 0.01,
         compile: bool = False,
         load_pretrained: bool = True,
+        neck: str = "none",
+        neck_feature: str = "before",
+        label_smoothing: float = 0.0,
+        triplet_margin: float | None = None,
+        triplet_weight: float = 1.0,
+        triplet_soft: bool = False,
+        warmup_epochs: float = 0,
+        head_lr: float | None = None,
+        tta: str = "none",
     ):
         """``load_pretrained=False`` builds the architecture without fetching ``pretrained`` (whose
         preprocessing is still used): for weights that come from a checkpoint, e.g.
-        ``HandCLIPModule.load_from_checkpoint(path, load_pretrained=False)``."""
+        ``HandCLIPModule.load_from_checkpoint(path, load_pretrained=False)``.
+
+        Recipe options (all off by default): ``neck="bnneck"`` (``neck_feature``: the test feature, "before" or
+        "after" the BN), ``label_smoothing`` (cross-entropy's), ``triplet_margin`` (a batch-hard triplet loss on
+        the tower's features, added with ``triplet_weight``; ``triplet_soft``: soft margin), ``warmup_epochs``
+        (linear warm-up of every lr, per step), ``head_lr`` (the classifier's and neck's lr), ``tta`` ("flip")."""
         super().__init__()
         classes = [str(c) for c in classes]
         lr, weight_decay = _number("model.lr", lr, positive=True), _number("model.weight_decay", weight_decay)
+        neck = check_choice("model.neck", neck, NECKS)
+        label_smoothing = _number("model.label_smoothing", label_smoothing)
+        if label_smoothing >= 1:
+            raise HandCLIPError(f"model.label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        triplet_margin = _optional_number("model.triplet_margin", triplet_margin)
+        triplet_weight = _number("model.triplet_weight", triplet_weight)
+        warmup_epochs = _number("model.warmup_epochs", warmup_epochs)
+        head_lr = _optional_number("model.head_lr", head_lr, positive=True)
         if len(classes) < 2:
             raise HandCLIPError(f"need at least 2 training identities, got {len(classes)}")
         # Plain values only: checkpoints load with torch's weights_only unpickler.
@@ -100,14 +139,27 @@ class HandCLIPModule(pl.LightningModule):
                 "lr": float(lr),
                 "weight_decay": float(weight_decay),
                 "compile": bool(compile),
+                "neck": neck,
+                "neck_feature": str(neck_feature),
+                "label_smoothing": label_smoothing,
+                "triplet_margin": triplet_margin,
+                "triplet_weight": triplet_weight,
+                "triplet_soft": bool(triplet_soft),
+                "warmup_epochs": warmup_epochs,
+                "head_lr": head_lr,
+                "tta": str(tta),
             }
         )
         clip = create_clip(model_name, pretrained if load_pretrained else None, cache_dir)
         freeze_text_tower(clip)
-        self.encoder = ImageEncoder(clip.visual, preprocess_config(model_name, pretrained))
+        visual = clip.visual
+        width = ImageEncoder(visual, preprocess_config(model_name, pretrained)).output_dim
+        self.encoder = ImageEncoder(visual, preprocess_config(model_name, pretrained),
+                                    neck=BNNeck(width) if neck == "bnneck" else None, feature=neck_feature, tta=tta)
         self.__dict__["_clip"] = clip  # not a submodule on purpose (see the class docstring)
-        self.head = nn.Linear(self.encoder.output_dim, len(classes))
-        self.loss_fn = nn.CrossEntropyLoss()
+        # BNNeck: the classifier has no bias (BoT)
+        self.head = nn.Linear(width, len(classes), bias=neck != "bnneck")
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         # validate_args=False: the argument checks read the labels on the host (a sync every step)
         self.train_acc = MulticlassAccuracy(num_classes=len(classes), average="micro", validate_args=False)
         if compile:
@@ -127,13 +179,26 @@ class HandCLIPModule(pl.LightningModule):
     # -- forward -------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Identity logits of a batch of uint8 crops."""
-        return self.head(self.encoder.embed(images))
+        return self.classify(self.encoder.features(images))
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Identity logits of the tower's features (through the BNNeck when there is one)."""
+        neck = self.encoder.neck
+        return self.head(features if neck is None else neck(features))
 
     # -- training ------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        logits = self(images)
+        if self.hparams.get("triplet_margin") is None:
+            logits = self(images)
+        else:  # the triplet loss takes the tower's features: computed once for both losses
+            features = self.encoder.features(images)
+            logits = self.classify(features)
         loss = self.loss_fn(logits, labels)
+        if self.hparams.get("triplet_margin") is not None:
+            triplet = batch_hard_triplet_loss(features, labels, self.hparams.triplet_margin, self.hparams.triplet_soft)
+            self.log("train/triplet", triplet, on_step=False, on_epoch=True, batch_size=len(labels), sync_dist=True)
+            loss = loss + self.hparams.triplet_weight * triplet
         # No host sync per step: the losses are checked for NaN/inf every NONFINITE_CHECK_EVERY steps, before
         # each validation and at each epoch end (before any checkpoint of that epoch is written).
         self._unchecked_losses.append((loss.detach(), self.global_step, self.current_epoch, batch_idx))
@@ -172,12 +237,31 @@ class HandCLIPModule(pl.LightningModule):
     def on_train_end(self) -> None:
         self.check_losses_finite()
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for p in self.encoder.parameters() if p.requires_grad] + list(self.head.parameters())
+    def configure_optimizers(self):
+        """AdamW over the image tower, the neck and the head; no scheduler unless a warm-up is asked for (then a
+        per-step linear one from ``WARMUP_START_FACTOR`` x lr). With ``head_lr``, the head and the neck form a
+        second parameter group with that lr."""
+        tower = [p for p in self.encoder.visual.parameters() if p.requires_grad]
+        in_tower = {id(p) for p in self.encoder.visual.parameters()}
+        added = [p for p in self.encoder.parameters() if p.requires_grad and id(p) not in in_tower]
+        added += [p for p in self.head.parameters() if p.requires_grad]
+        head_lr = self.hparams.get("head_lr")
+        params = tower + added if head_lr is None else [{"params": tower}, {"params": added, "lr": head_lr}]
         optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
                                       **adamw_implementation(self.device))
         optimizer.register_load_state_dict_pre_hook(_keep_implementation)
-        return optimizer
+        if not self.hparams.get("warmup_epochs"):
+            return optimizer
+        warmup_steps = max(1, round(self.hparams.warmup_epochs * self._steps_per_epoch()))
+        warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=WARMUP_START_FACTOR, end_factor=1.0,
+                                                   total_iters=warmup_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+
+    def _steps_per_epoch(self) -> float:
+        trainer = self._trainer
+        if trainer is None or not trainer.max_epochs or trainer.max_epochs < 1:
+            return 1.0
+        return max(1.0, trainer.estimated_stepping_batches / trainer.max_epochs)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -209,7 +293,11 @@ class HandCLIPModule(pl.LightningModule):
         else:  # one process, in order: positions
             start = sum(len(o[1]) for o in outputs)
             index = torch.arange(start, start + len(labels), device=labels.device)
-        outputs.append((self.encoder.embed(images).detach().float(), labels, index))
+        features = self.encoder.features(images)
+        embedding = self.encoder.embed(images, features=features)
+        # the classifier's input is kept for val/loss when the test embedding differs from it (TTA, post-BN)
+        extra = (features.detach().float(),) if dataloader_idx == 0 and embedding is not features else ()
+        outputs.append((embedding.detach().float(), labels, index, *extra))
 
     def _world_size(self) -> int:
         trainer = self._attached_trainer()
@@ -222,24 +310,25 @@ class HandCLIPModule(pl.LightningModule):
         except RuntimeError:
             return None
 
-    def _gathered(self, outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
-        """(embeddings, labels) of every process, in dataset order, each dataset index once."""
-        embeddings, labels, index = (torch.cat(t) for t in zip(*outputs))
+    def _gathered(self, outputs: list[tuple[torch.Tensor, ...]]):
+        """(embeddings, labels[, classifier inputs]) of every process, in dataset order, each dataset index once."""
+        embeddings, labels, index, *extra = (torch.cat(t) for t in zip(*outputs))
         if self._world_size() > 1:
-            embeddings, labels, index = (self.all_gather(t).flatten(0, 1) for t in (embeddings, labels, index))
+            embeddings, labels, index, *extra = (self.all_gather(t).flatten(0, 1)
+                                                 for t in (embeddings, labels, index, *extra))
         index, order = torch.sort(index, stable=True)
         first = torch.ones_like(index, dtype=torch.bool)
         first[1:] = index[1:] != index[:-1]
         order = order[first]
-        return embeddings[order], labels[order]
+        return (embeddings[order], labels[order], *(t[order] for t in extra))
 
     def on_validation_epoch_end(self) -> None:
         outputs, self._val_outputs = self._val_outputs, {}
         if not outputs.get(0) or not outputs.get(1):
             return
-        query, query_labels = self._gathered(outputs[0])
-        gallery, gallery_labels = self._gathered(outputs[1])
-        logits = self.head(query)
+        query, query_labels, *classifier_input = self._gathered(outputs[0])
+        gallery, gallery_labels, *_ = self._gathered(outputs[1])
+        logits = self.classify(classifier_input[0] if classifier_input else query)
         rank1 = compute_reid_metrics(query, query_labels, gallery, gallery_labels, ranks=(1,))["rank1"]
         log = {"add_dataloader_idx": False}
         self.log("val/loss", self.loss_fn(logits, query_labels), prog_bar=True, **log)

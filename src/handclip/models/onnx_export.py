@@ -1,6 +1,7 @@
 """The image tower as an ONNX model (optional extra: ``pip install -e ".[onnx]"``), checked against PyTorch.
 
-The exported graph is :meth:`ImageEncoder.embed`: input ``images``, uint8 ``(batch, 3, H, W)`` crops made by
+The exported graph is :meth:`ImageEncoder.embed` (with its flip TTA and BNNeck test feature, when set): input
+``images``, uint8 ``(batch, 3, H, W)`` crops made by
 open_clip's resize + center crop (``H = W = 224`` for ViT-B/32); the normalisation by open_clip's mean and
 std is inside the graph. Output ``embedding``: ``(batch, D)`` image-tower embeddings, not normalised
 (divide by their L2 norm before comparing with cosine similarity). The preprocessing settings and the
@@ -67,6 +68,8 @@ def export_onnx(encoder: ImageEncoder, out: str | Path, metadata: dict | None = 
         props = {"producer": "handclip", "input": "uint8 (batch, 3, H, W) resized + center-cropped crops",
                  "output": "image-tower embedding (not L2-normalised)",
                  "preprocess": json.dumps(dataclasses.asdict(encoder.preprocess), default=str),
+                 # in the graph: flip TTA (mean with the mirrored crop), the post-BNNeck feature
+                 **({"embedding": json.dumps(encoder.embedding_settings())} if encoder.embedding_settings() else {}),
                  **{k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}}
         onnx.helper.set_model_props(model, props)
         onnx.save(model, str(tmp))

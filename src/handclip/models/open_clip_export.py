@@ -4,7 +4,10 @@ HandCLIP checkpoints hold only what training changes (the image tower and the he
 whole open_clip model from the checkpoint's ``pretrained`` source (the text tower, logit scale and everything
 else HandCLIP never trains), puts the fine-tuned image tower into it and writes its state dict as
 ``.safetensors``, which ``open_clip.create_model(model_name, pretrained=<file>)`` loads. The classifier head is
-not part of it (open_clip has no place for it; it scores only the training identities).
+not part of it (open_clip has no place for it; it scores only the training identities). Neither is a BNNeck:
+a checkpoint whose test feature is the one after the BN (``model.neck_feature=after``) is refused, one with the
+default pre-BN feature exports its tower as is. Flip test-time augmentation is recorded in the file's metadata
+(``tta``): a user of the open_clip model averages a photo's and its mirror's embeddings.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 import handclip
+from handclip.errors import HandCLIPError
 from handclip.models.checkpoint import load_module, read_checkpoint_meta
 from handclip.models.clip import create_clip, uses_pretrained_weights
 from handclip.utils.files import check_output_file, write_file
@@ -49,11 +53,19 @@ def export_open_clip(ckpt_path: str | Path, out: str | Path | None = None, pretr
     out = check_output_file(out or default_output(ckpt_path), overwrite, (".safetensors",))
     source = pretrained if pretrained is not None else meta.get("pretrained")
     module = load_module(ckpt_path)
+    if module.encoder.embedding_settings().get("feature") == "after":
+        raise HandCLIPError(f"checkpoint {str(ckpt_path)!r} embeds after its BNNeck (model.neck_feature=after), "
+                            "which an open_clip model has no place for; export format=onnx or format=embeddings")
     clip = create_clip(meta["model_name"], source, cache_dir or meta.get("cache_dir"))
     if not uses_pretrained_weights(source):
         log.warning("the text tower of %s is randomly initialised (pretrained=%r): only the image tower is trained",
                     meta["model_name"], source)
     state = open_clip_state_dict(module.encoder.visual, clip)
     metadata = {"format": "pt", "model_name": meta["model_name"], "text_tower": str(source), "hand": meta["hand"],
-                "handclip_version": handclip.__version__, "source_checkpoint": str(ckpt_path.resolve())}
+                "handclip_version": handclip.__version__, "source_checkpoint": str(ckpt_path.resolve()),
+                "tta": module.encoder.tta}
+    if module.encoder.tta != "none":
+        log.warning("%s was evaluated with test-time augmentation tta=%s; the open_clip model embeds one image: "
+                    "average a photo's and its mirror's embeddings to get the same figures", ckpt_path,
+                    module.encoder.tta)
     return write_file(out, overwrite, lambda tmp: save_file(state, str(tmp), metadata=metadata), "export")
