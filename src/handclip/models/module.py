@@ -258,7 +258,7 @@ class HandCLIPModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
     def _steps_per_epoch(self) -> float:
-        trainer = self._trainer
+        trainer = self._attached_trainer()
         if trainer is None or not trainer.max_epochs or trainer.max_epochs < 1:
             return 1.0
         return max(1.0, trainer.estimated_stepping_batches / trainer.max_epochs)
