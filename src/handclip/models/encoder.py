@@ -13,26 +13,56 @@ import torch
 from open_clip.transform import PreprocessCfg
 from torch import nn
 
-from handclip.models.clip import create_clip, preprocess_config
+from handclip.errors import HandCLIPError
+from handclip.models.clip import load_image_tower, preprocess_config
+
+
+def pixels_to_unit(images: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """uint8 pixels, or float pixels in ``[0, scale]`` -> float32 in ``[0, 1]``, as open_clip's ``ToTensor`` gives.
+
+    A float tensor's range cannot be guessed (``[0, 1]``, ``[0, 255]``, or open_clip's ``preprocess()`` output, which
+    is already normalised): float input needs its ``scale`` (1.0 or 255.0), and values outside ``[0, scale]`` are
+    refused, so that normalised tensors are never normalised a second time.
+    """
+    if images.dtype == torch.uint8:
+        if scale not in (None, 255, 255.0):
+            raise HandCLIPError(f"uint8 images are pixel values in [0, 255]; scale={scale!r} does not apply to them")
+        return images.to(torch.float32).div(255)
+    if not images.is_floating_point():
+        raise HandCLIPError(f"images must be uint8 or float tensors, got {images.dtype}")
+    if scale is None:
+        raise HandCLIPError("float images need their range: embed(images, scale=1.0) for values in [0, 1], "
+                            "scale=255.0 for [0, 255] (uint8 tensors, PIL images and files need none; open_clip's "
+                            "preprocess() output is already normalised: use embed_normalized)")
+    scale = float(scale)
+    if not scale > 0:
+        raise HandCLIPError(f"scale must be a positive number (the largest pixel value), got {scale!r}")
+    lo, hi = (float(v) for v in torch.aminmax(images.detach()))
+    if lo < 0 or hi > scale * (1 + 1e-6):
+        raise HandCLIPError(f"float images with scale={scale:g} must lie in [0, {scale:g}], these span "
+                            f"[{lo:.3g}, {hi:.3g}]; open_clip's preprocess() output is already normalised: use "
+                            "embed_normalized")
+    images = images.to(torch.float32)
+    return images if scale == 1.0 else images.div(scale)
 
 
 class Normalizer(nn.Module):
-    """uint8 (or float in [0, 255]) batches -> open_clip's normalised float batches, on any device."""
+    """uint8 batches (or float ones with their ``scale``) -> open_clip's normalised float batches, on any device."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dtype == torch.uint8:
-            images = images.to(torch.float32).div(255)
+    def forward(self, images: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        images = pixels_to_unit(images, scale)
         # Same operations, in the same order, as ToTensor + torchvision's Normalize: bit-identical.
         return images.sub(self.mean).div(self.std)
 
 
 class ImageEncoder(nn.Module):
-    """An image tower and its preprocessing. ``embed`` takes uint8 crops (``N x 3 x H x W``)."""
+    """An image tower and its preprocessing. ``embed`` takes uint8 crops (``N x 3 x H x W``), or float ones with
+    their ``scale``; ``embed_normalized`` takes crops already normalised (open_clip's ``preprocess()`` output)."""
 
     def __init__(self, visual: nn.Module, preprocess: PreprocessCfg):
         super().__init__()
@@ -54,17 +84,21 @@ class ImageEncoder(nn.Module):
         self.visual.compile(**options)
         self._dynamic_batch = True
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Image-tower embeddings (not normalised) of a batch of uint8 crops."""
-        images = self.normalize(images)
+    def embed(self, images: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        """Image-tower embeddings (not L2-normalised) of a batch of uint8 crops (float crops: in ``[0, scale]``)."""
+        return self.embed_normalized(self.normalize(images, scale))
+
+    def embed_normalized(self, images: torch.Tensor) -> torch.Tensor:
+        """Image-tower embeddings of crops normalised by the model's mean and std (open_clip's ``preprocess()``)."""
         if getattr(self, "_dynamic_batch", False):
             torch._dynamo.maybe_mark_dynamic(images, 0)
         return self.visual(images)
 
-    forward = embed
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embed(images)
 
 
 def zero_shot_encoder(model_name: str, pretrained: str | None, cache_dir: str | None = None) -> ImageEncoder:
-    """The image tower of a (pretrained) open_clip model, untouched by HandCLIP; the text tower is dropped."""
-    clip = create_clip(model_name, pretrained, cache_dir)
-    return ImageEncoder(clip.visual, preprocess_config(model_name, pretrained)).eval()
+    """The image tower of a (pretrained) open_clip model, untouched by HandCLIP; the text tower is never built."""
+    tower = load_image_tower(model_name, pretrained, cache_dir)
+    return ImageEncoder(tower, preprocess_config(model_name, pretrained)).eval()
