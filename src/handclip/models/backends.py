@@ -25,14 +25,14 @@ import torch.nn.functional as F
 
 from handclip.errors import HandCLIPError
 from handclip.models.encoder import ImageEncoder
+from handclip.schema import BACKEND_CHOICES, INFERENCE_BACKENDS, check_backend
 from handclip.utils.devices import cpu_has_bf16, usable_cpus
 from handclip.utils.files import atomic_write, temp_path
 from handclip.utils.locks import exclusive_lock
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "torch-bf16", "onnx", "onnx-int8")
-CHOICES = (*BACKENDS, "auto")
+BACKENDS, CHOICES = INFERENCE_BACKENDS, BACKEND_CHOICES
 #: The lowest cosine (embedding vs torch fp32's, over the check images) each backend must reach to be used.
 AGREEMENT_GOAL = {"torch": 1.0, "torch-bf16": 0.99, "onnx": 0.9999, "onnx-int8": 0.99}
 #: ``backend=auto`` on a CPU: fastest first, as measured by ``python -m handclip.bench bench.parts=[inference]``.
@@ -145,7 +145,7 @@ def _build_onnx(encoder: ImageEncoder, backend: str, target: Path, fingerprint: 
         return
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    source = cached_graph(encoder, "onnx", fingerprint, cache_dir)[0]
+    source = _graph(encoder, "onnx", fingerprint, cache_dir)[0]  # the fp32 graph, under the lock already held
     tmp = temp_path(target.parent, target.name)
     try:
         quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8)
@@ -157,19 +157,24 @@ def _build_onnx(encoder: ImageEncoder, backend: str, target: Path, fingerprint: 
 def cached_graph(encoder: ImageEncoder, backend: str, fingerprint: str, cache_dir: Path) -> tuple[Path, dict]:
     """The ONNX graph of ``backend`` for this model and its agreement with torch fp32: built (and measured) on the
     first call, read from ``cache_dir`` afterwards. Concurrent processes build it once (a lock per model)."""
+    folder = cache_dir / fingerprint
+    folder.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(folder / ".lock"):
+        return _graph(encoder, backend, fingerprint, cache_dir)
+
+
+def _graph(encoder: ImageEncoder, backend: str, fingerprint: str, cache_dir: Path) -> tuple[Path, dict]:
     graph, report = _paths(cache_dir, fingerprint, backend)
-    graph.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(graph.parent / ".lock"):
-        if not graph.is_file():
-            log.info("building the %s graph of model %s in %s (once)", backend, fingerprint, graph.parent)
-            report.unlink(missing_ok=True)
-            _build_onnx(encoder, backend, graph, fingerprint, cache_dir)
-        if report.is_file():
-            return graph, json.loads(report.read_text())
-        measured = agreement(OnnxEmbedder(encoder, graph, backend), encoder, check_images(encoder))
-        atomic_write(report, json.dumps({**measured, "fingerprint": fingerprint, "backend": backend}, indent=1),
-                     durable=False)
-        return graph, measured
+    if not graph.is_file():
+        log.info("building the %s graph of model %s in %s (once)", backend, fingerprint, graph.parent)
+        report.unlink(missing_ok=True)
+        _build_onnx(encoder, backend, graph, fingerprint, cache_dir)
+    if report.is_file():
+        return graph, json.loads(report.read_text())["agreement"]
+    measured = agreement(OnnxEmbedder(encoder, graph, backend), encoder, check_images(encoder))
+    atomic_write(report, json.dumps({"agreement": measured, "fingerprint": fingerprint, "backend": backend},
+                                    indent=1), durable=False)
+    return graph, measured
 
 
 def _check_agreement(backend: str, measured: dict, fingerprint: str) -> None:
@@ -184,8 +189,7 @@ def make_embedder(encoder: ImageEncoder, backend: str = "torch", device: torch.d
                   fingerprint: str | None = None, cache_dir: str | Path | None = None) -> Embedder:
     """The embedder of ``backend`` (one of :data:`CHOICES`) for ``encoder`` on ``device``, its agreement checked."""
     device = torch.device(device)
-    if backend not in CHOICES:
-        raise HandCLIPError(f"backend={backend!r}: choose one of {', '.join(CHOICES)}")
+    check_backend(backend)
     if backend == "auto":
         return _auto(encoder, device, fingerprint, cache_dir)
     if backend == "torch":
