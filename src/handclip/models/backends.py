@@ -70,8 +70,15 @@ class Embedder:
 
     def __init__(self, encoder: ImageEncoder, device: torch.device):
         self.encoder, self.device = encoder, device
-        self.preprocess, self.output_dim = encoder.preprocess, encoder.output_dim
         self.agreement: dict | None = None
+
+    @property
+    def preprocess(self):
+        return self.encoder.preprocess
+
+    @property
+    def output_dim(self) -> int:
+        return self.encoder.output_dim
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
