@@ -65,6 +65,7 @@ def test_readme_python_api_example_runs_as_written(trained, monkeypatch, capsys,
     monkeypatch.setenv("HANDCLIP_CACHE", str(tmp_path / "cache"))
     exec(compile(readme_example(), "README.md (Python API)", "exec"), {})
     lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4  # the example's own prints: identify's command-line summary is not printed
     assert lines[0].startswith("HandCLIP(") and "'0000000'" in lines[0]  # the model and its training identities
     decision, score, top = lines[-1].split(" ", 2)
     assert decision in ("alice", "bob", "carol", "unknown") and sorted(eval(top)) == ["alice", "bob", "carol"]

@@ -14,6 +14,8 @@ the backends of :mod:`handclip.models.backends`, the one embedding loop of :mod:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -158,7 +160,8 @@ class HandCLIP:
             cfg.update(name=root.name, query=str(query), gallery=str(gallery), index=str(index), top_k=int(top_k),
                        pictures=bool(pictures), overwrite=bool(overwrite), batch_size=int(batch_size),
                        device=str(self.device))
-            result = identify(cfg, loaded=(self.embedder, self.model, self.meta), out_dir=root)
+            with contextlib.redirect_stdout(io.StringIO()):  # the command line's summary: the records are returned
+                result = identify(cfg, loaded=(self.embedder, self.model, self.meta), out_dir=root)
         return result["queries"]
 
 
