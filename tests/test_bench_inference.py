@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from handclip.bench import run_benchmark
 from handclip.bench.inference import fp32_peak_gflops
 from handclip.bench.report import evaluate_goals
+from handclip.bench.run import run_benchmark
 from handclip.config import compose
 
 
