@@ -20,7 +20,7 @@ LAYERS = {
              "handclip.command_line", "handclip.metrics", "handclip.utils"),
     "data": ("handclip.data",),
     "models": ("handclip.models",),
-    "app": ("handclip.evaluation", "handclip.run_folder", "handclip.hydra_callbacks", "handclip.launch",
+    "app": ("handclip.api", "handclip.evaluation", "handclip.run_folder", "handclip.hydra_callbacks", "handclip.launch",
             "handclip.bench", "handclip.identify", "handclip.training"),
     "entry": ("handclip.train", "handclip.eval", "handclip.prepare", "handclip.synth", "handclip.bench.__main__",
               "handclip.identify.__main__", "handclip.export"),

@@ -60,7 +60,7 @@ def test_embeddings_of_a_folder_with_paths_and_identities(folder, tmp_path, suff
 
 
 def test_bad_export_requests(folder, tmp_path):
-    with pytest.raises(HandCLIPError, match="format='pdf': choose one of open_clip, embeddings, onnx"):
+    with pytest.raises(HandCLIPError, match="format='pdf': choose one of open_clip, open_clip_dir, embeddings, onnx"):
         export(export_cfg(tmp_path, "format=pdf"))
     with pytest.raises(HandCLIPError, match="needs images=DIR"):
         export(export_cfg(tmp_path, "format=embeddings", f"out={tmp_path / 'x.npz'}"))

@@ -2,6 +2,7 @@
 
     python -m handclip.export hand=dorsal_right                  # outputs/train/dorsal_right/checkpoints/best.ckpt
     python -m handclip.export ckpt_path=CKPT out=handclip-dorsal-right.safetensors
+    python -m handclip.export format=open_clip_dir ckpt_path=CKPT out=DIR   # open_clip's local-dir: folder
     python -m handclip.export format=embeddings ckpt_path=CKPT images=DIR out=embeddings.npz   # or .safetensors
     python -m handclip.export format=onnx ckpt_path=CKPT out=handclip_image_tower.onnx         # needs .[onnx]
 
@@ -41,20 +42,36 @@ def open_clip(cfg: DictConfig) -> dict:
             "load with": "open_clip.create_model(<model_name as trained>, pretrained=<this file>)"}
 
 
+def open_clip_dir(cfg: DictConfig) -> dict:
+    """open_clip's folder layout (open_clip_config.json + open_clip_model.safetensors): model and transforms."""
+    from handclip.models.open_clip_export import export_open_clip_dir
+    from handclip.run_folder import trained_checkpoint
+
+    if cfg.ckpt_path:
+        ckpt = Path(str(cfg.ckpt_path)).expanduser().resolve()
+    else:
+        ckpt = trained_checkpoint(cfg.paths.output_root, check_hand(cfg.hand.name))
+    out = export_open_clip_dir(ckpt, cfg.out, pretrained=cfg.pretrained, cache_dir=cfg.cache_dir,
+                               overwrite=cfg.overwrite)
+    return {"path": str(out), "checkpoint": str(ckpt),
+            "load with": f"open_clip.create_model_and_transforms('local-dir:{out}')"}
+
+
 def embeddings(cfg: DictConfig) -> dict:
     """Embeddings of every image of a folder, with paths and identities (.npz or .safetensors)."""
     from handclip.identify.embeddings_export import SUFFIXES, export_embeddings, scan_images
-    from handclip.identify.run import load_model
+    from handclip.identify.run import load_embedder
     from handclip.utils.devices import resolve_device
 
     if not cfg.images:
         raise HandCLIPError("format=embeddings needs images=DIR (<identity>/<image> folders or a flat folder)")
     check_output_file(cfg.out, cfg.overwrite, SUFFIXES)  # the output and the images before loading the model
     files = scan_images(cfg.images)
-    encoder, model, _ = load_model(cfg)
-    return export_embeddings(encoder, {**model.key, "fingerprint": model.fingerprint}, cfg.images, cfg.out,
-                             resolve_device(cfg.device), cfg.overwrite, cfg.batch_size, cfg.num_workers, cfg.progress,
-                             files=files)
+    device = resolve_device(cfg.device)
+    embedder, model, _ = load_embedder(cfg, device)
+    info = {**model.key, "fingerprint": model.fingerprint, "backend": embedder.name, "agreement": embedder.agreement}
+    return export_embeddings(embedder, info, cfg.images, cfg.out, device, cfg.overwrite, cfg.batch_size,
+                             cfg.num_workers, cfg.progress, files=files)
 
 
 def onnx(cfg: DictConfig) -> dict:
@@ -71,7 +88,8 @@ def onnx(cfg: DictConfig) -> dict:
 
 
 #: format -> exporter (each takes the composed config and returns a short report with the path written).
-FORMATS: dict[str, Callable[[DictConfig], dict]] = {"open_clip": open_clip, "embeddings": embeddings, "onnx": onnx}
+FORMATS: dict[str, Callable[[DictConfig], dict]] = {"open_clip": open_clip, "open_clip_dir": open_clip_dir,
+                                                    "embeddings": embeddings, "onnx": onnx}
 
 
 def export(cfg: DictConfig) -> dict:

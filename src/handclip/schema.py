@@ -71,6 +71,18 @@ def _in_unit_interval(value: Any) -> None:
         raise HandCLIPError("expected a number in [0, 1)")
 
 
+#: The inference backends (:mod:`handclip.models.backends`), and ``auto``.
+INFERENCE_BACKENDS = ("torch", "torch-bf16", "onnx", "onnx-int8")
+BACKEND_CHOICES = (*INFERENCE_BACKENDS, "auto")
+
+
+def check_backend(name: str) -> str:
+    """``name`` if it is one of :data:`BACKEND_CHOICES`, else one error line listing them."""
+    if name not in BACKEND_CHOICES:
+        raise HandCLIPError(f"backend={name!r}: choose one of {', '.join(BACKEND_CHOICES)}")
+    return name
+
+
 # -- the groups ---------------------------------------------------------------------------------------------------
 @dataclass
 class HandConfig:
@@ -278,6 +290,8 @@ class IdentifySchema(_ModelCommand):
     pictures: bool = MISSING
     print_limit: int = at_least(0)
     device: str = MISSING
+    backend: str = checked_by(check_backend)
+    backend_cache: Optional[str] = MISSING
     batch_size: int = at_least(1)
     num_workers: Optional[int] = at_least(0)
     progress: bool = MISSING
@@ -293,6 +307,8 @@ class ExportSchema(_ModelCommand):
     cache_dir: Optional[str] = MISSING
     images: Optional[str] = MISSING
     device: str = MISSING
+    backend: str = checked_by(check_backend)
+    backend_cache: Optional[str] = MISSING
     batch_size: int = at_least(1)
     num_workers: Optional[int] = at_least(0)
     progress: bool = MISSING

@@ -20,6 +20,8 @@ in the same run on the same machine:
 * ``search.queries_per_s``, ``search.peak_mem_vs_index``, ``search.reuse_*``: exact top-k identity search
   of a batch of queries against a 1M x 512 index, and reopening an unchanged gallery index
   (:mod:`handclip.bench.search`).
+* ``inference.best_vs_torch_b64``, ``inference.best_latency_b1_p50_ms``, ``inference.identify_photos_per_s``: the
+  CPU inference backends against PyTorch eager fp32 (:mod:`handclip.bench.inference`; ``bench.parts=[inference]``).
 * ``checkpoints.run_share``: seconds a default-recipe run on 11k-sized synthetic data spends writing checkpoints
   (on the training thread) / its wall time (:mod:`handclip.bench.checkpoints`).
 

@@ -24,6 +24,11 @@ GOALS = (
     ("rerank.sizes.20k.peak_rss_gib", "<=", 8.0, "peak host memory of re-ranking N = 20,000 (GiB)"),
     ("rerank.vs_straightforward.speedup", ">=", 5.0, "straightforward dense implementation time / this one's"),
     ("rerank.vs_straightforward.float64_rankings_equal", ">=", 1, "the same rankings as the straightforward one"),
+    ("inference.best_vs_torch_b64", ">=", 2.0,
+     "images/s of the fastest CPU backend that meets its agreement / torch eager fp32, batch 64"),
+    ("inference.best_latency_b1_p50_ms", "<=", 40.0, "batch-1 latency (median ms) of the fastest such backend"),
+    ("inference.identify_photos_per_s", ">=", 40.0,
+     "new 1600x1200 JPEG photos embedded per second, decoding included (identify), best backend"),
 )
 
 #: Goals of a CUDA run only (the training step's speed is a GPU goal).
@@ -160,6 +165,20 @@ def format_table(result: dict) -> str:
             ("checkpoints: share of the run", _fmt(ckpt["run_share"])),
             ("checkpoints: projected share, 50 epochs", _fmt(ckpt["projected_share"])),
         ]
+    for name, entry in ((result.get("inference") or {}).get("backends") or {}).items():
+        if "images_per_s_b64" not in entry:
+            rows.append((f"inference: {name}", (entry.get("skipped") or entry.get("refused", ""))[:80]))
+            continue
+        agree = entry["agreement"]
+        rows.append((f"inference: {name} images/s b64, b1 p50/p95 ms, cosine min, top-1 same",
+                     f"{_fmt(entry['images_per_s_b64'])}, {_fmt(entry['latency_b1_p50_ms'])}/"
+                     f"{_fmt(entry['latency_b1_p95_ms'])}, {agree['cosine_min']:.5f}, "
+                     f"{_fmt(agree.get('top1_same_share'))}"))
+    if (result.get("inference") or {}).get("identify"):
+        inf = result["inference"]
+        rows.append(("inference: identify photos/s (torch / best)",
+                     f"{_fmt(inf['identify']['torch']['photos_per_s'])} / {_fmt(inf['identify_photos_per_s'])} "
+                     f"({inf['best_backend']})"))
     for count, entry in ((result.get("scaling") or {}).get("processes") or {}).items():
         if "skipped" in entry:
             rows.append((f"scaling: {count} process(es)", entry["skipped"]))

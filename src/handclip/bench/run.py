@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from handclip.bench.checkpoints import bench_checkpoints
 from handclip.bench.data import bench_data
 from handclip.bench.eval import bench_eval
+from handclip.bench.inference import bench_inference
 from handclip.bench.machine import cpu_info, device_name, device_slug, slugify
 from handclip.bench.measure import CpuShare
 from handclip.bench.report import evaluate_goals, format_table, result_path, size_label
@@ -111,6 +112,8 @@ def _run(s: dict, device: torch.device, started: float, say: Say) -> dict:
                                                                              say)
         elif part == "rerank":
             result["rerank"], memory["rerank"] = bench_rerank(s["rerank"], device, seed, say)
+        elif part == "inference":  # on the CPU whatever bench.device says: CPU inference is what it measures
+            result["inference"], memory["inference"] = bench_inference(s["inference"], scratch, seed, say)
         elif part == "scaling":  # in processes of its own: no memory figures
             result["scaling"] = bench_scaling(s["scaling"], device, scratch / "scaling", seed, say)
         part_s[part] = round(time.perf_counter() - part_start, 1)

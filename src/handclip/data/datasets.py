@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import BatchSampler, Dataset, RandomSampler, SequentialSampler
 
+from handclip.errors import HandCLIPError
+
 
 class ImageDataset(Dataset):
     """(uint8 crop, label) pairs decoded on the fly from image files."""
@@ -25,6 +27,28 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.loader(self.paths[index]), self.labels[index]
+
+
+class UnreadableTolerantDataset(ImageDataset):
+    """:class:`ImageDataset` over any files, labelled by position: ``(index, crop, None)`` for a file that decodes,
+    ``(index, None, error line)`` for one that does not, so that a bad file does not stop its batch
+    (identify, ``export format=embeddings``, the Python API). Collate with :func:`collate_readable`."""
+
+    def __init__(self, paths: Sequence[Path], loader: Callable[[Path], torch.Tensor]):
+        super().__init__(paths, range(len(paths)), loader)
+
+    def __getitem__(self, index: int):
+        try:
+            return index, self.loader(self.paths[index]), None
+        except HandCLIPError as err:
+            return index, None, str(err)
+
+
+def collate_readable(batch):
+    """``(indices of the decoded files, their crops stacked or None, [(index, error line)] of the others)``."""
+    good = [(i, crop) for i, crop, _ in batch if crop is not None]
+    bad = [(i, err) for i, crop, err in batch if crop is None]
+    return [i for i, _ in good], (torch.stack([c for _, c in good]) if good else None), bad
 
 
 class TensorImageDataset(Dataset):

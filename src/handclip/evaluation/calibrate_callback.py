@@ -8,7 +8,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 
 from handclip.evaluation.calibration import calibrate, sidecar_path, write_calibration
-from handclip.models.checkpoint import load_module
+from handclip.models.checkpoint import load_encoder
 from handclip.training.trackers import log_figures
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class CalibrationCallback(pl.Callback):
         if not self.checkpoint.is_file():
             log.warning("%s not found: the open-set threshold was not calibrated", self.checkpoint)
             return
-        encoder = load_module(self.checkpoint).encoder
+        encoder, _ = load_encoder(self.checkpoint)
         result = calibrate(encoder, datamodule, pl_module.device, self.target_fmr, progress=self.progress)
         path = write_calibration(sidecar_path(self.checkpoint), result, self.checkpoint)
         log.info("open-set threshold %.4f (FMR %g on val against the training identities; TAR %.3f) written to %s",

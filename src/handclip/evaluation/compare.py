@@ -17,7 +17,7 @@ from handclip.evaluation.report import ZERO_SHOT, fine_tuned_label
 from handclip.evaluation.rerank import Rerank
 from handclip.evaluation.runs import evaluate_hand
 from handclip.evaluation.verification import VerificationOptions, verify_runs
-from handclip.models.checkpoint import load_module, read_checkpoint_meta
+from handclip.models.checkpoint import load_encoder, read_checkpoint_meta
 from handclip.models.encoder import ImageEncoder
 from handclip.run_folder import trained_runs
 
@@ -87,10 +87,10 @@ def score_checkpoint(ckpt_path: Path, hand: str, data_for: DataFor, options: Sco
             f"checkpoint {ckpt_path} was trained on hand type {meta['hand']!r}, not {hand!r}; "
             f"pass hand={meta['hand']}, or allow_hand_mismatch=true to score it on {hand!r} anyway"
         )
-    module = load_module(ckpt_path, tta=options.tta)
+    encoder, _ = load_encoder(ckpt_path, tta=options.tta)
     # The sidecar belongs to the hand type the checkpoint was trained on: written only when scoring that one.
     path = sidecar_path(ckpt_path) if meta["hand"] == hand else None
-    result = _score(module.encoder, data_for, hand, options, calibration_path=path, checkpoint=ckpt_path)
+    result = _score(encoder, data_for, hand, options, calibration_path=path, checkpoint=ckpt_path)
     return {"model": fine_tuned_label(run), "run": run, "model_name": meta["model_name"],
             "pretrained": meta.get("pretrained"), "trained_on": meta["hand"], "checkpoint": str(ckpt_path),
             "status": "ok", **result}

@@ -21,7 +21,6 @@ from handclip import __version__
 from handclip.errors import HandCLIPError
 from handclip.identify.images import embed_files, report_failures
 from handclip.identify.sources import GalleryFile, scan_gallery
-from handclip.models.encoder import ImageEncoder
 from handclip.utils.files import check_output_file, write_file
 
 log = logging.getLogger(__name__)
@@ -53,11 +52,11 @@ def scan_images(images: str | Path) -> list[GalleryFile]:
     return scan_gallery(images, min_identities=1, what="image folder")
 
 
-def export_embeddings(encoder: ImageEncoder, model: dict, images: str | Path, out: str | Path, device: torch.device,
+def export_embeddings(encoder, model: dict, images: str | Path, out: str | Path, device: torch.device,
                       overwrite: bool = False, batch_size: int = 64, num_workers: int | None = None,
                       progress: bool = True, files: list[GalleryFile] | None = None) -> dict:
-    """Embed every image under ``images`` (``files``: its :func:`scan_images`, when already made) and write them
-    to ``out``; returns a short report."""
+    """Embed every image under ``images`` (``files``: its :func:`scan_images`, when already made) with ``encoder``
+    (an encoder or a backend's embedder) and write them to ``out``; returns a short report."""
     out = check_output_file(out, overwrite, SUFFIXES)
     files = scan_images(images) if files is None else files
     embedded = embed_files(encoder, [f.path for f in files], device, batch_size, num_workers, progress,

@@ -2,44 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from handclip.data.datasets import UnreadableTolerantDataset, collate_readable
 from handclip.data.images import ImageLoader
-from handclip.errors import HandCLIPError
-from handclip.models.encoder import ImageEncoder
+from handclip.evaluation.embed import as_embedder, embed_batches
 from handclip.utils.devices import usable_cpus
 
 log = logging.getLogger(__name__)
-
-
-class _Files(Dataset):
-    """``(index, uint8 crop or None, error or None)`` for each file: a bad file does not stop the batch."""
-
-    def __init__(self, paths: list[Path], loader: ImageLoader):
-        self.paths, self.loader = paths, loader
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            return i, self.loader(self.paths[i]), None
-        except HandCLIPError as err:
-            return i, None, str(err)
-
-
-def _collate(batch):
-    good = [(i, crop) for i, crop, _ in batch if crop is not None]
-    bad = [(i, err) for i, crop, err in batch if crop is None]
-    return [i for i, _ in good], (torch.stack([c for _, c in good]) if good else None), bad
 
 
 @dataclass
@@ -62,29 +39,27 @@ def default_workers(num_files: int, batch_size: int) -> int:
     return 0 if num_files < 2 * batch_size else min(4, usable_cpus())
 
 
-@torch.inference_mode()
-def embed_files(encoder: ImageEncoder, paths: list[Path], device: torch.device, batch_size: int = 64,
+def embed_files(model, paths: list[Path], device: torch.device, batch_size: int = 64,
                 num_workers: int | None = None, progress: bool = True, desc: str = "embedding") -> Embedded:
-    """Embed ``paths`` with ``encoder`` (open_clip's preprocessing, bf16 autocast on CUDA as in ``eval``)."""
-    encoder = encoder.to(device).eval()
+    """Embed ``paths`` with ``model`` (an encoder: open_clip's preprocessing, bf16 autocast on CUDA as in ``eval``;
+    or an inference backend) through the one embedding loop, :func:`handclip.evaluation.embed.embed_batches`."""
+    embedder = as_embedder(model, device)
     workers = default_workers(len(paths), batch_size) if num_workers is None else num_workers
-    loader = DataLoader(_Files(list(paths), ImageLoader(encoder.preprocess)), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, collate_fn=_collate)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    chunks, rows, failed = [], [], []
-    with autocast, tqdm(total=len(paths), desc=desc, disable=not progress, unit="img", leave=False) as bar:
-        for index, crops, bad in loader:
-            failed += bad
-            if crops is not None:
-                out = encoder.embed(crops.to(device, non_blocking=True)).float()
-                if not bool(torch.isfinite(out).all()):
-                    raise HandCLIPError("the model produced NaN or infinite embeddings; the checkpoint is "
-                                        "probably diverged")
-                chunks.append(F.normalize(out, dim=1).cpu())
-                rows += index
-            bar.update(len(index) + len(bad))
-    dim = encoder.output_dim
-    embeddings = torch.cat(chunks) if chunks else torch.empty((0, dim), dtype=torch.float32)
+    loader = DataLoader(UnreadableTolerantDataset(list(paths), ImageLoader(embedder.preprocess)),
+                        batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_readable)
+    rows, failed = [], []
+
+    def crops():
+        with tqdm(total=len(paths), desc=desc, disable=not progress, unit="img", leave=False) as bar:
+            for index, images, bad in loader:
+                failed.extend(bad)
+                bar.update(len(index) + len(bad))
+                if images is not None:
+                    rows.extend(index)
+                    yield images
+
+    chunks = [F.normalize(out, dim=1).cpu() for out in embed_batches(embedder, crops(), device, check_finite=True)]
+    embeddings = torch.cat(chunks) if chunks else torch.empty((0, embedder.output_dim), dtype=torch.float32)
     return Embedded(embeddings=embeddings, rows=rows, failed=failed)
 
 

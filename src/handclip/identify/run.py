@@ -29,7 +29,8 @@ from handclip.identify.index import ModelInfo, check_index_path, open_index
 from handclip.identify.results import check_output, decide, print_results, write_results
 from handclip.identify.search import top_k_identities
 from handclip.identify.sources import known_identity, resolve_queries, scan_gallery
-from handclip.models.checkpoint import load_module, read_checkpoint_meta
+from handclip.models.backends import Embedder, make_embedder
+from handclip.models.checkpoint import load_encoder
 from handclip.models.encoder import ImageEncoder, zero_shot_encoder
 from handclip.models.fingerprint import encoder_fingerprint
 from handclip.utils.devices import resolve_device
@@ -43,14 +44,23 @@ def load_model(cfg: DictConfig) -> tuple[ImageEncoder, ModelInfo, dict]:
     tta = (cfg.get("eval") or {}).get("tta")  # null: the checkpoint's own (none for the zero-shot model)
     if cfg.ckpt_path:
         ckpt = Path(str(cfg.ckpt_path)).expanduser().resolve()
-        meta = read_checkpoint_meta(ckpt)
-        encoder = load_module(ckpt, tta=tta).encoder
+        encoder, meta = load_encoder(ckpt, tta=tta)
         key = {"checkpoint": str(ckpt), "model_name": meta["model_name"]}
     else:
         torch.manual_seed(cfg.seed)  # random-weight models (tests, the demo) come out as in `eval`
         encoder = zero_shot_encoder(cfg.model.model_name, cfg.model.pretrained, cfg.model.cache_dir, tta=tta)
         meta, key = {}, {"zero_shot": cfg.model.model_name, "pretrained": cfg.model.pretrained}
     return encoder.eval(), ModelInfo(key=key, fingerprint=encoder_fingerprint(encoder)), meta
+
+
+def load_embedder(cfg: DictConfig, device: torch.device) -> tuple[Embedder, ModelInfo, dict]:
+    """:func:`load_model` run by ``backend=`` (its agreement checked); an index made by a backend other than torch
+    is kept apart from torch's (its key names the backend)."""
+    encoder, model, meta = load_model(cfg)
+    embedder = make_embedder(encoder, str(cfg.backend), device, model.fingerprint, cfg.backend_cache)
+    if embedder.name != "torch":
+        model = ModelInfo(key={**model.key, "backend": embedder.name}, fingerprint=model.fingerprint)
+    return embedder, model, meta
 
 
 def resolve_threshold(cfg: DictConfig, meta: dict, fingerprint: str) -> dict:
@@ -94,27 +104,30 @@ def index_path(cfg: DictConfig, gallery: Path, model: ModelInfo) -> Path:
     return Path(cfg.paths.output_root) / "identify" / "index" / f"{slug(gallery.name, default='query')}-{digest}"
 
 
-def identify(cfg: DictConfig) -> dict:
-    """Run identification as configured; return the results (as written to ``results.json``)."""
+def identify(cfg: DictConfig, loaded: tuple[Embedder, ModelInfo, dict] | None = None,
+             out_dir: Path | None = None) -> dict:
+    """Run identification as configured; return the results (as written to ``results.json``). ``loaded``: the
+    model already loaded (the Python API), as :func:`load_embedder` returns it; ``out_dir``: where the results go
+    (default ``<output_root>/identify/<name>``)."""
     for key in ("gallery", "query"):
         if not cfg.get(key):
             raise HandCLIPError(f"{key}= is required: python -m handclip.identify ckpt_path=CKPT gallery=DIR "
                                 "query=PHOTO|DIR|'GLOB'")
     if int(cfg.top_k) < 1:
         raise HandCLIPError(f"top_k must be >= 1, got {cfg.top_k}")
-    out_dir = Path(cfg.paths.output_root) / "identify" / output_name(cfg)
+    out_dir = out_dir or Path(cfg.paths.output_root) / "identify" / output_name(cfg)
     check_writable(out_dir, "results folder (paths.output_root, name=)")
     with claimed(out_dir, "identify"):  # a second run of the same name is refused while this one lives
         check_output(out_dir, cfg.overwrite)
-        return _identify(cfg, out_dir)
+        return _identify(cfg, out_dir, loaded)
 
 
-def _identify(cfg: DictConfig, out_dir: Path) -> dict:
+def _identify(cfg: DictConfig, out_dir: Path, loaded: tuple | None = None) -> dict:
     queries = resolve_queries(cfg.query)
     files = scan_gallery(str(cfg.gallery))
     gallery = Path(str(cfg.gallery)).expanduser().resolve()
     device = resolve_device(cfg.device)
-    encoder, model, meta = load_model(cfg)
+    encoder, model, meta = loaded or load_embedder(cfg, device)
     threshold = resolve_threshold(cfg, meta, model.fingerprint)
     index_at = index_path(cfg, gallery, model)
     check_index_path(index_at)

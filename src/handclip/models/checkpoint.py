@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from handclip.errors import HandCLIPError
-from handclip.models.encoder import ImageEncoder
+from handclip.models.clip import build_image_tower, preprocess_config
+from handclip.models.encoder import BNNeck, ImageEncoder
 from handclip.models.metadata import META_KEY, preprocess_from_meta
 from handclip.models.migrate import upgrade_state_dict
 from handclip.models.module import HandCLIPModule
@@ -97,11 +98,42 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu", tta:
     try:
         module.load_state_dict(state)
     except RuntimeError as err:
-        tower = vit_tower(state, prefix="encoder.visual.")
-        if tower is not None and tower != config_tower(meta["model_name"]):
-            held = f"its weights are a {describe(tower)}"
-        else:
-            held = f"its weights do not fit it ({str(err).strip().splitlines()[0]})"
-        raise HandCLIPError(f"checkpoint {str(path)!r} says it holds model {meta['model_name']!r}, but {held}; it "
-                            "was altered or written by another program") from None
+        raise HandCLIPError(_misfit(path, meta, state, err)) from None
     return module.to(map_location).eval()
+
+
+def _misfit(path: Path, meta: dict, state: dict, err: RuntimeError) -> str:
+    tower = vit_tower(state, prefix="encoder.visual.")
+    if tower is not None and tower != config_tower(meta["model_name"]):
+        held = f"its weights are a {describe(tower)}"
+    else:
+        held = f"its weights do not fit it ({str(err).strip().splitlines()[0]})"
+    return f"checkpoint {str(path)!r} says it holds model {meta['model_name']!r}, but {held}; it was altered or " \
+           "written by another program"
+
+
+def load_encoder(path: str | Path, tta: str | None = None) -> tuple[ImageEncoder, dict]:
+    """The fine-tuned image encoder of a checkpoint and its metadata, for inference: only the image tower (and its
+    BNNeck, when trained with one) is built (no text tower, no classifier head, no optimizer), in eval mode on the
+    CPU, with the test-time settings it was trained with. ``tta``: another test-time augmentation than its own."""
+    path = Path(path)
+    ckpt = _load(path)
+    meta = _meta(ckpt, path)
+    state = upgrade_state_dict(ckpt["state_dict"])
+    visual = {k.removeprefix("encoder.visual."): v for k, v in state.items() if k.startswith("encoder.visual.")}
+    tower = build_image_tower(meta["model_name"])
+    neck = None
+    if meta.get("neck", "none") == "bnneck":
+        neck_state = {k.removeprefix("encoder.neck."): v for k, v in state.items() if k.startswith("encoder.neck.")}
+        neck = BNNeck(len(neck_state["weight"]))
+    try:
+        tower.load_state_dict(visual)
+        if neck is not None:
+            neck.load_state_dict(neck_state)
+    except (RuntimeError, KeyError) as err:
+        raise HandCLIPError(_misfit(path, meta, state, err)) from None
+    preprocess = preprocess_from_meta(meta["preprocess"])
+    preprocess = preprocess or preprocess_config(meta["model_name"], meta.get("pretrained"))
+    encoder = ImageEncoder(tower, preprocess, neck=neck, feature=meta.get("neck_feature", "before"),
+                           tta=tta if tta is not None else meta.get("tta", "none"))
+    return encoder.eval(), meta

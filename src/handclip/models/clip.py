@@ -78,13 +78,49 @@ def create_clip(model_name: str, pretrained: str | None = None, cache_dir: str |
     try:
         return open_clip.create_model(model_name, pretrained=pretrained, cache_dir=cache_dir)
     except RuntimeError as err:
-        raise HandCLIPError(
-            f"could not load pretrained weights {pretrained!r} for {model_name!r} ({err}). Without "
+        raise HandCLIPError(_download_hint(model_name, pretrained, err)) from None
+
+
+def build_image_tower(model_name: str) -> torch.nn.Module:
+    """The image tower of ``model_name`` alone (random weights, drawn as ``create_clip`` draws them: the image tower
+    is built first), without building the text tower or logging open_clip's "No pretrained weights" warning."""
+    from open_clip.model import _build_vision_tower
+
+    cfg = _model_config(model_name)
+    return _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], cfg.get("quick_gelu", False))
+
+
+def load_image_tower(model_name: str, pretrained: str | None = None, cache_dir: str | None = None) -> torch.nn.Module:
+    """The image tower of ``model_name`` with the ``visual.*`` weights of ``pretrained`` (a tag or a file; None:
+    random weights). The text tower is never built: for ViT-B/32 that is ~63M parameters (~250 MB) less."""
+    tower = build_image_tower(model_name)
+    if not uses_pretrained_weights(pretrained):
+        return tower
+    _check_pretrained(model_name, pretrained)
+    path = pretrained
+    if not os.path.isfile(pretrained):
+        try:
+            path = open_clip.download_pretrained(open_clip.get_pretrained_cfg(model_name, pretrained),
+                                                 cache_dir=cache_dir)
+        except Exception as err:  # no internet, no cache
+            raise HandCLIPError(_download_hint(model_name, pretrained, err)) from None
+    try:
+        from open_clip.factory import load_state_dict
+
+        state = load_state_dict(str(path))
+        visual = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
+        tower.load_state_dict(visual)
+    except Exception as err:  # EOFError, UnpicklingError, KeyError, RuntimeError (missing keys)...
+        raise HandCLIPError(weights_problem(path, model_name, err)) from None
+    return tower
+
+
+def _download_hint(model_name: str, pretrained: str, err: BaseException) -> str:
+    return (f"could not load pretrained weights {pretrained!r} for {model_name!r} ({err}). Without "
             "internet, download the weights elsewhere and pass the file with "
             "model.pretrained=/path/to/file (e.g. the OpenAI ViT-B/32 'open_clip_pytorch_model.bin' or "
             "'.safetensors'), or set model.cache_dir=DIR to a folder that holds the open_clip/Hugging Face "
-            "download cache."
-        ) from None
+            "download cache.")
 
 
 def freeze_text_tower(clip: torch.nn.Module) -> None:

@@ -19,7 +19,36 @@ from torch import nn
 from torch.nn import functional as F
 
 from handclip.errors import HandCLIPError
-from handclip.models.clip import create_clip, preprocess_config
+from handclip.models.clip import load_image_tower, preprocess_config
+
+
+def pixels_to_unit(images: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """uint8 pixels, or float pixels in ``[0, scale]`` -> float32 in ``[0, 1]``, as open_clip's ``ToTensor`` gives.
+
+    A float tensor's range cannot be guessed (``[0, 1]``, ``[0, 255]``, or open_clip's ``preprocess()`` output, which
+    is already normalised): float input needs its ``scale`` (1.0 or 255.0), and values outside ``[0, scale]`` are
+    refused, so that normalised tensors are never normalised a second time.
+    """
+    if images.dtype == torch.uint8:
+        if scale not in (None, 255, 255.0):
+            raise HandCLIPError(f"uint8 images are pixel values in [0, 255]; scale={scale!r} does not apply to them")
+        return images.to(torch.float32).div(255)
+    if not images.is_floating_point():
+        raise HandCLIPError(f"images must be uint8 or float tensors, got {images.dtype}")
+    if scale is None:
+        raise HandCLIPError("float images need their range: embed(images, scale=1.0) for values in [0, 1], "
+                            "scale=255.0 for [0, 255] (uint8 tensors, PIL images and files need none; open_clip's "
+                            "preprocess() output is already normalised: use embed_normalized)")
+    scale = float(scale)
+    if not scale > 0:
+        raise HandCLIPError(f"scale must be a positive number (the largest pixel value), got {scale!r}")
+    lo, hi = (float(v) for v in torch.aminmax(images.detach()))
+    if lo < 0 or hi > scale * (1 + 1e-6):
+        raise HandCLIPError(f"float images with scale={scale:g} must lie in [0, {scale:g}], these span "
+                            f"[{lo:.3g}, {hi:.3g}]; open_clip's preprocess() output is already normalised: use "
+                            "embed_normalized")
+    images = images.to(torch.float32)
+    return images if scale == 1.0 else images.div(scale)
 
 #: Test-time augmentation of ``embed``: none, or the mean of a photo's and its mirror's embeddings.
 TTA_MODES = ("none", "flip")
@@ -35,16 +64,15 @@ def check_choice(setting: str, value, choices: tuple[str, ...]) -> str:
 
 
 class Normalizer(nn.Module):
-    """uint8 (or float in [0, 255]) batches -> open_clip's normalised float batches, on any device."""
+    """uint8 batches (or float ones with their ``scale``) -> open_clip's normalised float batches, on any device."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dtype == torch.uint8:
-            images = images.to(torch.float32).div(255)
+    def forward(self, images: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        images = pixels_to_unit(images, scale)
         # Same operations, in the same order, as ToTensor + torchvision's Normalize: bit-identical.
         return images.sub(self.mean).div(self.std)
 
@@ -105,31 +133,45 @@ class ImageEncoder(nn.Module):
         self.visual.compile(**options)
         self._dynamic_batch = True
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Image-tower outputs (not normalised) of a batch of uint8 crops: what training uses."""
-        images = self.normalize(images)
+    def features(self, images: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        """Image-tower outputs (not normalised) of a batch of uint8 crops (float crops: in ``[0, scale]``): what
+        training uses."""
+        return self.features_normalized(self.normalize(images, scale))
+
+    def features_normalized(self, images: torch.Tensor) -> torch.Tensor:
+        """Image-tower outputs of crops normalised by the model's mean and std (open_clip's ``preprocess()``)."""
         if getattr(self, "_dynamic_batch", False):
             torch._dynamo.maybe_mark_dynamic(images, 0)
         return self.visual(images)
 
-    def embed(self, images: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
-        """Test-time embeddings (not normalised) of a batch of uint8 crops: the tower's output, averaged with that
-        of the mirrored crops when ``tta="flip"``, after the BNNeck when ``feature="after"``. ``features``: the
-        tower's output for ``images`` when already computed. Without neck and TTA, exactly :meth:`features`."""
+    def embed(self, images: torch.Tensor, scale: float | None = None, features: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        """Test-time embeddings (not L2-normalised) of a batch of uint8 crops (float crops: in ``[0, scale]``): the
+        tower's output, averaged with that of the mirrored crops when ``tta="flip"``, after the BNNeck when
+        ``feature="after"``. ``features``: the tower's output for ``images`` when already computed. Without neck
+        and TTA, exactly :meth:`features`."""
+        return self._test_time(self.normalize(images, scale), features)
+
+    def embed_normalized(self, images: torch.Tensor) -> torch.Tensor:
+        """:meth:`embed` of crops already normalised by the model's mean and std (open_clip's ``preprocess()``)."""
+        return self._test_time(images, None)
+
+    def _test_time(self, normalized: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
         if features is None:
-            features = self.features(images)
+            features = self.features_normalized(normalized)
         if self.tta == "flip":
-            features = (features + self.features(images.flip(-1))) / 2
+            features = (features + self.features_normalized(normalized.flip(-1))) / 2
         if self.neck is not None and self.feature == "after":
             features = self.neck(features)
         return features
 
-    forward = embed
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embed(images)
 
 
 def zero_shot_encoder(model_name: str, pretrained: str | None, cache_dir: str | None = None,
                       tta: str | None = None) -> ImageEncoder:
-    """The image tower of a (pretrained) open_clip model, untouched by HandCLIP; the text tower is dropped.
+    """The image tower of a (pretrained) open_clip model, untouched by HandCLIP; the text tower is never built.
     ``tta``: test-time augmentation (None: none)."""
-    clip = create_clip(model_name, pretrained, cache_dir)
-    return ImageEncoder(clip.visual, preprocess_config(model_name, pretrained), tta=tta or "none").eval()
+    tower = load_image_tower(model_name, pretrained, cache_dir)
+    return ImageEncoder(tower, preprocess_config(model_name, pretrained), tta=tta or "none").eval()

@@ -21,6 +21,24 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1  # pragma: no cover - not Linux
 
 
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of the CPU (``/proc/cpuinfo``: avx2, avx512_vnni, avx512_bf16, amx_bf16...);
+    empty where the OS does not list them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_bf16() -> bool:
+    """Whether the CPU computes in bfloat16 natively (AVX-512 BF16 or AMX): only then does bf16 autocast pay."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
 def resolve_device(name: str = "auto", setting: str = "device") -> torch.device:
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``; ``setting`` names the option in errors."""
     import torch

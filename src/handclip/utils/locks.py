@@ -119,6 +119,15 @@ def claim(path: str | Path, wait: bool = False) -> Lock | None:
 
 
 @contextlib.contextmanager
+def exclusive_lock(path: str | Path) -> Iterator[Lock]:
+    """Hold an exclusive lock on ``path`` (created if missing), waiting for other holders to finish."""
+    lock = _lock(Path(path), shared=False, blocking=True)
+    assert lock is not None
+    with lock:
+        yield lock
+
+
+@contextlib.contextmanager
 def shared_lock(path: str | Path) -> Iterator[Lock]:
     """Hold a shared lock on ``path`` (created if missing), waiting for an exclusive holder to finish."""
     lock = _lock(Path(path), shared=True, blocking=True)

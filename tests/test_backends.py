@@ -1,0 +1,156 @@
+"""Inference backends (torch, torch-bf16, onnx, onnx-int8, auto): agreement with torch fp32 measured and enforced,
+graphs cached by the model's fingerprint (reused, never stale), one error line for a backend this machine lacks,
+and the backends in identify, export format=embeddings and the API."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_image
+
+import handclip
+from handclip.config import compose
+from handclip.errors import HandCLIPError
+from handclip.export import export
+from handclip.identify.embeddings_export import load_embeddings
+from handclip.models import backends
+from handclip.models.backends import AGREEMENT_GOAL, check_images, make_embedder
+from handclip.models.encoder import zero_shot_encoder
+from handclip.models.fingerprint import encoder_fingerprint
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    return zero_shot_encoder("HandCLIP-Tiny", None)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("backends")
+
+
+def cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1)
+
+
+def test_onnx_agrees_with_torch_and_its_graph_is_built_once(encoder, cache, monkeypatch):
+    embedder = make_embedder(encoder, "onnx", "cpu", cache_dir=cache)
+    assert embedder.name == "onnx" and embedder.agreement["cosine_min"] >= AGREEMENT_GOAL["onnx"]
+    images = check_images(encoder, 6, seed=3)
+    with torch.inference_mode():
+        want = encoder.embed(images)
+    assert cosines(embedder.embed(images), want).min() >= 0.9999
+    fingerprint = encoder_fingerprint(encoder)
+    assert embedder.path.parent == cache / fingerprint and embedder.path.is_file()
+    report = json.loads(embedder.path.with_suffix(".json").read_text())
+    assert report == {"agreement": embedder.agreement, "fingerprint": fingerprint, "backend": "onnx"}
+    monkeypatch.setattr(backends, "_build_onnx", lambda *a: pytest.fail("a cached graph was built again"))
+    again = make_embedder(encoder, "onnx", "cpu", cache_dir=cache)
+    assert again.path == embedder.path and again.agreement == embedder.agreement
+
+
+def test_a_changed_model_never_uses_the_old_graph(encoder, cache):
+    changed = zero_shot_encoder("HandCLIP-Tiny", None)
+    changed.load_state_dict(encoder.state_dict())
+    with torch.no_grad():  # fine-tuned further: other weights, other fingerprint
+        noise = torch.randn(changed.visual.proj.shape, generator=torch.Generator().manual_seed(1))
+        changed.visual.proj.add_(0.5 * noise)
+    old = make_embedder(encoder, "onnx", "cpu", cache_dir=cache)
+    new = make_embedder(changed, "onnx", "cpu", cache_dir=cache)
+    assert new.path != old.path
+    images = check_images(encoder, 4, seed=5)
+    with torch.inference_mode():
+        assert cosines(new.embed(images), changed.embed(images)).min() >= 0.9999
+        assert cosines(old.embed(images), changed.embed(images)).min() < 0.9999
+
+
+def test_int8_meets_its_goal_or_refuses_in_one_line(encoder, cache, monkeypatch):
+    embedder = make_embedder(encoder, "onnx-int8", "cpu", cache_dir=cache)
+    measured = embedder.agreement
+    assert measured["cosine_min"] >= AGREEMENT_GOAL["onnx-int8"] and measured["images"] == 16
+    images = check_images(encoder, 6, seed=7)
+    with torch.inference_mode():
+        assert cosines(embedder.embed(images), encoder.embed(images)).min() >= 0.98
+    # the rule at its boundary: a goal just above what was measured is refused, one equal to it is met
+    monkeypatch.setitem(AGREEMENT_GOAL, "onnx-int8", measured["cosine_min"])
+    assert make_embedder(encoder, "onnx-int8", "cpu", cache_dir=cache).agreement == measured
+    monkeypatch.setitem(AGREEMENT_GOAL, "onnx-int8", np.nextafter(measured["cosine_min"], 2.0))
+    with pytest.raises(HandCLIPError, match=r"^backend=onnx-int8 agrees with torch fp32 only to cosine 0\.\d{6} "
+                                            r"\(lowest of 16 check images\) on model \w+, short of its goal"):
+        make_embedder(encoder, "onnx-int8", "cpu", cache_dir=cache)
+
+
+def test_bf16_on_a_cpu_with_bf16_or_one_line_without(encoder, monkeypatch):
+    if backends.cpu_has_bf16():
+        embedder = make_embedder(encoder, "torch-bf16", "cpu")
+        assert embedder.name == "torch-bf16" and embedder.agreement["cosine_min"] >= 0.99
+    monkeypatch.setattr(backends, "cpu_has_bf16", lambda: False)
+    with pytest.raises(HandCLIPError, match=r"^backend=torch-bf16: this CPU has no native bf16"):
+        make_embedder(encoder, "torch-bf16", "cpu")
+
+
+def test_machines_without_onnxruntime_and_bad_choices(encoder, cache, monkeypatch):
+    with pytest.raises(HandCLIPError, match=r"^backend='tensorrt': choose one of torch, torch-bf16, onnx"):
+        make_embedder(encoder, "tensorrt", "cpu")
+    with pytest.raises(HandCLIPError, match=r"^backend=onnx runs on the CPU; pass device=cpu"):
+        make_embedder(encoder, "onnx", "cuda")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    with pytest.raises(HandCLIPError, match=r"^backend=onnx-int8 needs onnxruntime, which is not installed"):
+        make_embedder(encoder, "onnx-int8", "cpu", cache_dir=cache)
+
+
+def test_auto_takes_the_first_backend_that_is_here_and_agrees(encoder, cache, monkeypatch):
+    monkeypatch.setattr(backends, "AUTO_ORDER", ("torch-bf16", "onnx-int8", "onnx", "torch"))
+    monkeypatch.setattr(backends, "cpu_has_bf16", lambda: False)
+    monkeypatch.setitem(AGREEMENT_GOAL, "onnx-int8", 1.1)  # int8 can never meet this
+    assert make_embedder(encoder, "auto", "cpu", cache_dir=cache).name == "onnx"
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert make_embedder(encoder, "auto", "cpu", cache_dir=cache).name == "torch"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("photos")
+    for i in range(3):
+        for k in range(3):
+            write_image(root / f"person{i}" / f"{k}.png", seed=k, size=(40, 30), identity=i)
+    return root
+
+
+def test_identify_and_embeddings_export_by_backend(folder, cache, tmp_path):
+    base = ["experiment=demo", f"paths.output_root={tmp_path}", "progress=false", "num_workers=0",
+            f"backend_cache={cache}"]
+    out = {}
+    for name in ("torch", "onnx"):
+        out[name] = tmp_path / f"{name}.npz"
+        export(compose("export", [*base, "format=embeddings", f"images={folder}", f"out={out[name]}",
+                                  f"backend={name}"]))
+    torch_emb, onnx_emb = load_embeddings(out["torch"]), load_embeddings(out["onnx"])
+    assert onnx_emb["paths"] == torch_emb["paths"]
+    model = onnx_emb["meta"]["model"]
+    assert model["backend"] == "onnx" and model["agreement"]["cosine_min"] > 0.9999
+    assert (np.sum(onnx_emb["embeddings"] * torch_emb["embeddings"], axis=1) >= 0.9999).all()
+    from handclip.identify import identify
+
+    results = {}
+    for name in ("torch", "onnx"):
+        results[name] = identify(compose("identify", [*base, f"gallery={folder}", f"query={folder / 'person1'}",
+                                                      "threshold=0.5", f"name={name}", "pictures=false",
+                                                      f"backend={name}"]))
+    assert results["onnx"]["model"]["backend"] == "onnx" and "backend" not in results["torch"]["model"]
+    assert results["onnx"]["gallery"]["index"] != results["torch"]["gallery"]["index"]  # one index per backend
+    top = {n: [[t["identity"] for t in q["top"]] for q in r["queries"]] for n, r in results.items()}
+    assert top["onnx"] == top["torch"]
+
+
+def test_api_backend(folder, cache):
+    files = sorted(folder.rglob("*.png"))
+    reference = handclip.load(model="HandCLIP-Tiny").embed(files)
+    model = handclip.load(model="HandCLIP-Tiny", backend="onnx", cache_dir=cache)
+    assert model.backend == "onnx" and repr(model).endswith("backend='onnx', device='cpu', dim=64)")
+    assert cosines(model.embed(files), reference).min() >= 0.9999
