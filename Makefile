@@ -62,7 +62,7 @@ lint: install ## ruff over src/ and tests/ (settings in pyproject.toml); CI runs
 test: install ## Run the whole test suite (CPU, offline, a few minutes)
 	$(OFFLINE) $(PYTEST) -q -n $(TEST_WORKERS)
 
-test-fast: install ## The test suite without the slow end-to-end tests (under 2 minutes on 2 cores)
+test-fast: install ## The test suite without the slow end-to-end tests (about 2.5 minutes on 2 cores)
 	$(OFFLINE) $(PYTEST) -q -n $(TEST_WORKERS) -m "not slow"
 
 # mutmut puts mutants/src first on sys.path itself (PYTHONPATH emptied); one torch thread per test process.
