@@ -419,20 +419,6 @@ def test_prepared_output_root_follows_the_umask(raw, tmp_path, umask):
 
 
 # -- 8. read-only output, cache or checkpoint folder -------------------------------------------
-@pytest.fixture
-def read_only(tmp_path):
-    """A read-only folder (a read-only tmpfs: permission bits do not stop root)."""
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_layout(tmp_path_factory.mktemp("layout"), hands=("dorsal_right", "palmar_left"), n_train_ids=4)

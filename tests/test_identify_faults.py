@@ -166,20 +166,6 @@ def test_cli_with_a_folder_and_name_beyond_ascii(tmp_path):
 
 
 # -- 5. outputs that cannot be written: refused before any work -------------------------------
-@pytest.fixture
-def read_only(tmp_path):
-    """A read-only folder (a read-only tmpfs: permission bits do not stop root)."""
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
-
-
 @pytest.mark.parametrize("where", ["index", "output_root", "export"])
 def test_a_file_in_the_way_is_refused_before_any_work(world, embeds, monkeypatch, where):
     blocker = world["base"] / "a_file"

@@ -27,15 +27,20 @@ from handclip.utils.files import check_output_file
 # line is answered before they load.
 
 
-def open_clip(cfg: DictConfig) -> dict:
-    """The whole open_clip model (both towers) with the fine-tuned image tower, as .safetensors."""
-    from handclip.models.open_clip_export import export_open_clip
+def _checkpoint(cfg: DictConfig) -> Path:
+    """``ckpt_path``, or the best checkpoint of the hand type's training run."""
     from handclip.run_folder import trained_checkpoint
 
     if cfg.ckpt_path:
-        ckpt = Path(str(cfg.ckpt_path)).expanduser().resolve()
-    else:
-        ckpt = trained_checkpoint(cfg.paths.output_root, check_hand(cfg.hand.name))
+        return Path(str(cfg.ckpt_path)).expanduser().resolve()
+    return trained_checkpoint(cfg.paths.output_root, check_hand(cfg.hand.name))
+
+
+def open_clip(cfg: DictConfig) -> dict:
+    """The whole open_clip model (both towers) with the fine-tuned image tower, as .safetensors."""
+    from handclip.models.open_clip_export import export_open_clip
+
+    ckpt = _checkpoint(cfg)
     out = export_open_clip(ckpt, cfg.out, pretrained=cfg.pretrained, cache_dir=cfg.cache_dir,
                            overwrite=cfg.overwrite)
     return {"path": str(out), "checkpoint": str(ckpt),
@@ -45,12 +50,8 @@ def open_clip(cfg: DictConfig) -> dict:
 def open_clip_dir(cfg: DictConfig) -> dict:
     """open_clip's folder layout (open_clip_config.json + open_clip_model.safetensors): model and transforms."""
     from handclip.models.open_clip_export import export_open_clip_dir
-    from handclip.run_folder import trained_checkpoint
 
-    if cfg.ckpt_path:
-        ckpt = Path(str(cfg.ckpt_path)).expanduser().resolve()
-    else:
-        ckpt = trained_checkpoint(cfg.paths.output_root, check_hand(cfg.hand.name))
+    ckpt = _checkpoint(cfg)
     out = export_open_clip_dir(ckpt, cfg.out, pretrained=cfg.pretrained, cache_dir=cfg.cache_dir,
                                overwrite=cfg.overwrite)
     return {"path": str(out), "checkpoint": str(ckpt),
