@@ -282,7 +282,9 @@ def test_ddp_run_writes_one_run_folder(loader, ddp_runs):
     run_dir = ddp_run["run_dir"]
     assert sorted(p.name for p in (ddp_run["out"] / "train").iterdir()) == ["dorsal_right"]
     # .lock: rank 0's hold on the folder while the run lives (tests/test_faults.py)
-    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "checkpoints", "config.yaml", "logs", "train.log"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", ".lock", "checkpoints", "config.yaml", "curves.png",
+                                                         "logs", "train.log"]
+    assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == ["config.yaml", "overrides.yaml"]  # rank 0 only
     # the open-set threshold is calibrated once, by rank 0, on the whole val set
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
         "best.calibration.json", "best.ckpt", "last.ckpt"]
