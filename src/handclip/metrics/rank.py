@@ -75,11 +75,7 @@ def compute_reid_metrics(
         q_idx = matches.valid[i:j]
         n, match_idx, slots = matches.slots(q_idx, int(matches.counts_sorted[j - 1]))
         pos = scorer.positions(qn[q_idx], match_idx)
-        # Padded slots duplicate a real match; push them past the end before sorting.
-        pos = torch.where(slots.unsqueeze(0) >= n.unsqueeze(1), torch.full_like(pos, gn.shape[0]), pos)
-        pos, _ = torch.sort(pos, dim=1)
-        hit_sums += (pos[:, :1] < rank_t.unsqueeze(0)).to(acc).sum(dim=0)
-        ap_sum += _ap_from_sorted_positions(pos, n, ap).sum()
+        _accumulate(pos, n, slots, gn.shape[0], rank_t, ap, hit_sums, ap_sum)
     return finish(num_queries, matches.num_valid, ranks, hit_sums.tolist(), ap_sum.item())
 
 
@@ -109,11 +105,18 @@ def reid_metrics_from_scores(scores, query_labels, gallery_labels, ranks=(1, 5, 
         sim = sim.float() if sim.dtype == torch.float16 else sim  # exact; CPU comparisons want float
         buf = torch.empty(sim.numel() * match_idx.shape[1], dtype=_indicator_dtype(len(gl)), device=device)
         pos = _match_positions(sim, match_idx, gallery_index, match_idx.shape[1], buf)
-        pos = torch.where(slots.unsqueeze(0) >= n.unsqueeze(1), torch.full_like(pos, len(gl)), pos)
-        pos, _ = torch.sort(pos, dim=1)
-        hit_sums += (pos[:, :1] < rank_t.unsqueeze(0)).to(acc).sum(dim=0)
-        ap_sum += _ap_from_sorted_positions(pos, n, ap).sum()
+        _accumulate(pos, n, slots, len(gl), rank_t, ap, hit_sums, ap_sum)
     return finish(len(ql), matches.num_valid, ranks, hit_sums.tolist(), ap_sum.item())
+
+
+def _accumulate(pos: torch.Tensor, n: torch.Tensor, slots: torch.Tensor, num_gallery: int, rank_t: torch.Tensor,
+                ap: str, hit_sums: torch.Tensor, ap_sum: torch.Tensor) -> None:
+    """Add a chunk's Rank-k hits and AP to the running sums, from its (C, M) true-match positions."""
+    # Padded slots duplicate a real match; push them past the end before sorting.
+    pos = torch.where(slots.unsqueeze(0) >= n.unsqueeze(1), torch.full_like(pos, num_gallery), pos)
+    pos, _ = torch.sort(pos, dim=1)
+    hit_sums += (pos[:, :1] < rank_t.unsqueeze(0)).to(hit_sums.dtype).sum(dim=0)
+    ap_sum += _ap_from_sorted_positions(pos, n, ap).sum()
 
 
 class _MatchTable:
