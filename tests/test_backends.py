@@ -104,13 +104,60 @@ def test_machines_without_onnxruntime_and_bad_choices(encoder, cache, monkeypatc
         make_embedder(encoder, "onnx-int8", "cpu", cache_dir=cache)
 
 
-def test_auto_takes_the_first_backend_that_is_here_and_agrees(encoder, cache, monkeypatch):
-    monkeypatch.setattr(backends, "AUTO_ORDER", ("torch-bf16", "onnx-int8", "onnx", "torch"))
+def timings(monkeypatch, seconds: dict) -> list[str]:
+    """Make backend=auto see ``seconds`` per image for each backend; returns the backends it timed, in order."""
+    timed = []
+
+    def fake(embedder, images, repeats):
+        timed.append(embedder.name)
+        return seconds[embedder.name]
+
+    monkeypatch.setattr(backends, "time_backend", fake)
+    return timed
+
+
+def test_auto_picks_the_fastest_measured_backend_and_keeps_the_choice(encoder, tmp_path, monkeypatch):
     monkeypatch.setattr(backends, "cpu_has_bf16", lambda: False)
-    monkeypatch.setitem(AGREEMENT_GOAL, "onnx-int8", 1.1)  # int8 can never meet this
-    assert make_embedder(encoder, "auto", "cpu", cache_dir=cache).name == "onnx"
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    assert make_embedder(encoder, "auto", "cpu", cache_dir=cache).name == "torch"
+    timed = timings(monkeypatch, {"torch": 3.0, "onnx": 1.0, "onnx-int8": 2.0})
+    first = make_embedder(encoder, "auto", "cpu", cache_dir=tmp_path)
+    assert first.name == "onnx" and sorted(timed) == ["onnx", "onnx-int8", "torch"]
+    assert first.auto["seconds_per_image"] == {"torch": 3.0, "onnx": 1.0, "onnx-int8": 2.0}
+    assert first.auto["refused"] == {"torch-bf16": "not available on this machine"} and not first.auto["reused"]
+    kept = list((tmp_path / encoder_fingerprint(encoder)).glob("auto-*.json"))
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["choice"] == "onnx"
+    # the same CPU, model and libraries: the kept choice, nothing timed again
+    timed.clear()
+    again = make_embedder(encoder, "auto", "cpu", cache_dir=tmp_path)
+    assert again.name == "onnx" and again.auto["reused"] and timed == []
+    # another CPU (other flags): timed again there, and its own choice follows its own times
+    timings(monkeypatch, {"torch": 0.5, "onnx": 1.0, "onnx-int8": 2.0})
+    monkeypatch.setattr(backends, "cpu_flags", lambda: {"avx2", "fma"})
+    assert make_embedder(encoder, "auto", "cpu", cache_dir=tmp_path).name == "torch"
+    monkeypatch.setattr(backends, "cpu_model_name", lambda: "Another CPU")
+    timed = timings(monkeypatch, {"torch": 0.5, "onnx": 1.0, "onnx-int8": 0.4})
+    assert make_embedder(encoder, "auto", "cpu", cache_dir=tmp_path).name == "onnx-int8" and len(timed) == 3
+    # another model (other fingerprint): timed for it
+    changed = zero_shot_encoder("HandCLIP-Tiny", None)
+    timed.clear()
+    assert make_embedder(changed, "auto", "cpu", cache_dir=tmp_path).name == "onnx-int8" and len(timed) == 3
+    # a kept choice that cannot be used any more (a corrupted record): timed again
+    record = next((tmp_path / encoder_fingerprint(changed)).glob("auto-*.json"))
+    record.write_text("{not json")
+    timed.clear()
+    assert make_embedder(changed, "auto", "cpu", cache_dir=tmp_path).name == "onnx-int8" and len(timed) == 3
+
+
+def test_auto_never_picks_a_backend_short_of_its_agreement(encoder, tmp_path, monkeypatch):
+    monkeypatch.setattr(backends, "cpu_has_bf16", lambda: False)
+    timings(monkeypatch, {"torch": 3.0, "onnx": 2.0, "onnx-int8": 0.1})
+    assert make_embedder(encoder, "auto", "cpu", cache_dir=tmp_path).name == "onnx-int8"
+    monkeypatch.setitem(AGREEMENT_GOAL, "onnx-int8", 1.1)  # int8 can never meet this: the fastest, yet not chosen
+    timed = timings(monkeypatch, {"torch": 3.0, "onnx": 2.0, "onnx-int8": 0.1})
+    picked = make_embedder(encoder, "auto", "cpu", cache_dir=tmp_path)
+    assert picked.name == "onnx" and "onnx-int8" not in timed
+    assert picked.auto["refused"]["onnx-int8"].startswith("backend=onnx-int8 agrees with torch fp32 only to cosine")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # no onnxruntime: torch, the reference, is always there
+    assert make_embedder(encoder, "auto", "cpu", cache_dir=tmp_path).name == "torch"
 
 
 @pytest.fixture(scope="module")

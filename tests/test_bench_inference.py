@@ -1,16 +1,26 @@
-"""bench.parts=[inference]: every backend measured with its agreement, the CPU and its flags recorded,
-fp32_peak_fraction from the stated formula, ratios from the measured figures, goals, and its own result file."""
+"""bench.parts=[inference]: every backend measured with its agreement (on the demo's identify photos, full and draft
+decoding), the CPU and its flags recorded, fp32_peak_fraction from the stated formula, ratios from the measured
+figures, auto's choice, identify end to end on a temporary gallery (removed, also on Ctrl-C), goals, and its own
+result file."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
+from conftest import write_image
 
+from handclip.bench import gallery as bench_gallery
+from handclip.bench.gallery import PREFIX, identify_gallery
 from handclip.bench.inference import fp32_peak_gflops
 from handclip.bench.report import evaluate_goals
 from handclip.bench.run import run_benchmark
 from handclip.config import compose
+from handclip.identify.index import ModelInfo
+from handclip.models.backends import TorchEmbedder
+from handclip.models.encoder import zero_shot_encoder
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +28,11 @@ def result(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench_inference")
     cfg = compose("bench", ["bench.quick=true", "bench.threads=1", "bench.parts=[inference]", "bench.device=cpu",
                             f"bench.out_dir={tmp / 'out'}", f"bench.scratch_dir={tmp / 'scratch'}",
-                            "bench.quick_settings.inference.photos=8", "bench.quick_settings.inference.images=16"])
-    return run_benchmark(cfg, say=lambda _: None)
+                            "bench.quick_settings.inference.images=16",
+                            "bench.quick_settings.inference.gallery_size=30"])
+    result = run_benchmark(cfg, say=lambda _: None)
+    result["scratch"] = tmp / "scratch"
+    return result
 
 
 def test_its_own_result_file(result):
@@ -36,10 +49,37 @@ def test_every_backend_is_measured_or_says_why_not(result):
         assert entry["images_per_s_b64"] > 0 and entry["latency_b1_p95_ms"] >= entry["latency_b1_p50_ms"] > 0
         agree = entry["agreement"]
         assert -1 <= agree["cosine_min"] <= agree["cosine_mean"] <= 1 + 1e-12 and agree["images"] == 16
-        assert 0 <= agree["top1_same_share"] <= 1 and agree["queries"] + agree["gallery"] == 8
+        for measured in (agree, entry["draft_agreement"]):  # the demo's 9 queries against its 4 gallery photos
+            assert 0 <= measured["top1_same_share"] <= 1 and (measured["queries"], measured["gallery"]) == (9, 4)
+            assert -1 <= measured["photos_cosine_min"] <= measured["photos_cosine_mean"] <= 1 + 1e-12
         assert entry["meets_agreement"] == (agree["cosine_min"] >= agree["goal_cosine_min"])
     assert inf["backends"]["torch"]["agreement"]["top1_same_share"] == 1.0
     assert inf["backends"]["onnx"]["agreement"]["cosine_min"] >= 0.9999
+    assert inf["agreement_photos"].startswith("make demo's identify photos (dorsal_r query0 against gallery0: 9 "
+                                              "queries, 4 gallery photos) of its synthetic hands (8 subjects")
+
+
+def test_draft_decoding_is_measured_on_the_demo_photos(result):
+    decode = result["inference"]["decode"]
+    assert decode["photo_size"] == [640, 480] and decode["photos"] == 13
+    assert decode["draft_min_side"] == 128 and decode["draft_size"] == [320, 240]  # 1/2 keeps 240 >= 128
+    assert decode["full_ms_per_photo"] > 0 and decode["draft_ms_per_photo"] > 0
+
+
+def test_identify_end_to_end_on_a_temporary_gallery(result):
+    inf = result["inference"]
+    gallery = inf["identify"]
+    labels = {f"{b}-{d}" for b in ("torch", inf["best_backend"]) for d in ("full", "draft")}
+    assert set(gallery["runs"]) == labels
+    for label, run in gallery["runs"].items():
+        assert run["photos_decoded"] == 30 + 9 and run["photos_per_s"] == pytest.approx(39 / run["seconds"], rel=0.01)
+        assert f"{run['backend']}-{run['decode']}" == label
+    best = inf["backends"][inf["best_backend"]]["draft_agreement"]
+    draft_ok = best["photos_cosine_min"] >= 0.99 and best["top1_same_share"] >= 0.99
+    assert gallery["draft_meets_goal"] == draft_ok
+    assert inf["identify_best"] == f"{inf['best_backend']}-{'draft' if draft_ok else 'full'}"
+    assert inf["identify_photos_per_s"] == gallery["runs"][inf["identify_best"]]["photos_per_s"]
+    assert not list(result["scratch"].glob(f"{PREFIX}*"))  # the gallery is removed afterwards
 
 
 def test_ratios_peak_fraction_and_goals_come_from_the_measured_figures(result):
@@ -60,8 +100,8 @@ def test_ratios_peak_fraction_and_goals_come_from_the_measured_figures(result):
             torch_entry["images_per_s_b64"] * inf["gflops_per_image"] / peak["gflops"])
     assert inf["cpu"]["model_name"] and isinstance(inf["cpu"]["flags"], list)
     assert inf["text_tower"]["whole_model_params"] > inf["text_tower"]["image_tower_params"] > 0
-    assert inf["identify"]["photos"] == 8 and inf["identify_photos_per_s"] > 0
-    assert inf["auto_picks"] in backends
+    times = inf["auto"]["seconds_per_image"]
+    assert inf["auto_picks"] == min(times, key=times.get) and set(times) <= set(backends)
     goals = result["goals"]
     assert goals["inference.best_vs_torch_b64"]["met"] == (inf["best_vs_torch_b64"] >= 2.0)
     assert goals["inference.best_latency_b1_p50_ms"]["met"] == (inf["best_latency_b1_p50_ms"] <= 40.0)
@@ -81,3 +121,21 @@ def test_peak_formula_states_how(monkeypatch):
     peak = fp32_peak_gflops(2)
     if peak["gflops"] is not None:
         assert peak["flops_per_cycle_per_core"] == 32 and "8 fp32 lanes" in peak["how"]
+
+
+def test_an_interrupted_gallery_run_leaves_no_gallery(tmp_path, monkeypatch):
+    photos = [write_image(tmp_path / "photos" / f"{n}.jpg", seed=n) for n in range(3)]
+    seen = []
+
+    def interrupted(cfg, loaded, out_dir):
+        seen.extend(Path(cfg.gallery).rglob("*.jpg"))
+        raise KeyboardInterrupt  # Ctrl-C while the gallery is embedded
+
+    monkeypatch.setattr(bench_gallery, "identify", interrupted)
+    settings = {"gallery_size": 7, "gallery_per_identity": 2, "photo_size": [40, 30], "batch_size": 4}
+    with pytest.raises(KeyboardInterrupt):
+        identify_gallery({"torch-full": (TorchEmbedder(zero_shot_encoder("HandCLIP-Tiny", None), torch.device("cpu")),
+                                         "full")}, ModelInfo(key={}, fingerprint="x"), photos, photos[:1],
+                         tmp_path / "scratch", settings, lambda _: None)
+    assert len(seen) == 7 and not seen[0].exists()
+    assert not list((tmp_path / "scratch").iterdir())

@@ -25,11 +25,12 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageOps
 from torchvision.transforms.functional import pil_to_tensor
 
-from handclip.data.images import ImageLoader, geometric_transform, open_clip_transform
+from handclip.data.images import ImageLoader, check_decode, geometric_transform, open_clip_transform
 from handclip.errors import HandCLIPError
 from handclip.evaluation.embed import embed_batches
 from handclip.identify.images import embed_files
 from handclip.identify.index import ModelInfo
+from handclip.identify.run import with_settings
 from handclip.models.backends import default_cache_dir, make_embedder
 from handclip.models.checkpoint import load_encoder
 from handclip.models.clip import uses_pretrained_weights
@@ -42,14 +43,13 @@ class HandCLIP:
     """A loaded model: ``embed``, ``preprocess``, ``classes``, ``threshold`` and ``identify``."""
 
     def __init__(self, encoder: ImageEncoder, meta: dict, key: dict, backend: str, device: str,
-                 calibration: str | Path | None, cache_dir: str | Path | None, seed: int):
-        self.encoder, self.meta, self.seed = encoder, meta, seed
+                 calibration: str | Path | None, cache_dir: str | Path | None, seed: int, decode: str = "full"):
+        self.encoder, self.meta, self.seed, self.decode = encoder, meta, seed, check_decode(decode)
         self.device = resolve_device(device)
         self.fingerprint = encoder_fingerprint(encoder)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.embedder = make_embedder(encoder, backend, self.device, self.fingerprint, self.cache_dir)
-        key = {**key, "backend": self.embedder.name} if self.embedder.name != "torch" else key
-        self.model = ModelInfo(key=key, fingerprint=self.fingerprint)
+        self.model = with_settings(ModelInfo(key=key, fingerprint=self.fingerprint), self.embedder.name, decode)
         self.calibration = calibration
         #: open_clip's evaluation transform for this model (PIL image -> normalised float tensor), as
         #: ``open_clip.create_model_and_transforms`` returns it; feed its output to :meth:`embed_normalized`.
@@ -71,7 +71,8 @@ class HandCLIP:
 
     def __repr__(self) -> str:
         source = self.model.key.get("checkpoint") or self.model.key.get("zero_shot")
-        return f"HandCLIP({source!r}, backend={self.backend!r}, device={str(self.device)!r}, dim={self.dim})"
+        draft = ", decode='draft'" if self.decode == "draft" else ""
+        return f"HandCLIP({source!r}, backend={self.backend!r}{draft}, device={str(self.device)!r}, dim={self.dim})"
 
     # -- embeddings ------------------------------------------------------------------------------
     def _crop(self, image) -> torch.Tensor:
@@ -95,7 +96,7 @@ class HandCLIP:
         """Embeddings ``(N, D)`` float32 (L2-normalised unless ``normalize=False``) of one image or a list of them:
         file paths, PIL images, or uint8 tensors of crops ``(3, H, W)`` / ``(N, 3, H, W)``. Float tensors only with
         their range: ``scale=1.0`` for ``[0, 1]``, ``scale=255.0`` for ``[0, 255]`` (refused otherwise). A file
-        that cannot be read stops with one line naming it."""
+        that cannot be read stops with one line naming it. Files are decoded as ``load(decode=...)`` says."""
         if isinstance(images, torch.Tensor):
             crops = self._tensor_crops(images, scale)
             out = torch.cat(embed_batches(self.embedder, crops.split(batch_size), self.device, check_finite=True))
@@ -105,10 +106,10 @@ class HandCLIP:
             return torch.empty((0, self.dim), dtype=torch.float32)
         if all(isinstance(i, (str, Path)) for i in items):
             if not normalize:
-                loader = ImageLoader(self.encoder.preprocess)
+                loader = ImageLoader(self.encoder.preprocess, self.decode)
                 return self.embed(torch.stack([loader(p) for p in items]), batch_size=batch_size, normalize=False)
             done = embed_files(self.embedder, [Path(p) for p in items], self.device, batch_size, num_workers=None,
-                               progress=False)
+                               progress=False, decode=self.decode)
             if done.failed:
                 raise HandCLIPError(done.failed[0][1])
             return done.embeddings
@@ -159,7 +160,7 @@ class HandCLIP:
             cfg.paths.output_root = str(root.parent)
             cfg.update(name=root.name, query=str(query), gallery=str(gallery), index=str(index), top_k=int(top_k),
                        pictures=bool(pictures), overwrite=bool(overwrite), batch_size=int(batch_size),
-                       device=str(self.device))
+                       device=str(self.device), decode=self.decode)
             with contextlib.redirect_stdout(io.StringIO()):  # the command line's summary: the records are returned
                 result = identify(cfg, loaded=(self.embedder, self.model, self.meta), out_dir=root)
         return result["queries"]
@@ -167,13 +168,14 @@ class HandCLIP:
 
 def load(checkpoint: str | Path | None = None, *, model: str | None = None, pretrained: str | None = None,
          backend: str = "torch", device: str = "cpu", calibration: str | Path | None = None,
-         cache_dir: str | Path | None = None, seed: int = 42) -> HandCLIP:
+         cache_dir: str | Path | None = None, seed: int = 42, decode: str = "full") -> HandCLIP:
     """A fine-tuned checkpoint (``best.ckpt``), or with ``model=`` the zero-shot open_clip model (``pretrained``: a
     tag or a weights file; None: random weights drawn from ``seed``). Only the image tower is built.
 
     ``backend``: torch, torch-bf16, onnx, onnx-int8 or auto (README "Fast CPU inference"); ``cache_dir``: where
     ONNX graphs are kept (default ``~/.cache/handclip/backends``); ``calibration``: a calibration file for the
-    threshold of a zero-shot model."""
+    threshold of a zero-shot model; ``decode``: ``full``, or ``draft`` to decode JPEG files at a reduced scale
+    (faster, embeddings slightly different; PIL images and tensors are already decoded)."""
     if (checkpoint is None) == (model is None):
         raise HandCLIPError("handclip.load needs a checkpoint path, or model=NAME (and pretrained=...) for a "
                             "zero-shot model, not both")
@@ -185,7 +187,7 @@ def load(checkpoint: str | Path | None = None, *, model: str | None = None, pret
         torch.manual_seed(seed)  # random weights come out as in `eval` and `identify` with the same seed
         encoder = zero_shot_encoder(model, pretrained)
         meta, key = {}, {"zero_shot": model, "pretrained": pretrained if uses_pretrained_weights(pretrained) else None}
-    return HandCLIP(encoder, meta, key, backend, device, calibration, cache_dir, seed)
+    return HandCLIP(encoder, meta, key, backend, device, calibration, cache_dir, seed, decode)
 
 
 __all__: Sequence[str] = ("HandCLIP", "load")

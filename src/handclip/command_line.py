@@ -184,6 +184,7 @@ def check_override_keys(config_name: str, argv: list[str]) -> None:
                  if o.get_key_element().lstrip("+~").split(".")[0].split("/")[0] != "hydra"]
     if not overrides:
         return
+    _refuse_draft_decoding(config_name, overrides)
     first = [_first_value(o) for o in overrides]
     base = [f for f in first if f is not None]
     variants = [base]
@@ -197,6 +198,20 @@ def check_override_keys(config_name: str, argv: list[str]) -> None:
             _explain_composition_error(config_name, err, overrides)
             return  # not a key or type problem: Hydra's own report says what does not compose
         check_values(cfg)
+
+
+#: The commands that never decode photos at a reduced scale (their configs have no ``decode`` key).
+FULL_DECODING_ONLY = ("train", "eval")
+
+
+def _refuse_draft_decoding(config_name: str, overrides: list) -> None:
+    """``decode=`` on training or evaluation (even added with ``+``): one line saying why, instead of a key that
+    would be read by nothing."""
+    for override in overrides:
+        if config_name in FULL_DECODING_ONLY and override.get_key_element().lstrip("+~").split(".")[-1] == "decode":
+            raise HandCLIPError(f"{override.input_line}: {config_name} always decodes photos in full; decode=draft "
+                                "(JPEGs at a reduced scale) is offered by identify, export format=embeddings and the "
+                                "Python API only")
 
 
 def _explain_composition_error(config_name: str, err: Exception, overrides: list) -> None:

@@ -72,7 +72,7 @@ def embeddings(cfg: DictConfig) -> dict:
     embedder, model, _ = load_embedder(cfg, device)
     info = {**model.key, "fingerprint": model.fingerprint, "backend": embedder.name, "agreement": embedder.agreement}
     return export_embeddings(embedder, info, cfg.images, cfg.out, device, cfg.overwrite, cfg.batch_size,
-                             cfg.num_workers, cfg.progress, files=files)
+                             cfg.num_workers, cfg.progress, files=files, decode=model.decode)
 
 
 def onnx(cfg: DictConfig) -> dict:
@@ -96,6 +96,9 @@ FORMATS: dict[str, Callable[[DictConfig], dict]] = {"open_clip": open_clip, "ope
 def export(cfg: DictConfig) -> dict:
     if cfg.format not in FORMATS:
         raise HandCLIPError(f"format={cfg.format!r}: choose one of {', '.join(FORMATS)}")
+    if cfg.get("decode", "full") != "full" and cfg.format != "embeddings":
+        raise HandCLIPError(f"decode={cfg.decode} applies to format=embeddings only (it decodes photos); "
+                            f"format={cfg.format} exports the model: leave decode=full")
     report = FORMATS[cfg.format](cfg)
     details = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in report.items()
                         if k != "path")

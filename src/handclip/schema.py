@@ -292,6 +292,7 @@ class IdentifySchema(_ModelCommand):
     device: str = MISSING
     backend: str = checked_by(check_backend)
     backend_cache: Optional[str] = MISSING
+    decode: str = one_of("full", "draft")
     batch_size: int = at_least(1)
     num_workers: Optional[int] = at_least(0)
     progress: bool = MISSING
@@ -309,6 +310,7 @@ class ExportSchema(_ModelCommand):
     device: str = MISSING
     backend: str = checked_by(check_backend)
     backend_cache: Optional[str] = MISSING
+    decode: str = one_of("full", "draft")
     batch_size: int = at_least(1)
     num_workers: Optional[int] = at_least(0)
     progress: bool = MISSING

@@ -19,6 +19,7 @@ from handclip.data import synthetic
 from handclip.data.cache import cached_crops
 from handclip.data.datasets import ImageDataset, TensorImageDataset, batch_collate
 from handclip.data.images import ImageLoader
+from handclip.data.split import prepare_dataset
 from handclip.errors import HandCLIPError
 from handclip.models.clip import preprocess_config
 from handclip.utils.devices import usable_cpus
@@ -52,6 +53,31 @@ def synthetic_jpegs(scratch: Path, count: int, size: tuple[int, int], seed: int,
         raise HandCLIPError(f"expected {count} synthetic images under {hands}, found {len(paths)}")
     info["mean_file_kb"] = round(sum(p.stat().st_size for p in paths) / len(paths) / 1024, 1)
     return paths, info
+
+
+def demo_photos(scratch: Path, demo: dict, size: tuple[int, int], say: Say) -> dict:
+    """``make demo``'s identify photos: the synthetic hands at the demo's settings (subjects, photos per aspect,
+    seed) rendered at ``size`` and split by the 11k protocol (generated once under ``scratch``, then reused);
+    the queries and gallery of ``demo['hand']``'s first run (``query0`` against ``gallery0``)."""
+    subjects, per_aspect, seed = int(demo["subjects"]), int(demo["images_per_aspect"]), int(demo["seed"])
+    root = scratch / f"demo-{size[0]}x{size[1]}-s{subjects}-i{per_aspect}-seed{seed}"
+    splits = root / "splits"
+    if not splits.is_dir():  # both are swapped in whole: a folder that is there is complete
+        say(f"  generating the demo's synthetic hands at {size[0]}x{size[1]} once into {root} ...")
+        synthetic.generate_dataset(root / "raw", subjects=subjects, images_per_aspect=per_aspect, seed=seed,
+                                   size=tuple(size), overwrite=True)
+        prepare_dataset(root / "raw", splits, overwrite=True)
+    hand = splits / f"train_val_test_split_{demo['hand']}"
+    gallery = sorted((hand / "gallery0").glob("*/*.jpg"))
+    queries = sorted((hand / "query0").glob("*/*.jpg"))
+    if not gallery or not queries:
+        raise HandCLIPError(f"no demo photos under {hand} (gallery0/, query0/)")
+    return {"queries": queries, "gallery": gallery, "gallery_identities": [p.parent.name for p in gallery],
+            "source": f"make demo's identify photos ({demo['hand']} query0 against gallery0: {len(queries)} queries, "
+                      f"{len(gallery)} gallery photos) of its synthetic hands ({subjects} subjects, {per_aspect} "
+                      f"photos per aspect, seed {seed}) rendered at {size[0]}x{size[1]}, generated in the bench",
+            "dir": str(root), "mean_file_kb": round(sum(p.stat().st_size for p in queries + gallery)
+                                                    / len(queries + gallery) / 1024, 1)}
 
 
 def _epoch(loader: Iterable) -> int:

@@ -1,5 +1,11 @@
 """CPU inference: images/s of each backend at batch 64, batch-1 latency, agreement with torch fp32, identify end to
-end on 1600x1200 JPEGs, and what the CPU could do at most (``fp32_peak_fraction``).
+end on a new gallery of 1600x1200 JPEGs (:mod:`handclip.bench.gallery`), and what the CPU could do at most
+(``fp32_peak_fraction``).
+
+Agreement is measured on the check images (cosine) and on ``make demo``'s identify photos (its synthetic hands at
+the demo's settings rendered at ``photo_size``, generated here): cosine of each photo's embedding with torch fp32's
+and the share of the demo's queries whose top-1 identity is unchanged, with full decoding and with draft decoding
+(JPEGs at a reduced scale, :class:`handclip.data.images.ImageLoader`) against torch fp32 with full decoding.
 
 ``fp32_peak_fraction`` = images/s x GFLOPs per image / the cores' fp32 peak, the peak being cores x clock x fp32
 FLOPs per cycle: vector lanes (16 with AVX-512, 8 with AVX2) x 2 (fused multiply-add) x 2 FMA units per core (the
@@ -18,12 +24,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from handclip.bench.data import synthetic_jpegs
+from handclip.bench.data import demo_photos
+from handclip.bench.gallery import identify_gallery
 from handclip.bench.machine import cpu_info
 from handclip.bench.measure import MB, PeakMemory, ratio, summary, timed
-from handclip.data.images import ImageLoader
+from handclip.data.images import ImageLoader, draft_side, load_rgb
 from handclip.errors import HandCLIPError
-from handclip.identify.images import embed_files
+from handclip.identify.index import ModelInfo
 from handclip.models.backends import AGREEMENT_GOAL, agreement, available, check_images, make_embedder
 from handclip.models.clip import build_image_tower, create_clip, preprocess_config
 from handclip.models.encoder import ImageEncoder
@@ -33,6 +40,9 @@ from handclip.utils.devices import cpu_flags, usable_cpus
 Say = Callable[[str], None]
 #: Flags that decide which backend is fast: vector width, int8 dot products, bf16.
 FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+#: The agreement draft decoding (with the best backend) must show on the demo's photos against torch fp32 with
+#: full decoding for identify's goal figure to be taken with it (else with full decoding).
+DRAFT_GOAL = {"cosine_min": 0.99, "top1_same_share": 0.99}
 
 
 def fp32_peak_gflops(cores: int) -> dict:
@@ -86,29 +96,29 @@ def _throughput(embedder, images: torch.Tensor, batch: int, repeats: int, latenc
             "latency_b1_p50_ms": 1000 * statistics.median(latencies), "latency_b1_p95_ms": 1000 * p95}
 
 
-def _top1_agreement(reference: torch.Tensor, other: torch.Tensor, subjects: list[str]) -> dict:
-    """Share of queries whose top-1 identity is the same with both sets of embeddings: the first image of each
-    subject is the gallery, the others are queries."""
-    first = {}
-    for row, s in enumerate(subjects):
-        first.setdefault(s, row)
-    gallery = sorted(first.values())
-    queries = [r for r in range(len(subjects)) if r not in set(gallery)]
+def _agreement(reference: torch.Tensor, other: torch.Tensor, queries: int, identities: list[str]) -> dict:
+    """Cosine of ``other``'s embeddings of the demo's photos (queries first, then the gallery) with ``reference``'s,
+    and the share of queries whose top-1 identity (identify's: the identity of the best gallery photo) is the same."""
+    cosine = F.cosine_similarity(other.double(), reference.double(), dim=1)
 
     def top1(e):
         e = F.normalize(e.double(), dim=1)
-        return (e[queries] @ e[gallery].T).argmax(dim=1)
+        return (e[:queries] @ e[queries:].T).argmax(dim=1).tolist()
 
-    same = (top1(reference) == top1(other)).double().mean()
-    return {"top1_same_share": float(same), "queries": len(queries), "gallery": len(gallery)}
+    same = [identities[a] == identities[b] for a, b in zip(top1(reference), top1(other))]
+    return {"photos_cosine_min": float(cosine.min()), "photos_cosine_mean": float(cosine.mean()),
+            "top1_same_share": sum(same) / len(same), "queries": queries, "gallery": len(identities)}
 
 
-def _subjects(paths: list[Path]) -> list[str]:
-    import csv
+def _decode(loader: ImageLoader, paths: list[Path]) -> tuple[torch.Tensor, float]:
+    start = time.perf_counter()
+    crops = torch.stack([loader(p) for p in paths])
+    return crops, 1000 * (time.perf_counter() - start) / len(paths)
 
-    with open(paths[0].parent.parent / "HandInfo.csv", newline="") as f:
-        owner = {row["imageName"]: row["id"] for row in csv.DictReader(f)}
-    return [owner[p.name] for p in paths]
+
+@torch.inference_mode()
+def _embed(embedder, crops: torch.Tensor, batch: int) -> torch.Tensor:
+    return torch.cat([embedder.embed(chunk) for chunk in crops.split(batch)])
 
 
 def bench_inference(s: dict, scratch: Path, seed: int, say: Say) -> tuple[dict, dict]:
@@ -122,21 +132,26 @@ def bench_inference(s: dict, scratch: Path, seed: int, say: Say) -> tuple[dict, 
                     "cpu": {**cpu_info(), "flags": [f for f in FLAGS if f in flags]},
                     "fp32_peak": fp32_peak_gflops(cores), "text_tower": _text_tower_saving(s["model_name"])}
     say(f"  image tower alone: {result['text_tower']['not_built_mb']} MB of text tower not built")
-    paths, info = synthetic_jpegs(scratch, int(s["photos"]), tuple(s["photo_size"]), seed, say)
-    subjects = _subjects(paths)
-    loader = ImageLoader(encoder.preprocess)
-    start = time.perf_counter()
-    crops = torch.stack([loader(p) for p in paths])
-    result["decode_ms_per_photo"] = 1000 * (time.perf_counter() - start) / len(paths)
+    demo = demo_photos(scratch, s["demo"], tuple(s["photo_size"]), say)
+    photos, queries, identities = demo["queries"] + demo["gallery"], len(demo["queries"]), demo["gallery_identities"]
+    result["agreement_photos"] = demo["source"]
+    crops, full_ms = _decode(ImageLoader(encoder.preprocess), photos)
+    drafts, draft_ms = _decode(ImageLoader(encoder.preprocess, "draft"), photos)
+    with load_rgb(photos[0], draft_side(encoder.preprocess)) as img:
+        draft_size = list(img.size)
+    result["decode"] = {"photos": len(photos), "mean_file_kb": demo["mean_file_kb"], "photo_size": s["photo_size"],
+                        "full_ms_per_photo": full_ms, "draft_ms_per_photo": draft_ms, "draft_size": draft_size,
+                        "draft_min_side": draft_side(encoder.preprocess)}
+    result["decode_ms_per_photo"] = full_ms
     images = torch.cat([crops, check_images(encoder, max(0, int(s["images"]) - len(crops)), seed)])[:int(s["images"])]
-    cache = scratch / "backends"
-    backends, memory, reference = {}, {}, None
+    cache, batch = scratch / "backends", int(s["batch_size"])
+    backends, memory, embedders, reference = {}, {}, {}, None
     for name in s["backends"]:
         if not available(name):
             backends[name] = {"skipped": "not available on this machine"}
             say(f"  {name}: not available on this machine")
             continue
-        say(f"  {name}: building / loading, agreement, {images.shape[0]} images at batch {s['batch_size']} x "
+        say(f"  {name}: building / loading, agreement, {images.shape[0]} images at batch {batch} x "
             f"{s['repeats']}, {s['latency_calls']} batch-1 calls ...")
         try:
             start = time.perf_counter()
@@ -147,46 +162,42 @@ def bench_inference(s: dict, scratch: Path, seed: int, say: Say) -> tuple[dict, 
             say(f"  {name}: refused: {err}")
             continue
         with PeakMemory(torch.device("cpu")) as mem:
-            entry.update(_throughput(embedder, images, int(s["batch_size"]), int(s["repeats"]),
-                                     int(s["latency_calls"])))
+            entry.update(_throughput(embedder, images, batch, int(s["repeats"]), int(s["latency_calls"])))
         memory[name] = mem.result
-        with torch.inference_mode():
-            on_photos = embedder.embed(crops)
+        on_photos = _embed(embedder, crops, batch)
         reference = on_photos if name == "torch" else reference
         entry["agreement"] = embedder.agreement or agreement(embedder, encoder, check_images(encoder))
-        if reference is not None:
-            cosine = F.cosine_similarity(on_photos.double(), reference.double(), dim=1)
-            entry["agreement"].update(photos_cosine_min=float(cosine.min()),
-                                      **_top1_agreement(reference, on_photos, subjects))
+        if reference is not None:  # the demo's photos, full and draft decoding, against torch fp32 with full decoding
+            entry["agreement"].update(_agreement(reference, on_photos, queries, identities))
+            entry["draft_agreement"] = _agreement(reference, _embed(embedder, drafts, batch), queries, identities)
         entry["meets_agreement"] = entry["agreement"]["cosine_min"] >= AGREEMENT_GOAL[name]
         peak = result["fp32_peak"]["gflops"]
         entry["fp32_peak_fraction"] = (entry["images_per_s_b64"] * result["gflops_per_image"] / peak) if peak else None
-        backends[name] = entry
-        say(f"  {name}: {entry['images_per_s_b64']:.1f} images/s at b{s['batch_size']}, batch 1 p50 "
+        backends[name], embedders[name] = entry, embedder
+        say(f"  {name}: {entry['images_per_s_b64']:.1f} images/s at b{batch}, batch 1 p50 "
             f"{entry['latency_b1_p50_ms']:.0f} ms, cosine >= {entry['agreement']['cosine_min']:.5f}")
     result["backends"] = backends
     measured = {k: v for k, v in backends.items() if "images_per_s_b64" in v and v["meets_agreement"]}
-    if "torch" in measured:
-        best = max(measured, key=lambda k: measured[k]["images_per_s_b64"])
-        result["best_backend"] = best
-        result["best_vs_torch_b64"] = ratio(measured[best]["images_per_s_b64"], measured["torch"]["images_per_s_b64"])
-        result["best_latency_b1_p50_ms"] = min(v["latency_b1_p50_ms"] for v in measured.values())
-        result["auto_picks"] = make_embedder(encoder, "auto", "cpu", fingerprint, cache).name
-        result["identify"] = _identify_rate(encoder, best, fingerprint, cache, paths, s, info, say)
-        result["identify_photos_per_s"] = result["identify"][best]["photos_per_s"]
+    if "torch" not in measured:
+        return result, memory
+    best = max(measured, key=lambda k: measured[k]["images_per_s_b64"])
+    result["best_backend"] = best
+    result["best_vs_torch_b64"] = ratio(measured[best]["images_per_s_b64"], measured["torch"]["images_per_s_b64"])
+    result["best_latency_b1_p50_ms"] = min(v["latency_b1_p50_ms"] for v in measured.values())
+    auto = make_embedder(encoder, "auto", "cpu", fingerprint, cache)
+    result["auto_picks"] = auto.name
+    result["auto"] = {k: auto.auto[k] for k in ("seconds_per_image", "refused", "reused")}
+    if int(s["gallery_size"]) > 0:
+        runs = {f"{name}-{decode}": (embedders[name], decode) for name in dict.fromkeys(("torch", best))
+                for decode in ("full", "draft")}
+        model = ModelInfo(key={"zero_shot": s["model_name"], "pretrained": None}, fingerprint=fingerprint)
+        gallery = identify_gallery(runs, model, photos, demo["queries"], scratch, s, say)
+        result["identify"] = gallery
+        draft = backends[best]["draft_agreement"]
+        draft_ok = (draft["photos_cosine_min"] >= DRAFT_GOAL["cosine_min"]
+                    and draft["top1_same_share"] >= DRAFT_GOAL["top1_same_share"])
+        gallery["draft_goal"], gallery["draft_meets_goal"] = dict(DRAFT_GOAL), draft_ok
+        fastest = f"{best}-draft" if draft_ok else f"{best}-full"
+        result["identify_best"] = fastest
+        result["identify_photos_per_s"] = gallery["runs"][fastest]["photos_per_s"]
     return result, memory
-
-
-def _identify_rate(encoder, best: str, fingerprint: str, cache: Path, paths: list[Path], s: dict, info: dict,
-                   say: Say) -> dict:
-    """Photos/s of identify's embedding of new photos (decode + resize + embed, DataLoader workers as identify
-    runs them), with torch fp32 and the best backend."""
-    out = {"photos": len(paths), "photo_size": list(s["photo_size"]), "mean_file_kb": info.get("mean_file_kb")}
-    for name in dict.fromkeys(("torch", best)):
-        embedder = make_embedder(encoder, name, "cpu", fingerprint, cache)
-        say(f"  identify end to end ({name}): {len(paths)} {s['photo_size'][0]}x{s['photo_size'][1]} JPEGs ...")
-        start = time.perf_counter()
-        done = embed_files(embedder, paths, torch.device("cpu"), int(s["batch_size"]), progress=False)
-        seconds = time.perf_counter() - start
-        out[name] = {"photos_per_s": len(done.rows) / seconds, "seconds": seconds}
-    return out

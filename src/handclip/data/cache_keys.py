@@ -20,8 +20,10 @@ Entry = tuple[str, int, int]
 
 
 def settings_of(loader: ImageLoader) -> Any:
-    """The preprocessing settings as plain JSON values (tuples become lists, as after a JSON round trip)."""
-    return json.loads(json.dumps(dataclasses.asdict(loader.cfg)))
+    """The preprocessing settings as plain JSON values (tuples become lists, as after a JSON round trip); a loader
+    that decodes JPEGs at a reduced scale (``decode="draft"``) has settings of its own."""
+    settings = json.loads(json.dumps(dataclasses.asdict(loader.cfg)))
+    return {**settings, "decode": loader.decode} if loader.decode != "full" else settings
 
 
 def digest(value: Any) -> str:

@@ -54,18 +54,19 @@ def scan_images(images: str | Path) -> list[GalleryFile]:
 
 def export_embeddings(encoder, model: dict, images: str | Path, out: str | Path, device: torch.device,
                       overwrite: bool = False, batch_size: int = 64, num_workers: int | None = None,
-                      progress: bool = True, files: list[GalleryFile] | None = None) -> dict:
+                      progress: bool = True, files: list[GalleryFile] | None = None, decode: str = "full") -> dict:
     """Embed every image under ``images`` (``files``: its :func:`scan_images`, when already made) with ``encoder``
-    (an encoder or a backend's embedder) and write them to ``out``; returns a short report."""
+    (an encoder or a backend's embedder), decoded by ``decode`` (full or draft), and write them to ``out``; returns
+    a short report."""
     out = check_output_file(out, overwrite, SUFFIXES)
     files = scan_images(images) if files is None else files
     embedded = embed_files(encoder, [f.path for f in files], device, batch_size, num_workers, progress,
-                           desc="embedding")
+                           desc="embedding", decode=decode)
     report_failures([(files[i].path, msg) for i, msg in embedded.failed], "image")
     if not embedded.rows:
         raise HandCLIPError(f"none of the {len(files)} images under {str(images)!r} could be read")
     kept = [files[i] for i in embedded.rows]
-    meta = {"model": model, "preprocess": dataclasses.asdict(encoder.preprocess),
+    meta = {"model": model, "preprocess": dataclasses.asdict(encoder.preprocess), "decode": decode,
             "folder": str(Path(images).expanduser().resolve()), "normalised": True, "count": len(kept),
             "dim": int(embedded.embeddings.shape[1]), "handclip_version": __version__,
             "unreadable": [{"path": str(files[i].path), "reason": msg} for i, msg in embedded.failed]}

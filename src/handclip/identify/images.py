@@ -40,12 +40,14 @@ def default_workers(num_files: int, batch_size: int) -> int:
 
 
 def embed_files(model, paths: list[Path], device: torch.device, batch_size: int = 64,
-                num_workers: int | None = None, progress: bool = True, desc: str = "embedding") -> Embedded:
+                num_workers: int | None = None, progress: bool = True, desc: str = "embedding",
+                decode: str = "full") -> Embedded:
     """Embed ``paths`` with ``model`` (an encoder: open_clip's preprocessing, bf16 autocast on CUDA as in ``eval``;
-    or an inference backend) through the one embedding loop, :func:`handclip.evaluation.embed.embed_batches`."""
+    or an inference backend) through the one embedding loop, :func:`handclip.evaluation.embed.embed_batches`.
+    ``decode``: ``full`` or ``draft`` (JPEGs at a reduced scale, :class:`~handclip.data.images.ImageLoader`)."""
     embedder = as_embedder(model, device)
     workers = default_workers(len(paths), batch_size) if num_workers is None else num_workers
-    loader = DataLoader(UnreadableTolerantDataset(list(paths), ImageLoader(embedder.preprocess)),
+    loader = DataLoader(UnreadableTolerantDataset(list(paths), ImageLoader(embedder.preprocess, decode)),
                         batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_readable)
     rows, failed = [], []
 

@@ -74,10 +74,16 @@ class GalleryIndex:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the index is built with: a description that names the model, and its fingerprint."""
+    """What the index is built with: a description that names the model (and the backend and the decoding when they
+    are not the defaults), and its fingerprint."""
 
     key: dict
     fingerprint: str
+
+    @property
+    def decode(self) -> str:
+        """How its images are decoded: ``full`` or ``draft`` (the key names it, so the index is kept apart)."""
+        return self.key.get("decode", "full")
 
 
 def _entry(f: GalleryFile) -> list:
@@ -203,7 +209,7 @@ def _open_index(path: Path, gallery: Path, files: list[GalleryFile], encoder: Im
     check_writable(path.parent, "gallery index folder (index=)")  # before embedding anything
     todo = [i for i, e in enumerate(entries) if _key(e) not in reusable and _key(e) not in skipped_before]
     embedded = embed_files(encoder, [files[i].path for i in todo], device, batch_size, num_workers, progress,
-                           desc="gallery: embedding")
+                           desc="gallery: embedding", decode=model.decode)
     failed = {todo[i]: msg for i, msg in embedded.failed}
     report_failures([(files[i].path, msg) for i, msg in failed.items()], "gallery")
     new_row = {todo[r]: n for n, r in enumerate(embedded.rows)}  # entry -> row of the new embeddings

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from handclip.data.images import check_decode
 from handclip.errors import HandCLIPError
 from handclip.evaluation.calibration import read_calibration, select_threshold, sidecar_path
 from handclip.identify.images import embed_files, report_failures
@@ -54,13 +55,17 @@ def load_model(cfg: DictConfig) -> tuple[ImageEncoder, ModelInfo, dict]:
 
 
 def load_embedder(cfg: DictConfig, device: torch.device) -> tuple[Embedder, ModelInfo, dict]:
-    """:func:`load_model` run by ``backend=`` (its agreement checked); an index made by a backend other than torch
-    is kept apart from torch's (its key names the backend)."""
+    """:func:`load_model` run by ``backend=`` (its agreement checked) and decoding by ``decode=``; an index made by a
+    backend other than torch, or of draft-decoded images, is kept apart (its key names the backend, the decoding)."""
     encoder, model, meta = load_model(cfg)
     embedder = make_embedder(encoder, str(cfg.backend), device, model.fingerprint, cfg.backend_cache)
-    if embedder.name != "torch":
-        model = ModelInfo(key={**model.key, "backend": embedder.name}, fingerprint=model.fingerprint)
-    return embedder, model, meta
+    return embedder, with_settings(model, embedder.name, check_decode(str(cfg.get("decode") or "full"))), meta
+
+
+def with_settings(model: ModelInfo, backend: str, decode: str) -> ModelInfo:
+    """``model`` whose key also names a backend other than torch and a decoding other than full."""
+    extra = {**({"backend": backend} if backend != "torch" else {}), **({"decode": decode} if decode != "full" else {})}
+    return ModelInfo(key={**model.key, **extra}, fingerprint=model.fingerprint) if extra else model
 
 
 def resolve_threshold(cfg: DictConfig, meta: dict, fingerprint: str) -> dict:
@@ -132,7 +137,7 @@ def _identify(cfg: DictConfig, out_dir: Path, loaded: tuple | None = None) -> di
     index_at = index_path(cfg, gallery, model)
     check_index_path(index_at)
     embedded = embed_files(encoder, queries, device, cfg.batch_size, cfg.num_workers, cfg.progress,
-                           desc="queries: embedding")
+                           desc="queries: embedding", decode=model.decode)
     report_failures([(queries[i], msg) for i, msg in embedded.failed], "query")
     if not embedded.rows:
         raise HandCLIPError(f"none of the {len(queries)} query image(s) could be read (the gallery was not "

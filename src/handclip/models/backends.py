@@ -3,8 +3,9 @@
 ``torch``: PyTorch, fp32 on the CPU (bf16 autocast on CUDA, as evaluation has always run). ``torch-bf16``: bf16
 autocast on a CPU that computes in bf16 natively (AVX-512 BF16 or AMX). ``onnx``: onnxruntime fp32 on the CPU, from
 the image tower exported by :mod:`handclip.models.onnx_export`. ``onnx-int8``: that graph with onnxruntime's dynamic
-int8 quantisation (int8 weights, activations quantised per batch). ``auto``: the first of :data:`AUTO_ORDER` this
-machine has whose agreement meets its goal (torch on CUDA).
+int8 quantisation (int8 weights, activations quantised per batch). ``auto``: the fastest backend this machine has
+whose agreement meets its goal, timed on this model on this CPU once (:func:`time_backend`) and the choice kept
+in ``cache_dir`` per (CPU model and flags, threads, library versions, goals, model fingerprint); torch on CUDA.
 
 The exported and quantised graphs are built once per model and kept under ``cache_dir`` by the model's fingerprint
 (its weights and preprocessing) and the onnxruntime version, so a cached graph is never stale. Every backend but
@@ -15,10 +16,13 @@ mean) and refuses with one line when the lowest is under :data:`AGREEMENT_GOAL`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
+import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -27,7 +31,7 @@ import torch.nn.functional as F
 from handclip.errors import HandCLIPError
 from handclip.models.encoder import ImageEncoder
 from handclip.schema import BACKEND_CHOICES, INFERENCE_BACKENDS, check_backend
-from handclip.utils.devices import cpu_has_bf16
+from handclip.utils.devices import cpu_flags, cpu_has_bf16, cpu_model_name
 from handclip.utils.files import atomic_write, temp_path
 from handclip.utils.locks import exclusive_lock
 
@@ -36,8 +40,8 @@ log = logging.getLogger(__name__)
 BACKENDS, CHOICES = INFERENCE_BACKENDS, BACKEND_CHOICES
 #: The lowest cosine (embedding vs torch fp32's, over the check images) each backend must reach to be used.
 AGREEMENT_GOAL = {"torch": 0.99999, "torch-bf16": 0.99, "onnx": 0.9999, "onnx-int8": 0.99}
-#: ``backend=auto`` on a CPU: fastest first, as measured by ``python -m handclip.bench bench.parts=[inference]``.
-AUTO_ORDER = ("onnx-int8", "torch-bf16", "onnx", "torch")
+#: ``backend=auto`` times each backend on this many check images at one batch, fastest of ``repeats`` passes.
+AUTO_TIMING = {"images": 16, "repeats": 3}
 #: Bumped when the way cached graphs are built changes (they are then rebuilt).
 CACHE_FORMAT = 1
 #: Images the agreement is measured on.
@@ -71,6 +75,8 @@ class Embedder:
     def __init__(self, encoder: ImageEncoder, device: torch.device):
         self.encoder, self.device = encoder, device
         self.agreement: dict | None = None
+        #: How ``backend=auto`` chose this backend (its timings), when it did.
+        self.auto: dict | None = None
 
     @property
     def preprocess(self):
@@ -249,14 +255,81 @@ def available(backend: str) -> bool:
     return True
 
 
+def machine_key() -> dict:
+    """What ``auto``'s choice depends on besides the model: the CPU (model name and flags), the threads, the
+    libraries and the agreement goals. A choice is reused only while all of them are the same."""
+    try:
+        import onnxruntime
+
+        ort = onnxruntime.__version__
+    except ImportError:
+        ort = None
+    return {"cpu": cpu_model_name(), "flags": sorted(cpu_flags()), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "onnxruntime": ort, "goals": dict(AGREEMENT_GOAL), "format": CACHE_FORMAT,
+            "timing": dict(AUTO_TIMING)}
+
+
+def time_backend(embedder: Embedder, images: torch.Tensor, repeats: int) -> float:
+    """Seconds per image of ``embedder`` on ``images`` in one batch: a warm-up pass, then the fastest of
+    ``repeats`` (the least disturbed by other processes)."""
+    embedder.embed(images)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        embedder.embed(images)
+        best = min(best, time.perf_counter() - start)
+    return best / images.shape[0]
+
+
 def _auto(encoder: ImageEncoder, device: torch.device, fingerprint: str | None, cache_dir) -> Embedder:
+    """The fastest backend that meets its agreement, as measured here once (the choice kept, see the module)."""
     if device.type != "cpu":
         return TorchEmbedder(encoder, device)
-    for backend in AUTO_ORDER:
-        if not available(backend):
+    if fingerprint is None:
+        from handclip.models.fingerprint import encoder_fingerprint
+
+        fingerprint = encoder_fingerprint(encoder)
+    cache_dir = Path(cache_dir or default_cache_dir())
+    machine = machine_key()
+    folder = cache_dir / fingerprint
+    folder.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(json.dumps(machine, sort_keys=True).encode()).hexdigest()[:16]
+    record = folder / f"auto-{digest}.json"
+    with exclusive_lock(folder / ".auto.lock"):  # not the graphs' lock, which make_embedder takes
+        try:
+            cached = json.loads(record.read_text())
+        except (OSError, ValueError):
+            cached = None
+        if cached and cached.get("machine") == machine and cached.get("fingerprint") == fingerprint:
+            try:
+                embedder = make_embedder(encoder, cached["choice"], device, fingerprint, cache_dir)
+                embedder.auto = {**cached, "reused": True}
+                return embedder
+            except HandCLIPError as err:
+                log.info("backend=auto: the kept choice %s is not usable (%s); timing again", cached["choice"], err)
+        return _measure(encoder, device, fingerprint, cache_dir, machine, record)
+
+
+def _measure(encoder: ImageEncoder, device: torch.device, fingerprint: str, cache_dir: Path, machine: dict,
+             record: Path) -> Embedder:
+    images = check_images(encoder, int(AUTO_TIMING["images"]), seed=1)
+    seconds, refused, embedders = {}, {}, {}
+    for name in INFERENCE_BACKENDS:
+        if not available(name):
+            refused[name] = "not available on this machine"
             continue
         try:
-            return make_embedder(encoder, backend, device, fingerprint, cache_dir)
-        except HandCLIPError as err:
-            log.info("backend=auto: %s not used (%s)", backend, err)
-    return TorchEmbedder(encoder, device)
+            embedders[name] = make_embedder(encoder, name, device, fingerprint, cache_dir)
+        except HandCLIPError as err:  # short of its agreement goal on this model: never chosen
+            refused[name] = str(err)
+            continue
+        seconds[name] = time_backend(embedders[name], images, int(AUTO_TIMING["repeats"]))
+    choice = min(seconds, key=lambda n: (seconds[n], INFERENCE_BACKENDS.index(n)))  # torch is always there
+    log.info("backend=auto chose %s (seconds per image: %s)", choice,
+             ", ".join(f"{n} {t:.4f}" for n, t in seconds.items()))
+    chosen = {"choice": choice, "seconds_per_image": seconds, "refused": refused, "fingerprint": fingerprint,
+              "machine": machine}
+    atomic_write(record, json.dumps(chosen, indent=1), durable=False)
+    embedder = embedders[choice]
+    embedder.auto = {**chosen, "reused": False}
+    return embedder

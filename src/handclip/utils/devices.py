@@ -34,6 +34,20 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def cpu_model_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or the platform's processor string where the OS does not list it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def cpu_has_bf16() -> bool:
     """Whether the CPU computes in bfloat16 natively (AVX-512 BF16 or AMX): only then does bf16 autocast pay."""
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
