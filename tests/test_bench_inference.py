@@ -72,12 +72,13 @@ def test_identify_end_to_end_on_a_temporary_gallery(result):
     labels = {f"{b}-{d}" for b in ("torch", inf["best_backend"]) for d in ("full", "draft")}
     assert set(gallery["runs"]) == labels
     for label, run in gallery["runs"].items():
-        assert run["photos_decoded"] == 30 + 9 and run["photos_per_s"] == pytest.approx(39 / run["seconds"], rel=0.01)
+        assert run["photos_decoded"] == 30 + 9 and run["seconds"] == pytest.approx(39 / run["photos_per_s"], abs=0.006)
         assert f"{run['backend']}-{run['decode']}" == label
     best = inf["backends"][inf["best_backend"]]["draft_agreement"]
     draft_ok = best["photos_cosine_min"] >= 0.99 and best["top1_same_share"] >= 0.99
     assert gallery["draft_meets_goal"] == draft_ok
-    assert inf["identify_best"] == f"{inf['best_backend']}-{'draft' if draft_ok else 'full'}"
+    allowed = [f"{inf['best_backend']}-full"] + ([f"{inf['best_backend']}-draft"] if draft_ok else [])
+    assert inf["identify_photos_per_s"] == max(gallery["runs"][label]["photos_per_s"] for label in allowed)
     assert inf["identify_photos_per_s"] == gallery["runs"][inf["identify_best"]]["photos_per_s"]
     assert not list(result["scratch"].glob(f"{PREFIX}*"))  # the gallery is removed afterwards
 

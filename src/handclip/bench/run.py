@@ -130,6 +130,10 @@ def _run(s: dict, device: torch.device, started: float, say: Say) -> dict:
     host["other_processes_cpu_share"] = cpu_share.stop()
     host["other_processes_cpu_share_per_part"] = others
     result["host"] = host
+    if host["other_processes_cpu_share"] is not None and host["other_processes_cpu_share"] > 0.1:
+        load = f"load average {host['load_average_start'][0]} at the start, " if host["load_average_start"] else ""
+        result["under_load"] = (f"taken under load: {load}other processes used {host['other_processes_cpu_share']:.0%} "
+                                f"of the {cores} cores' time; speeds are pessimistic (agreement figures are not)")
     result["part_s"] = part_s
     result["total_s"] = round(time.perf_counter() - started, 1)
 
