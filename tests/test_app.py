@@ -310,11 +310,21 @@ def test_identify_never_sees_a_half_enrolled_person(studio_env, tmp_path):
         studio.remove_person(studio.gallery_labels[0], f"person{n}", label)
 
 
-def test_explore_shows_the_training_curves_of_the_model(studio_env):
-    studio = studio_env["studio"]
-    text, pictures = studio.evaluation(studio.models[0].label)
-    assert "python -m handclip.eval" in text or pictures  # no eval run here: says how to make one
-    assert [caption for _, caption in pictures] == ["training curves"] or not pictures
+def test_explore_shows_the_evaluation_of_the_chosen_model(studio_env):
+    studio, label = studio_env["studio"], studio_env["studio"].models[0].label
+    text, pictures = studio.evaluation(label)  # no eval run yet: says how to make one; the training curves
+    assert "python -m handclip.eval" in text and [c for _, c in pictures] == ["training curves"]
+    folder = studio_env["base"] / "outputs" / "eval"
+    folder.mkdir()
+    (folder / "comparison.md").write_text("| hand | rank-1 |\n|---|---|\n| dorsal_right | 0.5 |\n")
+    for name in ("comparison_cmc_dorsal_right", "comparison_cmc_palmar_left", "comparison_roc_det"):
+        write_image(folder / f"{name}.png", seed=1)
+    try:
+        text, pictures = studio.evaluation(label)
+        assert "| dorsal_right | 0.5 |" in text
+        assert [c for _, c in pictures] == ["comparison_roc_det", "comparison_cmc_dorsal_right", "training curves"]
+    finally:
+        shutil.rmtree(folder)
 
 
 # -- the address and the login -------------------------------------------------------------------------------
