@@ -99,6 +99,24 @@ def test_batch_in_chunks_gives_the_same_records_and_one_csv(studio_env):
     assert len(rows) == 1 + 3 * n  # one header, top-3 rows per photo
 
 
+def test_nothing_is_written_outside_the_gallery_and_the_app_folder(studio_env, tmp_path, monkeypatch):
+    import tempfile
+
+    studio, base = studio_env["studio"], studio_env["base"]
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where a stray temporary file would go
+
+    def snapshot():
+        return {p: p.stat().st_mtime_ns for p in base.rglob("*") if studio.folders.out not in p.parents
+                and studio_env["gallery"] not in p.parents and p not in (studio.folders.out, studio_env["gallery"])}
+
+    before = snapshot()
+    studio.identify(studio_env["queries"][:2], request(studio_env))
+    photo = write_image(base / "app" / "in" / "e.png", seed=3, size=(48, 48), identity=5000)
+    studio.enrol(studio.gallery_labels[0], "erin", [photo], studio.models[0].label)
+    studio.remove_person(studio.gallery_labels[0], "erin", studio.models[0].label)
+    assert snapshot() == before and list(tmp_path.iterdir()) == []
+
+
 # -- the decision band ---------------------------------------------------------------------------------------
 LEVELS = [{"target_fmr": 0.1, "threshold": 0.5}, {"target_fmr": 0.01, "threshold": 0.7},
           {"target_fmr": 0.001, "threshold": 0.8}, {"target_fmr": 0.0001, "threshold": 0.9}]
