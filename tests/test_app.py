@@ -85,6 +85,59 @@ def test_the_app_gives_identify_top_k_and_decisions(studio_env, target_fmr):
     assert outcome.band.threshold == written["threshold"]["threshold"]
 
 
+def same_records(mine: list[dict], theirs: list[dict]) -> None:
+    assert [r["decision"] for r in mine] == [r["decision"] for r in theirs]
+    assert [[t["identity"] for t in r["top"]] for r in mine] == [[t["identity"] for t in r["top"]] for r in theirs]
+    for a, b in zip(mine, theirs, strict=True):
+        assert [t["score"] for t in a["top"]] == pytest.approx([t["score"] for t in b["top"]], abs=1e-5)
+
+
+def test_an_exported_model_and_the_zero_shot_model_are_offered_and_answer_as_identify(studio_env):
+    import handclip
+    from handclip.app.engine import Request
+    from handclip.models.open_clip_export import export_open_clip
+
+    studio, base = studio_env["studio"], studio_env["base"]
+    export_open_clip(studio_env["ckpt"], base / "outputs" / "export" / "dr.safetensors")
+    zero_shot = handclip.load(model="HandCLIP-Tiny", seed=42)
+    calibration = json.loads(studio_env["ckpt"].with_name("best.calibration.json").read_text())
+    folder = base / "outputs" / "zs" / "eval"  # as eval writes it for the zero-shot model (its figures borrowed)
+    folder.mkdir(parents=True)
+    (folder / "dorsal_right_zeroshot.calibration.json").write_text(
+        json.dumps({**calibration, "model_fingerprint": zero_shot.fingerprint}))
+    try:
+        labels = studio.refresh()
+        assert labels[0] == studio.models[0].label and studio.models[0].kind == "checkpoint"
+        kinds = {m.kind: m for m in studio.models}
+        assert kinds["export"].label == "exported · export/dr.safetensors"
+        assert kinds["zero-shot"].label == "zero-shot HandCLIP-Tiny · zs/eval/dorsal_right_zeroshot.calibration.json"
+        queries = studio_env["queries"][:3]
+        by_checkpoint = studio.identify(queries, request(studio_env)).records
+        by_export = studio.identify(queries, Request(kinds["export"].label, studio.gallery_labels[0], 3)).records
+        same_records(by_export, by_checkpoint)  # the same image tower, the checkpoint's calibration
+        mine = studio.identify(queries, Request(kinds["zero-shot"].label, studio.gallery_labels[0], 3))
+        theirs = handclip.load(model="HandCLIP-Tiny", seed=42, calibration=folder / "dorsal_right_zeroshot."
+                               "calibration.json", cache_dir=base / "cache").identify(queries[0], studio_env["gallery"],
+                                                                                    top_k=3)
+        same_records(mine.records[:1], theirs)
+        assert mine.result["model"]["zero_shot"] == "HandCLIP-Tiny"
+    finally:
+        shutil.rmtree(base / "outputs" / "zs")
+        shutil.rmtree(base / "outputs" / "export")
+        studio.refresh()
+
+
+def test_the_first_gallery_offered_is_the_one_of_the_model_hand(studio_env, tmp_path):
+    from handclip.app.engine import Studio
+    from handclip.app.settings import Folders
+
+    splits = [tmp_path / hand_dir_name(h) / "gallery0" for h in ("dorsal_left", "dorsal_right", "palmar_left")]
+    studio = Studio(Folders(galleries=splits, models_root=studio_env["studio"].folders.models_root,
+                            out=tmp_path / "app"), Limits())
+    assert studio.models[0].hand == "dorsal_right" and studio.default_gallery(studio.models[0].label) == str(splits[1])
+    assert studio.default_gallery(None) == str(splits[0])
+
+
 def test_batch_in_chunks_gives_the_same_records_and_one_csv(studio_env):
     studio, steps = studio_env["studio"], []
     whole = studio.identify(studio_env["queries"], request(studio_env))

@@ -32,6 +32,7 @@ from handclip.app.settings import Folders, Limits
 from handclip.app.uploads import check_uploads, thumbnail
 from handclip.errors import HandCLIPError
 from handclip.evaluation.calibration import read_calibration
+from handclip.hands import HAND_TYPES, hand_dir_name
 from handclip.identify.index import open_index
 from handclip.identify.results import write_results
 from handclip.identify.run import index_path
@@ -92,6 +93,16 @@ class Studio:
     @property
     def gallery_labels(self) -> list[str]:
         return [str(g) for g in self.folders.galleries]
+
+    def default_gallery(self, model_label: str | None) -> str | None:
+        """The gallery of the model's hand type (``<split of the hand>/gallery0``), else the first."""
+        choice = next((m for m in self.models if m.label == model_label), None)
+        if choice is not None and choice.hand in HAND_TYPES:
+            split = hand_dir_name(choice.hand)
+            match = next((str(g) for g in self.folders.galleries if g.parent.name == split), None)
+            if match is not None:
+                return match
+        return (self.gallery_labels or [None])[0]
 
     def choice(self, label: str) -> ModelChoice:
         found = next((m for m in self.models if m.label == label), None)

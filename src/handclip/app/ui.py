@@ -56,7 +56,7 @@ def build(studio: Studio) -> gr.Blocks:
             model = gr.Dropdown(models, value=models[0] if models else None, label="Model", elem_id="model-select",
                                 scale=4, allow_custom_value=True)  # the server checks it against its own list
             refresh = gr.Button("↻ models", elem_id="models-refresh", scale=0)
-            gallery = gr.Dropdown(studio.gallery_labels, value=(studio.gallery_labels or [None])[0],
+            gallery = gr.Dropdown(studio.gallery_labels, value=studio.default_gallery(models[0] if models else None),
                                   label="Gallery", elem_id="gallery-select", scale=4)
         with gr.Tab("Identify", elem_id="tab-identify"):
             with gr.Row():
