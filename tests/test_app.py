@@ -326,6 +326,20 @@ def test_a_bad_upload_gives_its_message_and_the_next_good_one_works(client, stud
     assert len(tiles) == 4 and sorted(Path(f["path"]).suffix for f in files) == [".csv", ".json"]
 
 
+def test_batch_takes_files_and_a_folder_and_gives_one_table_and_csv(client, studio_env):
+    studio, queries = studio_env["studio"], studio_env["queries"]
+    options = [studio.models[0].label, studio.gallery_labels[0], 2, "0.1"]
+    files = upload(client, *((q.name, q.read_bytes()) for q in queries[:2]))
+    folder = upload(client, *((q.name, q.read_bytes()) for q in queries[2:4]), ("notes.txt", b"no photo"))
+    status, table, downloads = call(client, "batch", [files, folder, *options])
+    assert status.startswith("4 photo(s) identified") and "notes.txt: not an image" in status
+    assert [row[0] for row in table["data"]] == [q.name for q in queries[:4]]
+    csv_file = next(Path(f["path"]) for f in downloads if f["path"].endswith(".csv"))
+    assert len(csv_file.read_text().splitlines()) == 1 + 2 * 4
+    assert all(row[1] == r["decision"] for row, r in zip(table["data"], studio.identify(
+        queries[:4], request(studio_env, 2, 0.1)).records))
+
+
 def test_enrolment_then_identify_finds_the_new_person(client, studio_env, tmp_path):
     studio = studio_env["studio"]
     photos = [write_image(tmp_path / f"d{k}.png", seed=k, size=(48, 48), identity=3000) for k in range(2)]

@@ -9,7 +9,8 @@ Element ids (stable: the browser tests find the components by them):
     enrol-name, enrol-upload, enrol-run, enrol-status,              Enrol: add a person (or more photos of them)
     enrol-people, enrol-person, enrol-photo,                        who is in the gallery; pick a person / photo
     enrol-remove-photo, enrol-remove-person                         remove them
-    batch-upload, batch-run, batch-status, batch-table, batch-download    Batch: many photos, one table and CSV
+    batch-upload, batch-folder, batch-run,                          Batch: many photos (or a folder),
+    batch-status, batch-table, batch-download                       one table and one CSV
     explore-run, explore-table, explore-pictures                    Explore: evaluation results of the model
 """
 
@@ -92,8 +93,11 @@ def build(studio: Studio) -> gr.Blocks:
                         drop_photo = gr.Button("Remove photo", elem_id="enrol-remove-photo")
                         drop_person = gr.Button("Remove person", variant="stop", elem_id="enrol-remove-person")
         with gr.Tab("Batch", elem_id="tab-batch"):
-            batch_files = gr.File(file_count="multiple", type="filepath", label="Photos (many at once)",
-                                  elem_id="batch-upload")
+            with gr.Row():
+                batch_files = gr.File(file_count="multiple", type="filepath", label="Photos (many at once)",
+                                      elem_id="batch-upload")
+                batch_folder = gr.File(file_count="directory", type="filepath", label="... or a folder",
+                                       elem_id="batch-folder")
             batch_run = gr.Button("Identify all", variant="primary", elem_id="batch-run")
             batch_status = gr.Markdown(elem_id="batch-status")
             batch_table = gr.Dataframe(headers=BATCH_HEADERS, interactive=False, elem_id="batch-table")
@@ -127,8 +131,9 @@ def build(studio: Studio) -> gr.Blocks:
             except Exception as err:  # noqa: BLE001 - a message on the page; the server keeps running
                 return _error_text(err), "", [], [], None
 
-        def batch(files, model_label, gallery_label, k, fmr_value, progress=gr.Progress()):
+        def batch(files, folder, model_label, gallery_label, k, fmr_value, progress=gr.Progress()):
             try:
+                files = [*(files or []), *(folder or [])]
                 request = Request(model_label, gallery_label, int(k), _fmr(fmr_value))
                 outcome = studio.identify(files, request, max_files=studio.limits.max_batch_files, chunk=32,
                                           progress=lambda done, total: progress((done, total), desc="photos"))
@@ -191,7 +196,8 @@ def build(studio: Studio) -> gr.Blocks:
         common = [model, gallery, top_k, fmr]
         run.click(identify, [photos, *common], [messages, decision, table, tiles, download],
                   api_name="identify")
-        batch_run.click(batch, [batch_files, *common], [batch_status, batch_table, batch_download], api_name="batch")
+        batch_run.click(batch, [batch_files, batch_folder, *common], [batch_status, batch_table, batch_download],
+                        api_name="batch")
         enrolled = [status, listing, person, photo]
         enrol.click(do_enrol, [gallery, name, new_photos, model], enrolled, api_name="enrol")
         drop_photo.click(do_remove_photo, [gallery, person, photo, model], enrolled, api_name="remove_photo")
