@@ -170,6 +170,23 @@ def test_nothing_is_written_outside_the_gallery_and_the_app_folder(studio_env, t
     assert snapshot() == before and list(tmp_path.iterdir()) == []
 
 
+def test_request_folders_and_thumbnails_go_after_a_day(studio_env):
+    import os
+    import time
+
+    studio = studio_env["studio"]
+    first = studio.identify(studio_env["queries"][:1], request(studio_env))
+    folder = first.files["json"].parents[1]
+    studio.tiles(first, request(studio_env))
+    thumbs = sorted((studio.folders.out / "thumbs").iterdir())
+    day_ago = time.time() - 24 * 3600 - 60
+    for path in (folder, thumbs[0]):
+        os.utime(path, (day_ago, day_ago))
+    second = studio.identify(studio_env["queries"][:1], request(studio_env))
+    assert not folder.exists() and not thumbs[0].exists() and all(t.exists() for t in thumbs[1:])
+    assert second.files["json"].is_file()
+
+
 # -- the decision band ---------------------------------------------------------------------------------------
 LEVELS = [{"target_fmr": 0.1, "threshold": 0.5}, {"target_fmr": 0.01, "threshold": 0.7},
           {"target_fmr": 0.001, "threshold": 0.8}, {"target_fmr": 0.0001, "threshold": 0.9}]

@@ -134,10 +134,11 @@ class Studio:
         root = self.folders.out / "requests"
         root.mkdir(parents=True, exist_ok=True)
         cutoff = time.time() - self.keep_hours * 3600
-        for old in root.iterdir():
+        thumbs = self.folders.out / "thumbs"
+        for old in [*root.iterdir(), *(thumbs.iterdir() if thumbs.is_dir() else [])]:  # photos are not kept longer
             try:
                 if old.stat().st_mtime < cutoff:
-                    shutil.rmtree(old, ignore_errors=True)
+                    shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
             except OSError:
                 pass
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")

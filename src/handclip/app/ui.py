@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 FMR_CHOICES = ["calibrated target", "0.1", "0.01", "0.001", "0.0001"]
 TABLE_HEADERS = ["photo", "rank", "person", "score", "decision", "zone"]
 BATCH_HEADERS = ["photo", "decision", "score", "zone", "top-k"]
+#: Requests that may wait in gradio's queue; more are refused ("queue is full") instead of piling up.
+QUEUE_SIZE = 256
 
 
 def md_escape(text: str) -> str:
@@ -207,4 +209,6 @@ def build(studio: Studio) -> gr.Blocks:
         page.load(listed, [gallery], [listing, person, photo], api_name=False)
         explore.click(show_evaluation, [model], [explore_table, explore_pictures], api_name="explore")
         refresh.click(lambda: gr.update(choices=studio.refresh()), None, [model], api_name=False)
+    # one request of each kind at a time (the model runs on every core); waiting requests bounded
+    page.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
     return page
