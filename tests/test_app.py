@@ -121,6 +121,14 @@ def test_an_exported_model_and_the_zero_shot_model_are_offered_and_answer_as_ide
                                                                                     top_k=3)
         same_records(mine.records[:1], theirs)
         assert mine.result["model"]["zero_shot"] == "HandCLIP-Tiny"
+        # another calibration file of the same zero-shot model: its threshold, the weights loaded once
+        (folder / "palmar_left_zeroshot.calibration.json").write_text(
+            json.dumps({**calibration, "model_fingerprint": zero_shot.fingerprint, "threshold": 0.25}))
+        other = next(label for label in studio.refresh() if label.endswith("palmar_left_zeroshot.calibration.json"))
+        again = studio.identify(queries, Request(other, studio.gallery_labels[0], 3))
+        assert again.band.threshold == 0.25 and [r["score"] for r in again.records] == [r["score"] for r in
+                                                                                       mine.records]
+        assert studio.model(other).encoder is studio.model(kinds["zero-shot"].label).encoder
     finally:
         shutil.rmtree(base / "outputs" / "zs")
         shutil.rmtree(base / "outputs" / "export")

@@ -12,6 +12,7 @@ A gallery mode (templates, fusion) chosen per request can be added to :class:`Re
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -118,11 +119,19 @@ class Studio:
         return found.resolve()
 
     def model(self, label: str):
+        """The loaded model of a choice; the zero-shot model is loaded once for all its calibration files."""
         choice = self.choice(label)
         with self._load_lock:
             if label not in self._loaded:
-                self._loaded[label] = load_choice(choice, self.device, self.backend,
-                                                  self.folders.out / "backends", self.seed)
+                same = next((self._loaded[m.label] for m in self.models if m.label in self._loaded
+                             and m.kind == "zero-shot" == choice.kind and m.model_name == choice.model_name
+                             and m.pretrained == choice.pretrained), None)
+                if same is not None:  # the same weights: shared, with this choice's calibration file
+                    self._loaded[label] = copy.copy(same)
+                    self._loaded[label].calibration = choice.calibration
+                else:
+                    self._loaded[label] = load_choice(choice, self.device, self.backend,
+                                                      self.folders.out / "backends", self.seed)
             return self._loaded[label]
 
     def index_of(self, model, gallery: Path) -> Path:
