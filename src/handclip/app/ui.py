@@ -67,9 +67,9 @@ def build(studio: Studio) -> gr.Blocks:
                                  elem_id="identify-upload")
                 with gr.Column():
                     top_k = gr.Slider(1, 20, value=studio.top_k, step=1, label="top-k people", elem_id="identify-topk")
-                    fmr = gr.Dropdown(FMR_CHOICES, value=FMR_CHOICES[0] if studio.target_fmr is None
-                                      else f"{studio.target_fmr:g}", label="Decision threshold at false-match rate",
-                                      elem_id="identify-fmr")
+                    chosen = FMR_CHOICES[0] if studio.target_fmr is None else f"{studio.target_fmr:g}"
+                    fmr = gr.Dropdown(list(dict.fromkeys([*FMR_CHOICES, chosen])), value=chosen,
+                                      label="Decision threshold at false-match rate", elem_id="identify-fmr")
                     run = gr.Button("Identify", variant="primary", elem_id="identify-run")
             messages = gr.Markdown(elem_id="identify-messages")
             decision = gr.Markdown(elem_id="identify-decision")
