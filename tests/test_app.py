@@ -395,8 +395,15 @@ def test_enrolment_refuses_a_bad_name_and_writes_nothing(client, studio_env):
     assert sorted(p.name for p in studio_env["gallery"].iterdir()) == before
 
 
-def test_identify_never_sees_a_half_enrolled_person(studio_env, tmp_path):
-    """Enrolments of two photos each run while identify runs: every identify sees whole people only."""
+def test_identify_never_sees_a_half_enrolled_person(studio_env, tmp_path, monkeypatch):
+    """Enrolments of two photos each run while identify runs: every identify sees whole people only (each photo
+    write is slowed down, so that an identify would fall between two writes without the gallery's lock)."""
+    import time
+
+    from handclip.app.uploads import Upload
+
+    save = Upload.save
+    monkeypatch.setattr(Upload, "save", lambda self, *args: (save(self, *args), time.sleep(0.3))[0])
     studio, label, gallery = studio_env["studio"], studio_env["studio"].models[0].label, studio_env["gallery"]
     base = len(list(gallery.rglob("*.png")))
     seen, errors = [], []
