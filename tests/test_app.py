@@ -215,7 +215,7 @@ def test_grey_zone_lies_between_the_neighbouring_levels_at_its_exact_ends():
 
 # -- names and uploads ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["", "  ", "../x", "a/b", "a\\b", "..", "a..b", ".hidden", "~root", "a\x00b",
-                                  "tab\there", "x" * 81])
+                                  "tab\there", "x" * 81, "unknown", "Unknown"])
 def test_unsafe_person_names_are_refused(name):
     with pytest.raises(HandCLIPError):
         check_person(name)
