@@ -213,6 +213,18 @@ def test_grey_zone_lies_between_the_neighbouring_levels_at_its_exact_ends():
     assert given.zone(0.6) == "match" and given.zone(0.5999) == "no match"
 
 
+def test_the_decision_line_names_threshold_fmr_and_grey_zone():
+    from handclip.app.decisions import describe
+
+    b = band({"threshold": 0.7, "target_fmr": 0.01}, LEVELS)
+    assert describe({"decision": "alice", "score": 0.85}, b) == (
+        "**alice** (score 0.850 ≥ threshold 0.700 at FMR 1 %)")
+    assert describe({"decision": "alice", "score": 0.75}, b).endswith(
+        " — grey zone: between the thresholds at FMR 10 % (0.500) and 0.1 % (0.800); check by eye")
+    assert describe({"decision": "unknown", "score": 0.45}, b) == (
+        "**unknown** (best score 0.450 < threshold 0.700 at FMR 1 %)")
+
+
 # -- names and uploads ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["", "  ", "../x", "a/b", "a\\b", "..", "a..b", ".hidden", "~root", "a\x00b",
                                   "tab\there", "x" * 81, "unknown", "Unknown"])
