@@ -19,7 +19,7 @@ from handclip.evaluation.calibration import (
 )
 from handclip.identify.modes import top_k_persons
 from handclip.identify.search import top_k_identities
-from handclip.metrics.templates import case_max, fixed_size_cases, mean_templates
+from handclip.metrics.templates import calibration_cases, case_max, fixed_size_cases, mean_templates
 
 
 # -- the definitions, written out ------------------------------------------------------------------
@@ -114,6 +114,14 @@ def test_fixed_size_cases_and_case_max_follow_their_definitions():
     assert cases[0] == 0 and cases[2] == 1  # numbered by first row
     with pytest.raises(ValueError):
         fixed_size_cases(labels, size=0)
+    # one val photo per identity (the 11k and HD splits): each case filled with 2 training photos of its identity
+    val_case, train_case = calibration_cases(torch.tensor([7, 3, 7]), torch.tensor([3, 7, 3, 3, 7, 7, 9]), size=3)
+    assert val_case.tolist() == [0, 1, 0]
+    # case 0 (identity 7: 2 val photos) takes 1 of 7's rows (1, 4, 5); case 1 (identity 3: 1 photo) takes 2 of
+    # 3's rows (0, 2, 3); identity 9 has no case; every identity keeps a photo in the gallery
+    assert train_case.tolist() == [1, 0, 1, -1, -1, -1, -1]
+    _, single = calibration_cases(torch.tensor([1]), torch.tensor([1, 2]), size=3)
+    assert single.tolist() == [-1, -1]  # its only training photo stays
     table = torch.tensor([[1.0, 5.0], [2.0, -1.0], [0.5, 0.5], [2.0, 7.0]])
     assert case_max(table, torch.tensor([1, 0, 1, 0])).tolist() == [[2.0, 7.0], [1.0, 5.0]]
 
@@ -175,28 +183,41 @@ def test_a_one_photo_case_is_that_photo_and_one_photo_persons_make_mean_equal_ma
 
 # -- calibration per mode ---------------------------------------------------------------------------
 def ref_mode_scores(mode, val, val_labels, train, train_labels):
-    """(genuine, impostor) of one decision mode, from the definitions (cases: consecutive groups of 3 photos of
-    one identity in their order)."""
+    """(genuine, impostor) of one decision mode, from the definitions. Cases: 3 consecutive val photos of one
+    identity, a case of fewer filled with the identity's first training photos not taken yet (never its last),
+    and those training photos leave the gallery."""
     gallery_mode, _, case = mode.partition("+")
+    gallery = list(range(len(train_labels)))
     if case:
         by_identity: dict[int, list[int]] = {}
         for i, lab in enumerate(val_labels):
             by_identity.setdefault(lab, []).append(i)
-        probes = [(lab, rows[j:j + 3]) for lab, rows in by_identity.items() for j in range(0, len(rows), 3)]
+        groups = sorted(((rows[j:j + 3][0], lab, [val[i] for i in rows[j:j + 3]]) for lab, rows in by_identity.items()
+                         for j in range(0, len(rows), 3)), key=lambda t: t[0])  # cases in order of first photo
+        probes = []
+        for _, lab, photos in groups:
+            own = [r for r in gallery if train_labels[r] == lab]
+            take = own[:max(0, min(3 - len(photos), len(own) - 1))]
+            gallery = [r for r in gallery if r not in take]
+            probes.append((lab, photos + [train[r] for r in take]))
     else:
-        probes = [(lab, [i]) for i, lab in enumerate(val_labels)]
+        probes = [(lab, [val[i]]) for i, lab in enumerate(val_labels)]
     genuine, impostor = [], []
-    for lab, rows in probes:
-        ranking = ref_ranking([val[i] for i in rows], train, train_labels, gallery_mode,
-                              case.removeprefix("case_") if case else None, k=len(set(train_labels)))
+    g_features, g_labels = [train[r] for r in gallery], [train_labels[r] for r in gallery]
+    for lab, photos in probes:
+        ranking = ref_ranking(photos, g_features, g_labels, gallery_mode, case.removeprefix("case_") if case else None,
+                              k=len(set(g_labels)))
         for person, score, _ in ranking:
             (genuine if person == lab else impostor).append(score)
     return np.array(genuine), np.array(impostor)
 
 
 def quantized(rng, n, dim=4):
-    """Unit vectors with entries +-0.5: every cosine is a multiple of 0.25, exact in float32 (many ties)."""
-    return rng.choice([-0.5, 0.5], size=(n, dim))
+    """Unit vectors with entries +-0.5: every cosine is a multiple of 0.25, exact in float32 (many ties). The
+    first entry is always +0.5, so that no sum of them (a case's or a person's mean) is zero."""
+    out = rng.choice([-0.5, 0.5], size=(n, dim))
+    out[:, 0] = 0.5
+    return out
 
 
 @pytest.mark.parametrize("exact", [True, False])
@@ -205,7 +226,8 @@ def test_every_mode_threshold_equals_a_brute_force_fmr_count_at_the_boundary(exa
     make = (lambda n: quantized(rng, n)) if exact else (lambda n: rng.normal(size=(n, 6)))
     train, val = make(60), make(44)
     train_labels = [i % 12 for i in range(60)]
-    val_labels = [int(v) for v in rng.integers(0, 12, size=44)]
+    train_labels[59] = 12  # an identity with a single training photo: it stays in the gallery
+    val_labels = [int(v) for v in rng.integers(0, 13, size=44)]
     target = 0.1
     vt, tt = torch.as_tensor(val, dtype=torch.float32), torch.as_tensor(train, dtype=torch.float32)
     cal = calibration_from_embeddings(vt, val_labels, tt, train_labels, target, levels=())

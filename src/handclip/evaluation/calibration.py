@@ -24,7 +24,9 @@ holds ``threshold``, ``target_fmr``, ``fmr``, ``tar``, ``resolved``, ``levels`` 
 ``cases`` for case probes). A new mode (e.g. ``fused``) is one more entry of that shape, with its own
 description keys; :func:`select_threshold` reads any entry by name and refuses a name the file lacks.
 Case probes are calibrated on val cases: each val identity's photos, in file order, cut into cases of
-:data:`~handclip.metrics.templates.CASE_SIZE` consecutive photos (the last case holds the rest).
+:data:`~handclip.metrics.templates.CASE_SIZE` consecutive photos, a case short of that filled with the identity's
+first training photos, which then leave the gallery (:func:`~handclip.metrics.templates.calibration_cases`; the
+11k and HD splits have one val photo per identity).
 """
 
 from __future__ import annotations
@@ -46,10 +48,10 @@ from handclip.evaluation.embed import embed_loader
 from handclip.metrics.scores import IdentityScores, identity_scores
 from handclip.metrics.templates import (
     CASE_SIZE,
+    calibration_cases,
     case_labels,
     case_max,
     case_templates,
-    fixed_size_cases,
     mean_templates,
 )
 from handclip.metrics.verification import (
@@ -88,19 +90,27 @@ DECISION_MODES = tuple(decision_mode(g, q, c) for q, cs in (("each", ("mean",)),
 
 
 def _mode_scores(mode: str, val_features, val_labels, train_features, train_labels) -> IdentityScores:
-    """The identity scores of one decision mode: val probes (photos, or cases of :data:`CASE_SIZE` photos) against
-    the training identities (best photo, or mean template)."""
+    """The identity scores of one decision mode: val probes (photos, or cases of :data:`CASE_SIZE` photos filled
+    with training photos that then leave the gallery: :func:`~handclip.metrics.templates.calibration_cases`)
+    against the training identities (best photo, or mean template)."""
     gallery_mode, _, case = mode.partition("+")
+    val_labels = torch.as_tensor(val_labels, dtype=torch.long)
+    train_labels = torch.as_tensor(train_labels, dtype=torch.long)
+    if case:
+        val_case, train_case = calibration_cases(val_labels, train_labels)
+        taken = train_case >= 0
+        features = torch.cat([val_features, train_features[taken.to(train_features.device)]])
+        labels = torch.cat([val_labels, train_labels[taken]])
+        cases = torch.cat([val_case, train_case[taken]])
+        train_features, train_labels = train_features[(~taken).to(train_features.device)], train_labels[~taken]
     if gallery_mode == "mean":
-        train_features, train_labels = mean_templates(train_features, torch.as_tensor(train_labels))
+        train_features, train_labels = mean_templates(train_features, train_labels)
     if not case:
         return identity_scores(val_features, val_labels, train_features, train_labels)
-    labels = torch.as_tensor(val_labels, dtype=torch.long)
-    cases = fixed_size_cases(labels)
     if case == "case_mean":
-        return identity_scores(case_templates(val_features, cases), case_labels(labels, cases), train_features,
+        return identity_scores(case_templates(features, cases), case_labels(labels, cases), train_features,
                                train_labels)
-    photos = identity_scores(val_features, val_labels, train_features, train_labels)
+    photos = identity_scores(features, labels, train_features, train_labels)
     cases = cases.to(photos.table.device)
     return IdentityScores(table=case_max(photos.table, cases), identities=photos.identities,
                           own=case_labels(photos.own, cases))
@@ -153,7 +163,8 @@ def calibration_from_embeddings(val_features, val_labels, train_features, train_
         modes[mode]["identity_scoring"] = _SCORING[gallery_mode]
         if case:
             modes[mode].update(probe_scoring=_SCORING[case], case_size=CASE_SIZE,
-                               cases="val photos of one identity in consecutive groups of case_size")
+                               cases="val photos of one identity in consecutive groups of case_size, each filled up "
+                                     "with the identity's first training photos (which leave the gallery)")
     return {"format": CALIBRATION_FORMAT, **modes["max"], "modes": modes}
 
 

@@ -4,8 +4,11 @@
   face-recognition toolkits: insightface's IJB templates, bob.bio's default). With one photo it is that photo.
 * A **case** is a set of photos of one unknown person, probed as one: ``case_mean`` scores its mean template
   (as above), ``case_max`` scores each gallery person as the best score of any of its photos.
-* For calibration, a val identity's photos (in their order) are cut into cases of :data:`CASE_SIZE` consecutive
-  photos, the last case holding what remains (1 to :data:`CASE_SIZE` photos): :func:`fixed_size_cases`.
+* For calibration (:func:`calibration_cases`), a val identity's photos (in their order) are cut into cases of
+  :data:`CASE_SIZE` consecutive photos (:func:`fixed_size_cases`), and a case short of :data:`CASE_SIZE` photos
+  is filled with that identity's first training photos (always leaving one in the gallery), which then leave
+  the gallery. The 11k and HD splits have one val photo per identity: without the filling, every case would be
+  one photo and a case threshold would be a single photo's.
 
 Pure functions on tensors (no files, no model): identify, eval and the calibration use them.
 """
@@ -49,6 +52,33 @@ def fixed_size_cases(labels: torch.Tensor, size: int = CASE_SIZE) -> torch.Tenso
         seen[lab] = n + 1
         out.append(keys.setdefault((lab, n // size), len(keys)))
     return torch.tensor(out, dtype=torch.long)
+
+
+def calibration_cases(val_labels: torch.Tensor, train_labels: torch.Tensor, size: int = CASE_SIZE
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(case of every val row (V,), case of every training row (T,), -1 for the rows that stay in the gallery).
+
+    Val rows form cases as :func:`fixed_size_cases` makes them; each case with fewer than ``size`` photos takes
+    the first training photos of its identity not taken yet (in their order), at most as many as it lacks and
+    never the identity's last one."""
+    val_case = fixed_size_cases(val_labels, size)
+    val_l = torch.as_tensor(val_labels, dtype=torch.long).cpu().tolist()
+    available: dict[int, list[int]] = {}
+    for row, lab in enumerate(torch.as_tensor(train_labels, dtype=torch.long).cpu().tolist()):
+        available.setdefault(lab, []).append(row)
+    count: dict[int, int] = {}
+    label: dict[int, int] = {}
+    for c, lab in zip(val_case.tolist(), val_l):
+        count[c] = count.get(c, 0) + 1
+        label[c] = lab
+    train_case = [-1] * sum(len(rows) for rows in available.values())
+    for c in sorted(count):
+        rows = available.get(label[c], [])
+        take = rows[:max(0, min(size - count[c], len(rows) - 1))]
+        del rows[:len(take)]
+        for r in take:
+            train_case[r] = c
+    return val_case, torch.tensor(train_case, dtype=torch.long)
 
 
 def case_templates(features: torch.Tensor, cases: torch.Tensor) -> torch.Tensor:
