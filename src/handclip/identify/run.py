@@ -4,11 +4,12 @@
    refused, and writable), the query photos and the gallery files, the model (a checkpoint, or the zero-shot
    model given by ``model``), its open-set threshold (the checkpoint's calibration file, ``calibration=FILE``, or
    ``threshold=VALUE``) and the index folder;
-2. the query photos embedded (unreadable ones named, counted and left out; none readable: refused before the
-   gallery is embedded);
+2. the query photos embedded (unreadable ones named, counted and left out; none readable, or a case without a
+   readable photo: refused before the gallery is embedded);
 3. the gallery index, reused or updated (:mod:`handclip.identify.index`);
-4. exact top-k identities (:mod:`handclip.identify.search`) and a decision per query: the top identity when
-   its score reaches the threshold, else "unknown";
+4. exact top-k identities (:mod:`handclip.identify.search`; other decision modes: :mod:`handclip.identify.modes`)
+   and a decision per query (or per case): the top identity when its score reaches the threshold of the
+   decision mode, else "unknown";
 5. ``results.json``, ``results.csv`` and a ranking picture per query (:mod:`handclip.identify.results`).
 """
 
