@@ -14,8 +14,9 @@ Layout of an index folder::
 
 Opening an index for a gallery and a model:
 
-* same model, same weights, same files (path, size, modification time): reused, nothing decoded or embedded;
-  an index written before templates existed gets them added ("updated", nothing embedded);
+* same model, same weights, same files (path, size, modification time): reused, nothing decoded or embedded
+  (an index written before templates existed is reused too: its templates are computed when asked for, and
+  written with its next update);
 * files added, changed or removed: only those are embedded, the rest is copied ("updated", and said so);
 * same model but other weights (a retrained checkpoint at the same path), or another dtype: rebuilt, said so;
 * made by another model or for another gallery folder: refused, unless ``overwrite`` (then rebuilt);
@@ -72,13 +73,20 @@ class GalleryIndex:
     status: dict = field(default_factory=dict)
     """What opening it took: ``status`` (reused, built, updated, rebuilt), ``reason``, ``embedded``, ``decoded``."""
     templates: torch.Tensor | None = None
-    """(I, D) float32 mean template of each identity, in the order of :meth:`labels`' names."""
+    """(I, D) float32 mean template of each identity, in the order of :meth:`labels`' names (None: an index
+    written before templates existed; :meth:`mean_templates` computes them)."""
 
     def labels(self) -> tuple[torch.Tensor, list[str]]:
         """(integer label per row, identity names by label), names sorted."""
         names = sorted(set(self.identities))
         number = {n: i for i, n in enumerate(names)}
         return torch.tensor([number[i] for i in self.identities], dtype=torch.long), names
+
+    def mean_templates(self) -> torch.Tensor:
+        """(I, D) the identities' mean templates: as stored, or computed from the rows (an older index)."""
+        if self.templates is None:
+            self.templates = mean_templates(self.embeddings, self.labels()[0])[0]
+        return self.templates
 
 
 @dataclass(frozen=True)
@@ -206,8 +214,7 @@ def _open_index(path: Path, gallery: Path, files: list[GalleryFile], encoder: Im
         reusable = {_key(e): row for row, e in enumerate(old[1])}
         skipped_before = {(s[0], s[1], s[2]): s[3] for s in old[0].get("skipped", []) if (s[0], s[1], s[2]) in current}
         readable = [e for e in entries if _key(e) not in skipped_before]
-        if (old[1] == readable and len(skipped_before) == len(old[0].get("skipped", []))
-                and old[3] is not None):  # an index without templates gets them (nothing embedded)
+        if old[1] == readable and len(skipped_before) == len(old[0].get("skipped", [])):
             if skipped_before:
                 log.warning("%d gallery file(s) that could not be read are still left out: %s", len(skipped_before),
                             "; ".join(skipped_before.values()))

@@ -189,7 +189,7 @@ def _records(cfg: DictConfig, mode: dict, index: GalleryIndex, embedded, queries
     else:
         row_of = {q: n for n, q in enumerate(embedded.rows)}  # query photo -> embedding row
         hits = top_k_persons(probes, index.embeddings, labels, int(cfg.top_k),
-                             templates=index.templates if mode["gallery_mode"] == "mean" else None,
+                             templates=index.mean_templates() if mode["gallery_mode"] == "mean" else None,
                              groups=None if groups is None else [[row_of[i] for i in g] for g in groups],
                              case_mode=mode.get("case_mode", "mean"))
     gallery_root = Path(index.meta["gallery"])
