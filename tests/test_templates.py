@@ -274,3 +274,18 @@ def test_a_score_equal_to_a_mode_threshold_is_accepted_and_select_threshold_read
 
     top = [{"rank": 1, "identity": "a", "score": 0.25, "file": "f"}]
     assert decide("q", None, top, 0.25)["accepted"] and not decide("q", None, top, 0.25 + 1e-12)["accepted"]
+
+
+def test_the_index_writes_templates_a_block_of_identities_at_a_time(tmp_path):
+    from handclip.identify.index import _write_templates
+
+    gallery, labels, _ = features_with_ties(7)
+    rows = normalized(gallery).numpy()
+    identities = [f"person{lab:02d}" for lab in labels]
+    for block, dtype in ((2, "float32"), (65536, "float32"), (3, "float16")):
+        _write_templates(tmp_path / "t.npy", rows, identities, dtype, block)
+        written = np.load(tmp_path / "t.npy")
+        assert written.dtype == np.dtype(dtype) and written.shape == (len(set(labels)), rows.shape[1])
+        for t, person in zip(written.astype(np.float64), sorted(set(labels))):
+            expected = ref_template(gallery_rows_of(rows, labels, person))
+            assert t == pytest.approx(expected, abs=1e-6 if dtype == "float32" else 1e-3)

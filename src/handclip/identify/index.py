@@ -6,9 +6,10 @@ Layout of an index folder::
                       the gallery folder, count, width, dtype, unreadable files
     entries.json      one [relative path, identity, size, mtime_ns] per row
     embeddings.npy    (N, D) L2-normalised embeddings (float16 by default), memory-mapped when read
-    templates.npy     (I, D) float32: each identity's mean template (the L2-normalised mean of its stored rows,
-                      :func:`handclip.metrics.templates.mean_templates`), identities in sorted order; recomputed
-                      whenever rows are added or removed (a person's template depends on their rows only)
+    templates.npy     (I, D) in the embeddings' dtype: each identity's mean template (the L2-normalised mean of
+                      its stored rows, :func:`handclip.metrics.templates.mean_templates`), identities in sorted
+                      order, memory-mapped when read; recomputed whenever rows are added or removed (a
+                      person's template depends on their rows only)
     (meta.json also holds the SHA-256 of entries.json, embeddings.npy and templates.npy, checked whenever the
     index is read)
 
@@ -73,8 +74,8 @@ class GalleryIndex:
     status: dict = field(default_factory=dict)
     """What opening it took: ``status`` (reused, built, updated, rebuilt), ``reason``, ``embedded``, ``decoded``."""
     templates: torch.Tensor | None = None
-    """(I, D) float32 mean template of each identity, in the order of :meth:`labels`' names (None: an index
-    written before templates existed; :meth:`mean_templates` computes them)."""
+    """(I, D) mean template of each identity (the index's dtype), in the order of :meth:`labels`' names (None: an
+    index written before templates existed; :meth:`mean_templates` computes them)."""
 
     def labels(self) -> tuple[torch.Tensor, list[str]]:
         """(integer label per row, identity names by label), names sorted."""
@@ -141,9 +142,9 @@ def _read(path: Path) -> tuple[dict, list[list], np.ndarray, np.ndarray | None] 
         emb = np.load(path / "embeddings.npy", mmap_mode="c")  # copy-on-write: writable for torch, file untouched
         ok = (emb.shape == (meta["count"], meta["dim"]) and len(entries) == meta["count"]
               and str(emb.dtype) == meta["dtype"])
-        templates = np.load(path / _TEMPLATES) if _TEMPLATES in names else None
+        templates = np.load(path / _TEMPLATES, mmap_mode="c") if _TEMPLATES in names else None
         if templates is not None:
-            ok = ok and templates.shape == (len({e[1] for e in entries}), meta["dim"])
+            ok = ok and templates.shape == (len({e[1] for e in entries}), meta["dim"]) and templates.dtype == emb.dtype
         return (meta, entries, emb, templates) if ok else "its parts do not agree"
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"it is incomplete or unreadable ({type(err).__name__}: {err})"
@@ -265,11 +266,8 @@ def _write(path: Path, meta: dict, entries: list, sources: list[tuple[str, int]]
                 if dst.size:
                     out[dst] = array[np.array([r for k, r in part if k == kind], dtype=np.int64)]
         out.flush()
-        names = sorted({e[1] for e in entries})
-        number = {n: i for i, n in enumerate(names)}
-        templates, _ = mean_templates(torch.from_numpy(out), torch.tensor([number[e[1]] for e in entries]))
+        _write_templates(tmp / _TEMPLATES, out, [e[1] for e in entries], meta["dtype"], block)
         del out
-        np.save(tmp / _TEMPLATES, templates.numpy())
         atomic_write(tmp / "entries.json", json.dumps(entries))
         meta = {**meta, "sha256": {name: _sha256(tmp / name) for name in (*_CHECKED, _TEMPLATES)}}
         atomic_write(tmp / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: marks the folder complete
@@ -277,6 +275,21 @@ def _write(path: Path, meta: dict, entries: list, sources: list[tuple[str, int]]
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _write_templates(path: Path, rows: np.ndarray, identities: list[str], dtype: str, block: int) -> None:
+    """The identities' mean templates (sorted names) into ``path``, ``block`` identities at a time (a flat gallery
+    has one identity per row: memory stays bounded)."""
+    names = sorted(set(identities))
+    number = {n: i for i, n in enumerate(names)}
+    labels = np.array([number[i] for i in identities], dtype=np.int64)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=DTYPES[dtype], shape=(len(names), rows.shape[1]))
+    for start in range(0, len(names), block):
+        chosen = np.nonzero((labels >= start) & (labels < start + block))[0]  # in row order
+        templates, _ = mean_templates(torch.from_numpy(np.asarray(rows[chosen])), torch.from_numpy(labels[chosen]))
+        out[start:start + templates.shape[0]] = templates.numpy()
+    out.flush()
+    del out
 
 
 def _opened(path: Path, read: tuple | str, status: dict) -> GalleryIndex:
