@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import eval_cfg, make_layout, tiny_cfg
+from conftest import eval_cfg, make_layout, run_module, tiny_cfg
 from PIL import Image
 from reference import brute_force_metrics
 from test_templates import ref_ranking, ref_template
@@ -208,6 +208,20 @@ def test_case_folders_that_break_the_rules_are_refused_before_the_gallery(world,
             check_override_keys("identify", [key])
     with pytest.raises(HandCLIPError, match="gallery_mode.*expected one of max, mean"):
         check_override_keys("eval", ["gallery_mode=median"])
+
+
+def test_cli_a_case_without_a_readable_photo_is_one_error_line(world, tmp_path):
+    cases = tmp_path / "cases"
+    shutil.copytree(world["cases"], cases)
+    (cases / "bad").mkdir()
+    (cases / "bad" / "a.png").write_bytes(b"not a png")
+    result = run_module("handclip.identify", "experiment=demo", f"paths.output_root={tmp_path}",
+                        f"ckpt_path={world['ckpt']}", f"gallery={world['gallery']}", f"query={cases}",
+                        "query_mode=case", "progress=false")
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: case folder ") and "has no readable photo" in last
+    assert "Traceback" not in result.stderr and not (tmp_path / "identify" / "index").exists()
 
 
 def test_the_api_offers_the_modes(world, tmp_path):
