@@ -96,7 +96,7 @@ def top_k_persons(photos: torch.Tensor, gallery: torch.Tensor, labels: torch.Ten
         scores = table if templates is None else (
             probes.to(torch.float64) @ templates.to(probes.device, torch.float64).t()).to(torch.float32)
         owner = owner.to(probes.device)
-        if owner.numel() != len(cases):  # case_mode=max: the best over each case's photos
+        if case_mode == "max":  # the best over each case's photos
             expanded = owner.unsqueeze(1).expand_as(table)
             shape = (len(cases), num_ids)
             case_scores = torch.full(shape, float("-inf"), device=probes.device).scatter_reduce_(
