@@ -7,7 +7,8 @@ identify's ``results/results.{json,csv}`` (the command line's records), thumbnai
 removed after ``keep_hours``. A gallery is read under its shared lock and changed under its exclusive lock
 (:mod:`handclip.app.gallery`), so identify sees the gallery and its index before or after a change, never between.
 
-A gallery mode (templates, fusion) chosen per request can be added to :class:`Request` and passed on to identify.
+The gallery mode (``max``: a person scores as their best photo; ``mean``: as their mean template) is chosen per
+request and passed on to identify, whose calibration file holds a threshold per mode.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Request:
     gallery: str
     top_k: int = 5
     target_fmr: float | None = None
+    gallery_mode: str = "max"  # max: a person scores as their best photo; mean: as their mean template
 
 
 @dataclass
@@ -181,7 +183,8 @@ class Studio:
             out = folder / ("results" if whole else f"results-{start // size:04d}")
             with galleries.reading(gallery), self._identify_lock:
                 model.identify(query, gallery, top_k=top_k, target_fmr=request.target_fmr, out=out,
-                               index=self.index_of(model, gallery), pictures=False, overwrite=True)
+                               index=self.index_of(model, gallery), pictures=False, overwrite=True,
+                               gallery_mode=request.gallery_mode)
             parts.append(json.loads((out / "results.json").read_text()))
             labels += [label_of_copy(r["query"]) for r in parts[-1]["queries"]]
             if progress is not None:
@@ -195,20 +198,22 @@ class Studio:
             result.pop("summary", None)
             files_out = write_results(result, folder / "results", overwrite=False, pictures=False, progress=False)
         messages += [f"{label_of_copy(s['query'])}: could not be read" for s in result["skipped_queries"]]
-        outcome = Outcome(result=result, labels=labels, band=self._band(result["threshold"]), files=files_out,
-                          messages=messages)
+        outcome = Outcome(result=result, labels=labels, files=files_out, messages=messages,
+                          band=self._band(result["threshold"], result.get("mode", {}).get("decision_mode", "max")))
         outcome.thumbs = [self._thumb(Path(r["query"]), folder / "thumbs") for r in outcome.records]
         return outcome
 
     @staticmethod
-    def _band(threshold: dict) -> Band:
+    def _band(threshold: dict, mode: str = "max") -> Band:
+        """The decision band from the levels the calibration file lists for the decision mode."""
         levels = None
         source = Path(str(threshold.get("source", "")))
         if source.suffix == ".json" and source.is_file():
             try:
-                levels = read_calibration(source).get("levels")
+                calibration = read_calibration(source)
             except HandCLIPError:
-                levels = None
+                calibration = {}
+            levels = (calibration if mode == "max" else (calibration.get("modes") or {}).get(mode) or {}).get("levels")
         return band(threshold, levels)
 
     def _thumb(self, image: Path, folder: Path) -> Path | None:
