@@ -3,6 +3,7 @@
 Element ids (stable: the browser tests find the components by them):
 
     model-select, models-refresh, gallery-select                    the model and gallery (above the tabs)
+    tab-identify, tab-enrol, tab-batch, tab-explore                 the tabs
     identify-upload, identify-topk, identify-fmr,                   Identify: photos in, options,
     identify-gallery-mode, identify-run                             best photo or mean template; the button
     identify-decision, identify-table, identify-gallery,            the decision per photo, top-k table, thumbnails
