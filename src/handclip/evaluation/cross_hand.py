@@ -58,6 +58,17 @@ class CrossHandPlan:
     """One per hand type: the model that scores it (hand, model, checkpoint, model_name, pretrained)."""
 
 
+def _test_samples(root, hand: str) -> list[layout.Sample]:
+    """The test photos of a hand type: its first Monte Carlo run's query and gallery folders together (the same
+    files as ``test/``, under the paths the comparison table decoded, so their crops come from the cache), or
+    ``test/`` when there is no run."""
+    runs = layout.discover_hand(root, hand).runs
+    if not runs:
+        return layout.list_split(root, hand, "test")
+    samples = [s for split in runs[0] for s in layout.list_split(root, hand, split)]
+    return sorted(samples, key=lambda s: (s.identity, s.path.name))
+
+
 def plan_cross_hand(cfg, out_dir: Path) -> CrossHandPlan:
     """Check the protocol's data, models and output name (``cfg``: the eval config); one error line if not."""
     options = cfg.cross_hand_protocol
@@ -69,7 +80,7 @@ def plan_cross_hand(cfg, out_dir: Path) -> CrossHandPlan:
             raise HandCLIPError(f"cross_hand_protocol.hands: no 11k hand folder for {', '.join(missing)} under "
                                 f"{root} (found: {', '.join(hands) or 'none'})")
         hands = [h for h in ELEVEN_K_HANDS if h in options.hands]
-    listed = {h: layout.list_split(root, h, "test") for h in hands}
+    listed = {h: _test_samples(root, h) for h in hands}
     identities = {h: [s.identity for s in samples] for h, samples in listed.items()}
     check_protocol_data(identities)
     checkpoints: dict[str, Path | None] = {}

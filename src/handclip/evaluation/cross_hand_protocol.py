@@ -103,30 +103,34 @@ def combination_pairs(run: HandRun, combo: Sequence[str]) -> tuple[list[str], li
     return persons, probes
 
 
-def _normalise(x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.normalize(x.float(), dim=1)
+def similarities(features: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Cosine similarity of every pair of test photos of each hand type (float64), computed once for all runs."""
+    out = {}
+    for hand, feats in features.items():
+        unit = torch.nn.functional.normalize(feats.detach().cpu().double(), dim=1)
+        out[hand] = (unit @ unit.t()).numpy()
+    return out
 
 
-def score_combination(features: Mapping[str, torch.Tensor], run: HandRun, combo: Sequence[str], fusion: str,
+def score_combination(sims: Mapping[str, np.ndarray], run: HandRun, combo: Sequence[str], fusion: str,
                       target_fmr: float) -> dict | None:
-    """Figures of one combination in one run (None when it has fewer than 2 persons or no probe)."""
+    """Figures of one combination in one run from :func:`similarities` (None with fewer than 2 persons or no
+    probe)."""
     persons, probes = combination_pairs(run, combo)
     if len(persons) < 2 or not probes:
         return None
-    stacked = []
-    for hand in combo:
-        feats = _normalise(features[hand])
-        gallery = feats[[run.gallery[(p, hand)] for p in persons]]
-        stacked.append(feats[[run.probes[(p, hand)][j] for p, j in probes]] @ gallery.t())
+    stacked = np.stack([sims[hand][np.ix_([run.probes[(p, hand)][j] for p, j in probes],
+                                          [run.gallery[(p, hand)] for p in persons])] for hand in combo])
     ones_p = torch.ones(len(combo), len(probes), dtype=torch.bool)
     ones_g = torch.ones(len(combo), len(persons), dtype=torch.bool)
-    fused = fuse_scores(torch.stack([s.cpu() for s in stacked]), ones_p, ones_g, fusion).scores
+    fused = fuse_scores(torch.from_numpy(stacked), ones_p, ones_g, fusion).scores
     index = {p: i for i, p in enumerate(persons)}
-    labels = torch.tensor([index[p] for p, _ in probes])
-    reid = reid_metrics_from_scores(fused, labels, torch.arange(len(persons)), ranks=(1,))
-    own = torch.zeros_like(fused, dtype=torch.bool)
-    own[torch.arange(len(probes)), labels] = True
-    tar = tar_at_fmrs(fused[own], fused[~own], [target_fmr])[0]
+    labels = np.array([index[p] for p, _ in probes])
+    reid = reid_metrics_from_scores(fused, torch.from_numpy(labels), torch.arange(len(persons)), ranks=(1,))
+    scores = fused.numpy()
+    own = np.zeros(scores.shape, dtype=bool)
+    own[np.arange(len(probes)), labels] = True
+    tar = tar_at_fmrs(scores[own], scores[~own], [target_fmr])[0]
     return {"rank1": reid["rank1"], "mAP": reid["mAP"], "tar": tar["tar"], "threshold": tar["threshold"],
             "resolved": tar["resolved"], "persons": len(persons), "probes": len(probes)}
 
@@ -146,9 +150,10 @@ def evaluate_protocol(features: Mapping[str, torch.Tensor], runs: list[HandRun],
     ``{mean, std}`` over runs, plus ``persons`` and ``probes`` (mean over runs).
     """
     rows = []
+    sims = similarities({hand: features[hand] for hand in hands})
     for combo in combinations(hands):
         for fusion in FUSIONS if len(combo) > 1 else (None,):
-            per_run = [score_combination(features, run, combo, fusion or "mean", target_fmr) for run in runs]
+            per_run = [score_combination(sims, run, combo, fusion or "mean", target_fmr) for run in runs]
             row = {"hands": list(combo), "k": len(combo), "fusion": fusion, "per_run": per_run}
             scored = [r for r in per_run if r is not None]
             if scored:
