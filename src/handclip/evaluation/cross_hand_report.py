@@ -13,15 +13,19 @@ from handclip.utils.files import atomic_write
 log = logging.getLogger(__name__)
 
 TITLE = "Person across hand types (HandCLIP's own protocol: not comparable to the papers' figures)"
-ABBREVIATIONS = {"dorsal_right": "DR", "dorsal_left": "DL", "palmar_right": "PR", "palmar_left": "PL"}
 
 
 def _pct(row: dict, key: str) -> str:
     return f"{100 * row[key]['mean']:.1f} ± {100 * row[key]['std']:.1f}" if key in row else "-"
 
 
+def _short(hand: str) -> str:
+    """``dorsal_right`` -> ``DR``."""
+    return "".join(word[0] for word in hand.split("_")).upper()
+
+
 def _hands(hands: list[str]) -> str:
-    return " + ".join(ABBREVIATIONS.get(h, h) for h in hands)
+    return " + ".join(_short(h) for h in hands)
 
 
 def _fusion(row: dict) -> str:
@@ -57,7 +61,7 @@ def markdown(results: dict, entries: list[dict], calibration: dict | None, targe
             continue
         lines.append(f"| {_hands(row['hands'])} | {_fusion(row)} | {row['persons']:.0f} | {row['probes']:.0f} | "
                      f"{_pct(row, 'rank1')} | {_pct(row, 'mAP')} | {_pct(row, 'tar')} |")
-    lines += ["", "DR, DL, PR, PL: dorsal right, dorsal left, palmar right, palmar left."]
+    lines += ["", ", ".join(f"{_short(e['hand'])}: {e['hand'].replace('_', ' ')}" for e in entries) + "."]
     if calibration is not None:
         lines += ["", f"## Fused threshold (val identities in 2 or more hand types, FMR {target_fmr:g})", "",
                   "| fusion | threshold | val FMR | val TAR | by number of hand types |", "|---|---|---|---|---|"]
