@@ -29,11 +29,11 @@ TEST_WORKERS ?= $(shell n=$$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2); [
 # An install older than pyproject.toml (another version, no console scripts) is installed again.
 NEEDED := torch torchvision open_clip pytorch_lightning hydra omegaconf torchmetrics PIL matplotlib pytest xdist \
 	pytest_timeout tqdm onnx onnxscript onnxruntime submitit optuna safetensors lightning_utilities platformdirs \
-	ruff mlflow wandb playwright
+	ruff mlflow wandb gradio playwright
 define INSTALLED_CHECK
 import importlib.metadata as m, importlib.util as u, re, sys
 wanted = re.search(r'^version = "([^"]+)"', open("pyproject.toml").read(), re.M).group(1)
-stale = m.version("handclip") != wanted or not m.entry_points(group="console_scripts", name="handclip-bench")
+stale = m.version("handclip") != wanted or not m.entry_points(group="console_scripts", name="handclip-app")
 sys.exit(stale or any(u.find_spec(name) is None for name in "$(NEEDED)".split()))
 endef
 export INSTALLED_CHECK
@@ -41,7 +41,7 @@ export INSTALLED_CHECK
 DEMO_DIR := data/demo
 HANDS := dorsal_right,dorsal_left,palmar_right,palmar_left
 
-.PHONY: help install browser lint test test-fast mutate demo demo-data train eval bench clean-demo
+.PHONY: help install browser lint test test-fast mutate demo demo-data train eval bench clean-demo app
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -108,6 +108,11 @@ train: install ## Train all four hand types with the default recipe (ViT-B/32, d
 
 eval: install ## Zero-shot CLIP vs fine-tuned HandCLIP for every hand type -> outputs/eval/comparison.{md,csv,json}
 	$(PY) -m handclip.eval all=true $(ARGS)
+
+# On the demo's model and galleries when `make demo` has run and no model of your own has been trained.
+APP_ARGS := $(if $(and $(wildcard outputs/demo/train),$(if $(wildcard outputs/train),,1)),experiment=demo)
+app: install ## HandCLIP Studio, the web app, on http://127.0.0.1:7860 (after make demo: the demo's model and data)
+	$(OFFLINE) $(PY) -m handclip.app $(APP_ARGS) $(ARGS)
 
 bench: install ## Speed/memory benchmark -> benchmarks/results/<device>.json
 	$(OFFLINE) $(PY) -m handclip.bench $(ARGS)

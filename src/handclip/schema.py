@@ -315,9 +315,27 @@ class ExportSchema(_ModelCommand):
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
 
 
+@dataclass
+class AppSchema(_ModelCommand):
+    hand: AnyHandConfig = field(default_factory=AnyHandConfig)  # type: ignore[assignment]
+    host: str = MISSING
+    port: int = within(1, 65535)
+    auth: Optional[str] = MISSING
+    models_root: str = MISSING
+    galleries: list[str] = field(default_factory=list)
+    out: str = MISSING
+    top_k: int = within(1, 50)
+    target_fmr: Optional[float] = between(0, 1)
+    max_file_mb: float = above(0)
+    max_files: int = at_least(1)
+    max_batch_files: int = at_least(1)
+    device: str = MISSING
+    backend: str = checked_by(check_backend)
+
+
 #: ConfigStore name -> schema. A command's YAML names its schema first in its defaults list.
 SCHEMAS = {"train_schema": TrainSchema, "eval_schema": EvalSchema, "identify_schema": IdentifySchema,
-           "export_schema": ExportSchema}
+           "export_schema": ExportSchema, "app_schema": AppSchema}
 #: Schemas of group options that add keys, stored under ``schema/<group>`` (``- /schema/trainer/ddp@_here_``).
 GROUP_SCHEMAS = {("schema/trainer", "ddp"): DDPTrainerConfig}
 
