@@ -234,7 +234,7 @@ def app_server(folder: Path, *args: str, timeout: float = 240.0):
     from handclip.utils.servers import local_server
 
     env = cli_env(GRADIO_ANALYTICS_ENABLED="False")
-    command = lambda port: [sys.executable, "-m", "handclip.app", "--host", "127.0.0.1", "--port", str(port), *args]
+    command = lambda port: [sys.executable, "-m", "handclip.app", "host=127.0.0.1", f"port={port}", *args]
     with local_server(command, folder / "server.log", env=env, cwd=folder, timeout=timeout) as server:
         yield server
 

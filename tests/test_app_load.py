@@ -89,3 +89,54 @@ def test_a_client_that_cannot_connect_loses_only_its_own_requests():
     run = run_load(connect, list(range(12)), clients=3, send=lambda c, r: r, check=lambda r, a: None)
     assert run.right == 8
     assert sum("could not connect: OSError: no route" in (o.error or "") for o in run.outcomes) == 4
+
+
+# -- the app under load --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    """bench.parts=[app] as configured, on a gallery of 100 photos (20 people x 5; the benchmark uses 1,000): 20
+    clients x 10 identify requests, then 2 enrolments during identify."""
+    from conftest import cli_env
+
+    from handclip.bench.app import bench_app
+    from handclip.bench.settings import bench_settings
+    from handclip.config import compose
+
+    s, _ = bench_settings(compose("bench", ["bench.app.gallery=100", "bench.app.race.rounds=2",
+                                            "bench.app.timeout_s=400"]))
+    assert (s["app"]["clients"], s["app"]["requests_per_client"]) == (20, 10)
+    messages: list[str] = []
+    tmp = tmp_path_factory.mktemp("load")
+    return bench_app(s["app"], tmp, 0, messages.append, env=cli_env()), tmp, messages
+
+
+@pytest.mark.slow
+def test_twenty_clients_each_get_their_own_answers(loaded):
+    result, _, _ = loaded
+    load = result["load"]
+    assert (result["gallery_photos"], result["people"]) == (100, 20)
+    assert load["requests"] == load["answered"] == load["right"] == 200, load["errors"]
+    assert load["wrong"] == 0 and load["all_right"] is True
+    p50, p95, top = (load["latency_ms"][k] for k in ("p50", "p95", "max"))
+    assert 0 < p50 <= p95 <= top and load["requests_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_identify_during_an_enrolment_sees_the_gallery_before_or_after_never_between(loaded):
+    race = loaded[0]["race"]
+    assert race["rounds"] == 2 and race["photos_per_person"] == 5 and race["problems"] == []
+    answers = race["answers"]
+    assert answers["torn"] == answers["stale"] == answers["enrol_failed"] == 0
+    assert answers["before"] >= race["clients"] and answers["after"] >= race["clients"]  # both views were seen
+    assert race["consistent_and_seen"] is True and len(race["enrol_s"]) == 2
+
+
+@pytest.mark.slow
+def test_the_server_is_gone_and_wrote_only_its_own_folders(loaded):
+    result, tmp, _ = loaded
+    run = tmp / "app" / "run"
+    assert sorted(p.name for p in run.iterdir()) == ["gallery", "models", "newcomers", "out", "server.log"]
+    people = sorted(p.name for p in (run / "gallery").iterdir() if not p.name.startswith("."))
+    assert people[:2] == ["enrolled000", "enrolled001"] and len(people) == 22
+    assert all(len(list((run / "gallery" / p).iterdir())) == 5 for p in people)
+    assert "Traceback" not in (run / "server.log").read_text()

@@ -29,7 +29,8 @@ GOALS = (
     ("inference.best_latency_b1_p50_ms", "<=", 40.0, "batch-1 latency (median ms) of the fastest such backend"),
     ("inference.identify_photos_per_s", ">=", 40.0,
      "new 1600x1200 JPEG photos embedded per second, decoding included (identify), best backend"),
-    ("app.load.all_right", ">=", 1, "every concurrent identify request of the app answered with its own photo's person"),
+    ("app.load.all_right", ">=", 1,
+     "every concurrent identify request of the app answered with its own photo's person"),
     ("app.race.consistent_and_seen", ">=", 1,
      "identify during enrolments saw the gallery before or after each, never between (and saw both)"),
 )
