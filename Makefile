@@ -41,7 +41,7 @@ export INSTALLED_CHECK
 DEMO_DIR := data/demo
 HANDS := dorsal_right,dorsal_left,palmar_right,palmar_left
 
-.PHONY: help install browser lint test test-fast mutate demo demo-data train eval bench clean-demo app
+.PHONY: help install browser lint test test-fast mutate demo demo-data train eval bench clean-demo app screenshot
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -113,6 +113,9 @@ eval: install ## Zero-shot CLIP vs fine-tuned HandCLIP for every hand type -> ou
 APP_ARGS := $(if $(and $(wildcard outputs/demo/train),$(if $(wildcard outputs/train),,1)),experiment=demo)
 app: install ## HandCLIP Studio, the web app, on http://127.0.0.1:7860 (after make demo: the demo's model and data)
 	$(OFFLINE) $(PY) -m handclip.app $(APP_ARGS) $(ARGS)
+
+screenshot: install browser ## docs/studio.png: HandCLIP Studio on the demo (after make demo), in headless Chromium
+	$(OFFLINE) $(PY) tests/screenshot.py
 
 bench: install ## Speed/memory benchmark -> benchmarks/results/<device>.json
 	$(OFFLINE) $(PY) -m handclip.bench $(ARGS)

@@ -13,6 +13,7 @@ loopback port, concurrent clients through its HTTP API (gradio's Python client),
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
 import threading
@@ -288,6 +289,7 @@ def bench_app(s: dict, scratch: Path, seed: int, say: Say, env: dict[str, str] |
     app folder made afresh, so the first request builds the gallery's index). ``env``: the server's environment."""
     from importlib.metadata import version
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request of the clients
     size = (int(s["image_size"][0]), int(s["image_size"][1]))
     count, per = int(s["gallery"]), int(s["per_identity"])
     root = scratch / "app"
