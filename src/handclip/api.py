@@ -150,7 +150,8 @@ class HandCLIP:
         if index is None:
             where = OmegaConf.create({"index": None, "paths": {"output_root": str(self.cache_dir.parent)}})
             index = index_path(where, gallery, self.model)
-        with tempfile.TemporaryDirectory(prefix="handclip-identify-") as tmp:
+        # a temporary folder only when the results are not kept (out= given: nothing is written elsewhere)
+        with contextlib.nullcontext() if out else tempfile.TemporaryDirectory(prefix="handclip-identify-") as tmp:
             root = Path(out).expanduser().resolve() if out else Path(tmp) / "api"
             cfg = compose("identify", ["progress=false"])
             for key, value in self._cfg(threshold=threshold, target_fmr=target_fmr).items():

@@ -279,10 +279,10 @@ class Studio:
                          if (folder / n).is_file()]
         if choice.kind == "checkpoint" and (choice.path.parents[1] / "curves.png").is_file():
             pictures.append((str(choice.path.parents[1] / "curves.png"), "training curves"))
-        if not tables and not pictures:
-            return ("No evaluation results for this model yet: `python -m handclip.eval all=true` writes them "
-                    "(outputs/eval/comparison.md, CMC, ROC/DET).", [])
-        return "\n\n".join(tables) or "(no comparison table)", pictures
+        if not tables:
+            tables.append("No evaluation results for this model yet: `python -m handclip.eval all=true` writes them "
+                          "(outputs/eval/comparison.md, CMC, ROC/DET).")
+        return "\n\n".join(tables), pictures
 
 
 def _eval_folder(choice: ModelChoice) -> Path | None:

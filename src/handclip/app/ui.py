@@ -33,7 +33,7 @@ BATCH_HEADERS = ["photo", "decision", "score", "zone", "top-k"]
 
 def md_escape(text: str) -> str:
     """Text shown in Markdown as it is (a client's file name or a person's name)."""
-    return re.sub(r"([\\`*_{}\[\]()<>#+!|~])", r"\\\1", str(text))
+    return re.sub(r"([\\`*_{}\[\]<>#|~])", r"\\\1", str(text))
 
 
 def _fmr(value: str | None) -> float | None:
@@ -54,7 +54,7 @@ def build(studio: Studio) -> gr.Blocks:
         gr.Markdown("# HandCLIP Studio\nIdentify people from photos of their hands against a gallery; enrol people.")
         with gr.Row():
             model = gr.Dropdown(models, value=models[0] if models else None, label="Model", elem_id="model-select",
-                                scale=4)
+                                scale=4, allow_custom_value=True)  # the server checks it against its own list
             refresh = gr.Button("↻ models", elem_id="models-refresh", scale=0)
             gallery = gr.Dropdown(studio.gallery_labels, value=(studio.gallery_labels or [None])[0],
                                   label="Gallery", elem_id="gallery-select", scale=4)
@@ -85,8 +85,9 @@ def build(studio: Studio) -> gr.Blocks:
                 with gr.Column():
                     status = gr.Markdown(elem_id="enrol-status")
                     listing = gr.Dataframe(headers=["person", "photos"], interactive=False, elem_id="enrol-people")
-                    person = gr.Dropdown([], label="Person", elem_id="enrol-person")
-                    photo = gr.Dropdown([], label="Photo", elem_id="enrol-photo")
+                    # the choices change with the gallery; the server acts only on names it lists itself
+                    person = gr.Dropdown([], label="Person", elem_id="enrol-person", allow_custom_value=True)
+                    photo = gr.Dropdown([], label="Photo", elem_id="enrol-photo", allow_custom_value=True)
                     with gr.Row():
                         drop_photo = gr.Button("Remove photo", elem_id="enrol-remove-photo")
                         drop_person = gr.Button("Remove person", variant="stop", elem_id="enrol-remove-person")
