@@ -6,14 +6,15 @@ The server ends with the test, also when it fails (conftest.app_server)."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 
 import pytest
-from conftest import app_server
+from conftest import ROOT, app_server
 from studio_page import enrol, identify, open_studio, table
 
 from handclip.bench.app import make_gallery, write_photo, zero_shot_model
-
-pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 SIZE = (64, 64)
 
@@ -32,6 +33,8 @@ def studio(tmp_path_factory):
     assert server.process.poll() is not None  # nothing outlives the test
 
 
+@pytest.mark.slow
+@pytest.mark.browser
 def test_enrol_a_person_then_identify_their_photo(studio, browser, tmp_path):
     alice = [write_photo(tmp_path / "upload" / f"alice{j}.jpg", 100 + j, SIZE) for j in range(3)]
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
@@ -59,3 +62,30 @@ def test_enrol_a_person_then_identify_their_photo(studio, browser, tmp_path):
         page.close()
     shot = (tmp_path / "studio.png").read_bytes()
     assert shot.startswith(b"\x89PNG") and len(shot) > 20_000
+
+
+def make_browser(tmp_path, chromium: str, path: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "-s", "-C", str(ROOT), "browser", f"CHROMIUM={chromium}"], capture_output=True,
+                          text=True, env={**os.environ, "PATH": path}, timeout=60)
+
+
+def test_make_browser_accepts_an_installed_chromium(tmp_path):
+    fake = tmp_path / "chrome"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    done = make_browser(tmp_path, str(fake), os.environ["PATH"])
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+
+
+def test_without_chromium_or_a_way_to_install_it_make_browser_says_how_in_one_line(tmp_path):
+    """Not root, or no apt-get: nothing is installed, and the one line says what to do (never a skipped test)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("make", "id"):  # and no apt-get, no chromium on this PATH
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    done = make_browser(tmp_path, "", str(bin_dir))
+    assert done.returncode != 0 and done.stdout == ""
+    first, *rest = done.stderr.splitlines()
+    assert first == ("error: the browser tests need Chromium: sudo apt-get install chromium (Debian/Ubuntu), or "
+                     "make test CHROMIUM=/path/to/chrome")
+    assert all(line.startswith("make: ***") for line in rest)  # make's own note of the failed target

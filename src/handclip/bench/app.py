@@ -284,7 +284,8 @@ def _peak_rss_mb(pid: int) -> float | None:
 
 def bench_app(s: dict, scratch: Path, seed: int, say: Say, env: dict[str, str] | None = None) -> dict:
     """The app on a gallery of ``s['gallery']`` photos (``s['per_identity']`` per person) and the model
-    ``s['model_name']`` (zero-shot, random weights from ``seed``): :func:`load_phase`, then :func:`race_phase`.
+    ``s['model_name']`` (zero-shot, random weights from ``seed``): one client alone (``solo_requests`` requests:
+    the latency without queueing), :func:`load_phase`, then :func:`race_phase`.
     Everything lives under ``scratch/app`` (photos generated once; the run's gallery copy, model calibration and
     app folder made afresh, so the first request builds the gallery's index). ``env``: the server's environment."""
     from importlib.metadata import version
@@ -326,7 +327,10 @@ def bench_app(s: dict, scratch: Path, seed: int, say: Say, env: dict[str, str] |
         if wrong:
             raise HandCLIPError(f"the app's first answer is wrong: {wrong}")
         say(f"  server up in {result['server_start_s']} s, first request (index of {count:,} photos built) "
-            f"{result['first_request_s']} s; {s['clients']} clients x {s['requests_per_client']} requests ...")
+            f"{result['first_request_s']} s; {s['solo_requests']} requests of one client alone ...")
+        result["solo"] = load_phase(server.url, layout, 1, int(s["solo_requests"]), timeout)
+        say(f"  alone: latency p50 {result['solo']['latency_ms']['p50']} ms; {s['clients']} clients x "
+            f"{s['requests_per_client']} requests ...")
         result["load"] = load_phase(server.url, layout, int(s["clients"]), int(s["requests_per_client"]), timeout)
         say(f"  {result['load']['right']}/{result['load']['requests']} right, latency p50 "
             f"{result['load']['latency_ms']['p50']} ms, p95 {result['load']['latency_ms']['p95']} ms; "
@@ -334,6 +338,6 @@ def bench_app(s: dict, scratch: Path, seed: int, say: Say, env: dict[str, str] |
         result["race"] = race_phase(server.url, int(race["rounds"]), newcomers, int(race["clients"]), timeout)
         result["server_peak_rss_mb"] = _peak_rss_mb(server.process.pid)
     load = result["load"]
-    load["all_right"] = load["right"] == load["requests"]
+    load["all_right"] = load["right"] == load["requests"] and result["solo"]["right"] == result["solo"]["requests"]
     result["race"]["consistent_and_seen"] = result["race"]["consistent"] and result["race"]["saw_both"]
     return result

@@ -195,6 +195,8 @@ def format_table(result: dict) -> str:
     if app:
         load, race = app["load"], app["race"]
         rows += [
+            ("app: one client alone: latency p50 / p95 ms",
+             f"{_fmt(app['solo']['latency_ms']['p50'])} / {_fmt(app['solo']['latency_ms']['p95'])}"),
             (f"app: {load['clients']} clients x {load['requests_per_client']} identify, {app['gallery_photos']:,} "
              "photos: right", f"{load['right']} / {load['requests']}"),
             ("app: latency p50 / p95 / max ms", f"{_fmt(load['latency_ms']['p50'])} / {_fmt(load['latency_ms']['p95'])}"
