@@ -85,6 +85,67 @@ def test_the_app_gives_identify_top_k_and_decisions(studio_env, target_fmr):
     assert outcome.band.threshold == written["threshold"]["threshold"]
 
 
+def same_records(mine: list[dict], theirs: list[dict]) -> None:
+    assert [r["decision"] for r in mine] == [r["decision"] for r in theirs]
+    assert [[t["identity"] for t in r["top"]] for r in mine] == [[t["identity"] for t in r["top"]] for r in theirs]
+    for a, b in zip(mine, theirs, strict=True):
+        assert [t["score"] for t in a["top"]] == pytest.approx([t["score"] for t in b["top"]], abs=1e-5)
+
+
+def test_an_exported_model_and_the_zero_shot_model_are_offered_and_answer_as_identify(studio_env):
+    import handclip
+    from handclip.app.engine import Request
+    from handclip.models.open_clip_export import export_open_clip
+
+    studio, base = studio_env["studio"], studio_env["base"]
+    export_open_clip(studio_env["ckpt"], base / "outputs" / "export" / "dr.safetensors")
+    zero_shot = handclip.load(model="HandCLIP-Tiny", seed=42)
+    calibration = json.loads(studio_env["ckpt"].with_name("best.calibration.json").read_text())
+    folder = base / "outputs" / "zs" / "eval"  # as eval writes it for the zero-shot model (its figures borrowed)
+    folder.mkdir(parents=True)
+    (folder / "dorsal_right_zeroshot.calibration.json").write_text(
+        json.dumps({**calibration, "model_fingerprint": zero_shot.fingerprint}))
+    try:
+        labels = studio.refresh()
+        assert labels[0] == studio.models[0].label and studio.models[0].kind == "checkpoint"
+        kinds = {m.kind: m for m in studio.models}
+        assert kinds["export"].label == "exported · export/dr.safetensors"
+        assert kinds["zero-shot"].label == "zero-shot HandCLIP-Tiny · zs/eval/dorsal_right_zeroshot.calibration.json"
+        queries = studio_env["queries"][:3]
+        by_checkpoint = studio.identify(queries, request(studio_env)).records
+        by_export = studio.identify(queries, Request(kinds["export"].label, studio.gallery_labels[0], 3)).records
+        same_records(by_export, by_checkpoint)  # the same image tower, the checkpoint's calibration
+        mine = studio.identify(queries, Request(kinds["zero-shot"].label, studio.gallery_labels[0], 3))
+        theirs = handclip.load(model="HandCLIP-Tiny", seed=42, calibration=folder / "dorsal_right_zeroshot."
+                               "calibration.json", cache_dir=base / "cache").identify(queries[0], studio_env["gallery"],
+                                                                                    top_k=3)
+        same_records(mine.records[:1], theirs)
+        assert mine.result["model"]["zero_shot"] == "HandCLIP-Tiny"
+        # another calibration file of the same zero-shot model: its threshold, the weights loaded once
+        (folder / "palmar_left_zeroshot.calibration.json").write_text(
+            json.dumps({**calibration, "model_fingerprint": zero_shot.fingerprint, "threshold": 0.25}))
+        other = next(label for label in studio.refresh() if label.endswith("palmar_left_zeroshot.calibration.json"))
+        again = studio.identify(queries, Request(other, studio.gallery_labels[0], 3))
+        assert again.band.threshold == 0.25 and [r["score"] for r in again.records] == [r["score"] for r in
+                                                                                       mine.records]
+        assert studio.model(other).encoder is studio.model(kinds["zero-shot"].label).encoder
+    finally:
+        shutil.rmtree(base / "outputs" / "zs")
+        shutil.rmtree(base / "outputs" / "export")
+        studio.refresh()
+
+
+def test_the_first_gallery_offered_is_the_one_of_the_model_hand(studio_env, tmp_path):
+    from handclip.app.engine import Studio
+    from handclip.app.settings import Folders
+
+    splits = [tmp_path / hand_dir_name(h) / "gallery0" for h in ("dorsal_left", "dorsal_right", "palmar_left")]
+    studio = Studio(Folders(galleries=splits, models_root=studio_env["studio"].folders.models_root,
+                            out=tmp_path / "app"), Limits())
+    assert studio.models[0].hand == "dorsal_right" and studio.default_gallery(studio.models[0].label) == str(splits[1])
+    assert studio.default_gallery(None) == str(splits[0])
+
+
 def test_batch_in_chunks_gives_the_same_records_and_one_csv(studio_env):
     studio, steps = studio_env["studio"], []
     whole = studio.identify(studio_env["queries"], request(studio_env))
@@ -115,6 +176,23 @@ def test_nothing_is_written_outside_the_gallery_and_the_app_folder(studio_env, t
     studio.enrol(studio.gallery_labels[0], "erin", [photo], studio.models[0].label)
     studio.remove_person(studio.gallery_labels[0], "erin", studio.models[0].label)
     assert snapshot() == before and list(tmp_path.iterdir()) == []
+
+
+def test_request_folders_and_thumbnails_go_after_a_day(studio_env):
+    import os
+    import time
+
+    studio = studio_env["studio"]
+    first = studio.identify(studio_env["queries"][:1], request(studio_env))
+    folder = first.files["json"].parents[1]
+    studio.tiles(first, request(studio_env))
+    thumbs = sorted((studio.folders.out / "thumbs").iterdir())
+    day_ago = time.time() - 24 * 3600 - 60
+    for path in (folder, thumbs[0]):
+        os.utime(path, (day_ago, day_ago))
+    second = studio.identify(studio_env["queries"][:1], request(studio_env))
+    assert not folder.exists() and not thumbs[0].exists() and all(t.exists() for t in thumbs[1:])
+    assert second.files["json"].is_file()
 
 
 # -- the decision band ---------------------------------------------------------------------------------------
@@ -271,6 +349,20 @@ def test_a_bad_upload_gives_its_message_and_the_next_good_one_works(client, stud
     assert messages == "" and "query.png:" in decision and "threshold" in decision
     assert [row[:3] for row in table["data"]][0][:2] == ["query.png", 1] and len(table["data"]) == 3
     assert len(tiles) == 4 and sorted(Path(f["path"]).suffix for f in files) == [".csv", ".json"]
+
+
+def test_batch_takes_files_and_a_folder_and_gives_one_table_and_csv(client, studio_env):
+    studio, queries = studio_env["studio"], studio_env["queries"]
+    options = [studio.models[0].label, studio.gallery_labels[0], 2, "0.1"]
+    files = upload(client, *((q.name, q.read_bytes()) for q in queries[:2]))
+    folder = upload(client, *((q.name, q.read_bytes()) for q in queries[2:4]), ("notes.txt", b"no photo"))
+    status, table, downloads = call(client, "batch", [files, folder, *options])
+    assert status.startswith("4 photo(s) identified") and "notes.txt: not an image" in status
+    assert [row[0] for row in table["data"]] == [q.name for q in queries[:4]]
+    csv_file = next(Path(f["path"]) for f in downloads if f["path"].endswith(".csv"))
+    assert len(csv_file.read_text().splitlines()) == 1 + 2 * 4
+    assert all(row[1] == r["decision"] for row, r in zip(table["data"], studio.identify(
+        queries[:4], request(studio_env, 2, 0.1)).records))
 
 
 def test_enrolment_then_identify_finds_the_new_person(client, studio_env, tmp_path):

@@ -12,6 +12,7 @@ A gallery mode (templates, fusion) chosen per request can be added to :class:`Re
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -32,6 +33,7 @@ from handclip.app.settings import Folders, Limits
 from handclip.app.uploads import check_uploads, thumbnail
 from handclip.errors import HandCLIPError
 from handclip.evaluation.calibration import read_calibration
+from handclip.hands import HAND_TYPES, hand_dir_name
 from handclip.identify.index import open_index
 from handclip.identify.results import write_results
 from handclip.identify.run import index_path
@@ -93,6 +95,16 @@ class Studio:
     def gallery_labels(self) -> list[str]:
         return [str(g) for g in self.folders.galleries]
 
+    def default_gallery(self, model_label: str | None) -> str | None:
+        """The gallery of the model's hand type (``<split of the hand>/gallery0``), else the first."""
+        choice = next((m for m in self.models if m.label == model_label), None)
+        if choice is not None and choice.hand in HAND_TYPES:
+            split = hand_dir_name(choice.hand)
+            match = next((str(g) for g in self.folders.galleries if g.parent.name == split), None)
+            if match is not None:
+                return match
+        return (self.gallery_labels or [None])[0]
+
     def choice(self, label: str) -> ModelChoice:
         found = next((m for m in self.models if m.label == label), None)
         if found is None:
@@ -107,11 +119,19 @@ class Studio:
         return found.resolve()
 
     def model(self, label: str):
+        """The loaded model of a choice; the zero-shot model is loaded once for all its calibration files."""
         choice = self.choice(label)
         with self._load_lock:
             if label not in self._loaded:
-                self._loaded[label] = load_choice(choice, self.device, self.backend,
-                                                  self.folders.out / "backends", self.seed)
+                same = next((self._loaded[m.label] for m in self.models if m.label in self._loaded
+                             and m.kind == "zero-shot" == choice.kind and m.model_name == choice.model_name
+                             and m.pretrained == choice.pretrained), None)
+                if same is not None:  # the same weights: shared, with this choice's calibration file
+                    self._loaded[label] = copy.copy(same)
+                    self._loaded[label].calibration = choice.calibration
+                else:
+                    self._loaded[label] = load_choice(choice, self.device, self.backend,
+                                                      self.folders.out / "backends", self.seed)
             return self._loaded[label]
 
     def index_of(self, model, gallery: Path) -> Path:
@@ -123,10 +143,11 @@ class Studio:
         root = self.folders.out / "requests"
         root.mkdir(parents=True, exist_ok=True)
         cutoff = time.time() - self.keep_hours * 3600
-        for old in root.iterdir():
+        thumbs = self.folders.out / "thumbs"
+        for old in [*root.iterdir(), *(thumbs.iterdir() if thumbs.is_dir() else [])]:  # photos are not kept longer
             try:
                 if old.stat().st_mtime < cutoff:
-                    shutil.rmtree(old, ignore_errors=True)
+                    shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
             except OSError:
                 pass
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")

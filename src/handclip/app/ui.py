@@ -9,7 +9,8 @@ Element ids (stable: the browser tests find the components by them):
     enrol-name, enrol-upload, enrol-run, enrol-status,              Enrol: add a person (or more photos of them)
     enrol-people, enrol-person, enrol-photo,                        who is in the gallery; pick a person / photo
     enrol-remove-photo, enrol-remove-person                         remove them
-    batch-upload, batch-run, batch-status, batch-table, batch-download    Batch: many photos, one table and CSV
+    batch-upload, batch-folder, batch-run,                          Batch: many photos (or a folder),
+    batch-status, batch-table, batch-download                       one table and one CSV
     explore-run, explore-table, explore-pictures                    Explore: evaluation results of the model
 """
 
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 FMR_CHOICES = ["calibrated target", "0.1", "0.01", "0.001", "0.0001"]
 TABLE_HEADERS = ["photo", "rank", "person", "score", "decision", "zone"]
 BATCH_HEADERS = ["photo", "decision", "score", "zone", "top-k"]
+#: Requests that may wait in gradio's queue; more are refused ("queue is full") instead of piling up.
+QUEUE_SIZE = 256
 
 
 def md_escape(text: str) -> str:
@@ -56,7 +59,7 @@ def build(studio: Studio) -> gr.Blocks:
             model = gr.Dropdown(models, value=models[0] if models else None, label="Model", elem_id="model-select",
                                 scale=4, allow_custom_value=True)  # the server checks it against its own list
             refresh = gr.Button("↻ models", elem_id="models-refresh", scale=0)
-            gallery = gr.Dropdown(studio.gallery_labels, value=(studio.gallery_labels or [None])[0],
+            gallery = gr.Dropdown(studio.gallery_labels, value=studio.default_gallery(models[0] if models else None),
                                   label="Gallery", elem_id="gallery-select", scale=4)
         with gr.Tab("Identify", elem_id="tab-identify"):
             with gr.Row():
@@ -64,9 +67,9 @@ def build(studio: Studio) -> gr.Blocks:
                                  elem_id="identify-upload")
                 with gr.Column():
                     top_k = gr.Slider(1, 20, value=studio.top_k, step=1, label="top-k people", elem_id="identify-topk")
-                    fmr = gr.Dropdown(FMR_CHOICES, value=FMR_CHOICES[0] if studio.target_fmr is None
-                                      else f"{studio.target_fmr:g}", label="Decision threshold at false-match rate",
-                                      elem_id="identify-fmr")
+                    chosen = FMR_CHOICES[0] if studio.target_fmr is None else f"{studio.target_fmr:g}"
+                    fmr = gr.Dropdown(list(dict.fromkeys([*FMR_CHOICES, chosen])), value=chosen,
+                                      label="Decision threshold at false-match rate", elem_id="identify-fmr")
                     run = gr.Button("Identify", variant="primary", elem_id="identify-run")
             messages = gr.Markdown(elem_id="identify-messages")
             decision = gr.Markdown(elem_id="identify-decision")
@@ -92,8 +95,11 @@ def build(studio: Studio) -> gr.Blocks:
                         drop_photo = gr.Button("Remove photo", elem_id="enrol-remove-photo")
                         drop_person = gr.Button("Remove person", variant="stop", elem_id="enrol-remove-person")
         with gr.Tab("Batch", elem_id="tab-batch"):
-            batch_files = gr.File(file_count="multiple", type="filepath", label="Photos (many at once)",
-                                  elem_id="batch-upload")
+            with gr.Row():
+                batch_files = gr.File(file_count="multiple", type="filepath", label="Photos (many at once)",
+                                      elem_id="batch-upload")
+                batch_folder = gr.File(file_count="directory", type="filepath", label="... or a folder",
+                                       elem_id="batch-folder")
             batch_run = gr.Button("Identify all", variant="primary", elem_id="batch-run")
             batch_status = gr.Markdown(elem_id="batch-status")
             batch_table = gr.Dataframe(headers=BATCH_HEADERS, interactive=False, elem_id="batch-table")
@@ -127,8 +133,9 @@ def build(studio: Studio) -> gr.Blocks:
             except Exception as err:  # noqa: BLE001 - a message on the page; the server keeps running
                 return _error_text(err), "", [], [], None
 
-        def batch(files, model_label, gallery_label, k, fmr_value, progress=gr.Progress()):
+        def batch(files, folder, model_label, gallery_label, k, fmr_value, progress=gr.Progress()):
             try:
+                files = [*(files or []), *(folder or [])]
                 request = Request(model_label, gallery_label, int(k), _fmr(fmr_value))
                 outcome = studio.identify(files, request, max_files=studio.limits.max_batch_files, chunk=32,
                                           progress=lambda done, total: progress((done, total), desc="photos"))
@@ -191,7 +198,8 @@ def build(studio: Studio) -> gr.Blocks:
         common = [model, gallery, top_k, fmr]
         run.click(identify, [photos, *common], [messages, decision, table, tiles, download],
                   api_name="identify")
-        batch_run.click(batch, [batch_files, *common], [batch_status, batch_table, batch_download], api_name="batch")
+        batch_run.click(batch, [batch_files, batch_folder, *common], [batch_status, batch_table, batch_download],
+                        api_name="batch")
         enrolled = [status, listing, person, photo]
         enrol.click(do_enrol, [gallery, name, new_photos, model], enrolled, api_name="enrol")
         drop_photo.click(do_remove_photo, [gallery, person, photo, model], enrolled, api_name="remove_photo")
@@ -201,4 +209,6 @@ def build(studio: Studio) -> gr.Blocks:
         page.load(listed, [gallery], [listing, person, photo], api_name=False)
         explore.click(show_evaluation, [model], [explore_table, explore_pictures], api_name="explore")
         refresh.click(lambda: gr.update(choices=studio.refresh()), None, [model], api_name=False)
+    # one request of each kind at a time (the model runs on every core); waiting requests bounded
+    page.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
     return page
