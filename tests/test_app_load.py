@@ -91,6 +91,50 @@ def test_a_client_that_cannot_connect_loses_only_its_own_requests():
     assert sum("could not connect: OSError: no route" in (o.error or "") for o in run.outcomes) == 4
 
 
+# -- what an answer must show --------------------------------------------------------------------------------
+def answer(rankings, messages="", rows=None, decision=None):
+    from handclip.bench.app import Answer
+
+    top = [[{"identity": i, "score": sc, "file": f"/g/{i}/{f}", "rank": r + 1} for r, (i, sc, f) in enumerate(k)]
+           for k in rankings]
+    rows = rows if rows is not None else [["p.jpg", r["rank"], r["identity"], r["score"], "", ""] for r in top[0]]
+    decision = decision if decision is not None else f"- p.jpg: **{top[0][0]['identity']}** (score 1.000"
+    return Answer(messages, decision, rows, {"queries": [{"top": k} for k in top]})
+
+
+def test_a_gallery_photo_must_come_back_as_itself():
+    from pathlib import Path
+
+    from handclip.bench.app import check_self_match
+
+    photo = Path("/g/alice/p.jpg")
+    right = [("alice", 1.0, "p.jpg"), ("bob", 0.97, "q.jpg")]
+    assert check_self_match(answer([right]), "alice", photo) is None
+    assert "expected alice at 1.0" in check_self_match(answer([[("bob", 1.0, "p.jpg")]]), "alice", photo)
+    assert "expected alice at 1.0" in check_self_match(answer([[("alice", 0.998, "p.jpg")]]), "alice", photo)
+    assert "(other.jpg)" in check_self_match(answer([[("alice", 1.0, "other.jpg")]]), "alice", photo)
+    assert "got 2" in check_self_match(answer([right, right]), "alice", photo)
+    assert "the page says" in check_self_match(answer([right], messages="⚠ the request failed"), "alice", photo)
+    other_photo = [["x.jpg", 1, "alice", 1.0, "alice", "match"]]
+    assert "another photo or person" in check_self_match(answer([right], rows=other_photo), "alice", photo)
+    assert "another photo or person" in check_self_match(answer([right], decision="**bob**"), "alice", photo)
+
+
+def test_an_enrolment_is_seen_whole_or_not_at_all():
+    from handclip.bench.app import gallery_state
+
+    before = [[("bob", 0.97, "b.jpg")]] * 3
+    after = [[("new", 1.0, f"n{i}.jpg"), ("bob", 0.9, "b.jpg")] for i in range(3)]
+    assert gallery_state(answer(before), "new", 3) == "before"
+    assert gallery_state(answer(after), "new", 3) == "after"
+    # two of the three photos in the gallery: the third one finds the person, but not at score 1
+    partial = after[:2] + [[("new", 0.98, "n0.jpg"), ("bob", 0.9, "b.jpg")]]
+    assert gallery_state(answer(partial), "new", 3) == "torn: new first at score 1 for 2 of 3 photos"
+    assert gallery_state(answer(after[:2] + before[:1]), "new", 3).startswith("torn: new first at score 1 for 2")
+    assert gallery_state(answer(after[:2]), "new", 3).startswith("torn: 2 rankings for 3 photos")
+    assert gallery_state(answer(after, messages="⚠ index"), "new", 3).startswith("torn")
+
+
 # -- the app under load --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
