@@ -186,3 +186,19 @@ def test_the_server_is_gone_and_wrote_only_its_own_folders(loaded):
     assert people[:2] == ["enrolled000", "enrolled001"] and len(people) == 22
     assert all(len(list((run / "gallery" / p).iterdir())) == 5 for p in people)
     assert "Traceback" not in (run / "server.log").read_text()
+
+
+@pytest.mark.slow
+def test_the_goals_and_the_table_of_the_app_part(loaded):
+    from handclip.bench.report import evaluate_goals, format_table
+
+    result = {"device": "cpu", "torch": "x", "app": loaded[0]}
+    goals = evaluate_goals(result, None)
+    assert {k: g["met"] for k, g in goals.items()} == {"app.load.all_right": True,
+                                                      "app.race.consistent_and_seen": True}
+    table = format_table({**result, "goals": goals})
+    assert any(line.strip().startswith("app: 20 clients x 10 identify, 100 photos: right")
+               and line.endswith("200 / 200") for line in table.splitlines())
+    assert "MET   app.load.all_right = yes" in table
+    broken = {**loaded[0], "load": {**loaded[0]["load"], "all_right": False}}
+    assert evaluate_goals({"app": broken}, None)["app.load.all_right"]["met"] is False
