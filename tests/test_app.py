@@ -365,6 +365,20 @@ def test_batch_takes_files_and_a_folder_and_gives_one_table_and_csv(client, stud
         queries[:4], request(studio_env, 2, 0.1)).records))
 
 
+def test_a_client_file_name_never_becomes_a_path(client, studio_env):
+    studio, base = studio_env["studio"], studio_env["base"]
+    name = "../../../../../" + str(base / "evil.png").lstrip("/")
+    sent = upload(client, (name, studio_env["queries"][0].read_bytes()))
+    options = [studio.models[0].label, studio.gallery_labels[0], 3, "calibrated target"]
+    _, _, table, _, _ = call(client, "identify", [sent, *options])
+    status, *_ = call(client, "enrol", [studio.gallery_labels[0], "mallory", sent, studio.models[0].label])
+    assert table["data"][0][0] == "evil.png" and "mallory: 1 photo(s) added" in status
+    assert not (base / "evil.png").exists() and not list(base.parent.glob("evil.png"))
+    assert [p.name for p in (studio_env["gallery"] / "mallory").iterdir()] == [
+        f"{__import__('hashlib').sha256(studio_env['queries'][0].read_bytes()).hexdigest()[:24]}.png"]
+    call(client, "remove_person", [studio.gallery_labels[0], "mallory", studio.models[0].label])
+
+
 def test_enrolment_then_identify_finds_the_new_person(client, studio_env, tmp_path):
     studio = studio_env["studio"]
     photos = [write_image(tmp_path / f"d{k}.png", seed=k, size=(48, 48), identity=3000) for k in range(2)]
@@ -395,8 +409,15 @@ def test_enrolment_refuses_a_bad_name_and_writes_nothing(client, studio_env):
     assert sorted(p.name for p in studio_env["gallery"].iterdir()) == before
 
 
-def test_identify_never_sees_a_half_enrolled_person(studio_env, tmp_path):
-    """Enrolments of two photos each run while identify runs: every identify sees whole people only."""
+def test_identify_never_sees_a_half_enrolled_person(studio_env, tmp_path, monkeypatch):
+    """Enrolments of two photos each run while identify runs: every identify sees whole people only (each photo
+    write is slowed down, so that an identify would fall between two writes without the gallery's lock)."""
+    import time
+
+    from handclip.app.uploads import Upload
+
+    save = Upload.save
+    monkeypatch.setattr(Upload, "save", lambda self, *args: (save(self, *args), time.sleep(0.3))[0])
     studio, label, gallery = studio_env["studio"], studio_env["studio"].models[0].label, studio_env["gallery"]
     base = len(list(gallery.rglob("*.png")))
     seen, errors = [], []
@@ -412,8 +433,10 @@ def test_identify_never_sees_a_half_enrolled_person(studio_env, tmp_path):
 
     writer = threading.Thread(target=enrol)
     writer.start()
-    while writer.is_alive():
+    while True:  # at least once, then until the enrolments are done
         seen.append(studio.identify(studio_env["queries"][:1], request(studio_env)).result["gallery"]["images"])
+        if not writer.is_alive():
+            break
     writer.join()
     assert not errors and seen and all((n - base) % 2 == 0 for n in seen), seen
     for n in range(3):

@@ -15,7 +15,10 @@ the backends of :mod:`handclip.models.backends`, the one embedding loop of :mod:
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import io
+import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -143,7 +146,6 @@ class HandCLIP:
         """``python -m handclip.identify`` with this model: one record per query (as in ``results.json``: query,
         decision, identity, score, top-k). ``out``: a folder for results.json/csv (and pictures); by default they
         are not kept. The gallery index is kept under the cache folder (or ``index=``) and reused."""
-        from handclip.config import compose
         from handclip.identify.run import identify, index_path
 
         gallery = Path(gallery).expanduser().resolve()
@@ -153,7 +155,7 @@ class HandCLIP:
         # a temporary folder only when the results are not kept (out= given: nothing is written elsewhere)
         with contextlib.nullcontext() if out else tempfile.TemporaryDirectory(prefix="handclip-identify-") as tmp:
             root = Path(out).expanduser().resolve() if out else Path(tmp) / "api"
-            cfg = compose("identify", ["progress=false"])
+            cfg = copy.deepcopy(_identify_defaults(os.getcwd(), os.environ.get("HANDCLIP_ROOT")))
             for key, value in self._cfg(threshold=threshold, target_fmr=target_fmr).items():
                 if key != "model":
                     cfg[key] = value
@@ -164,6 +166,15 @@ class HandCLIP:
             with contextlib.redirect_stdout(io.StringIO()):  # the command line's summary: the records are returned
                 result = identify(cfg, loaded=(self.embedder, self.model, self.meta), out_dir=root)
         return result["queries"]
+
+
+@functools.lru_cache(maxsize=4)
+def _identify_defaults(cwd: str, root: str | None):
+    """identify's composed config (composing takes ~0.5 s; each call gets a copy), per working folder and
+    HANDCLIP_ROOT (they anchor its relative paths)."""
+    from handclip.config import compose
+
+    return compose("identify", ["progress=false"])
 
 
 def load(checkpoint: str | Path | None = None, *, model: str | None = None, pretrained: str | None = None,
