@@ -63,15 +63,19 @@ def request(env, top_k=3, target_fmr=None):
 
 
 # -- the app's answers are identify's ------------------------------------------------------------------------
-@pytest.mark.parametrize("target_fmr", [None, 0.1])
-def test_the_app_gives_identify_top_k_and_decisions(studio_env, target_fmr):
+@pytest.mark.parametrize(("target_fmr", "gallery_mode"), [(None, "max"), (0.1, "max"), (None, "mean")])
+def test_the_app_gives_identify_top_k_and_decisions(studio_env, target_fmr, gallery_mode):
     import handclip
 
     studio = studio_env["studio"]
     assert studio.models[0].path == studio_env["ckpt"]
-    outcome = studio.identify(studio_env["queries"], request(studio_env, 3, target_fmr))
+    asked = request(studio_env, 3, target_fmr)
+    asked.gallery_mode = gallery_mode
+    outcome = studio.identify(studio_env["queries"], asked)
     expected = handclip.load(studio_env["ckpt"], cache_dir=studio_env["base"] / "cache").identify(
-        studio_env["data"] / HAND_DIR / "query0", studio_env["gallery"], top_k=3, target_fmr=target_fmr)
+        studio_env["data"] / HAND_DIR / "query0", studio_env["gallery"], top_k=3, target_fmr=target_fmr,
+        gallery_mode=gallery_mode)
+    assert outcome.result["mode"]["gallery_mode"] == gallery_mode
     assert outcome.labels == [q.name for q in studio_env["queries"]] and len(expected) == len(outcome.records)
     for mine, theirs in zip(outcome.records, expected):
         assert mine["decision"] == theirs["decision"] and mine["accepted"] == theirs["accepted"]
@@ -83,6 +87,9 @@ def test_the_app_gives_identify_top_k_and_decisions(studio_env, target_fmr):
     assert [r["decision"] for r in written["queries"]] == [r["decision"] for r in outcome.records]
     assert outcome.files["csv"].read_text().splitlines()[0].startswith("query,true_identity,decision")
     assert outcome.band.threshold == written["threshold"]["threshold"]
+    calibration = json.loads(studio_env["ckpt"].with_name("best.calibration.json").read_text())
+    levels = calibration["levels"] if gallery_mode == "max" else calibration["modes"][gallery_mode]["levels"]
+    assert outcome.band == band(written["threshold"], levels)  # the grey zone of this decision mode
 
 
 def same_records(mine: list[dict], theirs: list[dict]) -> None:
@@ -213,9 +220,21 @@ def test_grey_zone_lies_between_the_neighbouring_levels_at_its_exact_ends():
     assert given.zone(0.6) == "match" and given.zone(0.5999) == "no match"
 
 
+def test_the_decision_line_names_threshold_fmr_and_grey_zone():
+    from handclip.app.decisions import describe
+
+    b = band({"threshold": 0.7, "target_fmr": 0.01}, LEVELS)
+    assert describe({"decision": "alice", "score": 0.85}, b) == (
+        "**alice** (score 0.850 ≥ threshold 0.700 at FMR 1 %)")
+    assert describe({"decision": "alice", "score": 0.75}, b).endswith(
+        " — grey zone: between the thresholds at FMR 10 % (0.500) and 0.1 % (0.800); check by eye")
+    assert describe({"decision": "unknown", "score": 0.45}, b) == (
+        "**unknown** (best score 0.450 < threshold 0.700 at FMR 1 %)")
+
+
 # -- names and uploads ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["", "  ", "../x", "a/b", "a\\b", "..", "a..b", ".hidden", "~root", "a\x00b",
-                                  "tab\there", "x" * 81])
+                                  "tab\there", "x" * 81, "unknown", "Unknown"])
 def test_unsafe_person_names_are_refused(name):
     with pytest.raises(HandCLIPError):
         check_person(name)
@@ -340,7 +359,7 @@ def test_a_gallery_photo_is_served(client, studio_env):
 
 def test_a_bad_upload_gives_its_message_and_the_next_good_one_works(client, studio_env):
     studio = studio_env["studio"]
-    options = [studio.models[0].label, studio.gallery_labels[0], 3, "calibrated target"]
+    options = [studio.models[0].label, studio.gallery_labels[0], 3, "calibrated target", "max"]
     bad = upload(client, ("holiday.jpg", b"GIF89a not really"))
     messages, decision, table, _, files = call(client, "identify", [bad, *options])
     assert "holiday.jpg: not an image" in messages and decision == "" and files is None
@@ -353,7 +372,7 @@ def test_a_bad_upload_gives_its_message_and_the_next_good_one_works(client, stud
 
 def test_batch_takes_files_and_a_folder_and_gives_one_table_and_csv(client, studio_env):
     studio, queries = studio_env["studio"], studio_env["queries"]
-    options = [studio.models[0].label, studio.gallery_labels[0], 2, "0.1"]
+    options = [studio.models[0].label, studio.gallery_labels[0], 2, "0.1", "max"]
     files = upload(client, *((q.name, q.read_bytes()) for q in queries[:2]))
     folder = upload(client, *((q.name, q.read_bytes()) for q in queries[2:4]), ("notes.txt", b"no photo"))
     status, table, downloads = call(client, "batch", [files, folder, *options])
@@ -369,7 +388,7 @@ def test_a_client_file_name_never_becomes_a_path(client, studio_env):
     studio, base = studio_env["studio"], studio_env["base"]
     name = "../../../../../" + str(base / "evil.png").lstrip("/")
     sent = upload(client, (name, studio_env["queries"][0].read_bytes()))
-    options = [studio.models[0].label, studio.gallery_labels[0], 3, "calibrated target"]
+    options = [studio.models[0].label, studio.gallery_labels[0], 3, "calibrated target", "max"]
     _, _, table, _, _ = call(client, "identify", [sent, *options])
     status, *_ = call(client, "enrol", [studio.gallery_labels[0], "mallory", sent, studio.models[0].label])
     assert table["data"][0][0] == "evil.png" and "mallory: 1 photo(s) added" in status
@@ -390,7 +409,7 @@ def test_enrolment_then_identify_finds_the_new_person(client, studio_env, tmp_pa
         f"{__import__('hashlib').sha256(p.read_bytes()).hexdigest()[:24]}.png" for p in photos)
     query = io.BytesIO()
     Image.open(photos[0]).save(query, format="JPEG", quality=95)  # other bytes, the same picture
-    options = [studio.models[0].label, studio.gallery_labels[0], 3, "calibrated target"]
+    options = [studio.models[0].label, studio.gallery_labels[0], 3, "calibrated target", "max"]
     _, _, table, _, _ = call(client, "identify", [upload(client, ("who.jpg", query.getvalue())), *options])
     assert table["data"][0][:3] == ["who.jpg", 1, "dave"]
     status, people, *_ = call(client, "remove_person", [studio.gallery_labels[0], "dave", studio.models[0].label])

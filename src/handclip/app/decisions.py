@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-UNKNOWN = "unknown"
+from handclip.identify.results import UNKNOWN
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ identify's ``results/results.{json,csv}`` (the command line's records), thumbnai
 removed after ``keep_hours``. A gallery is read under its shared lock and changed under its exclusive lock
 (:mod:`handclip.app.gallery`), so identify sees the gallery and its index before or after a change, never between.
 
-A gallery mode (templates, fusion) chosen per request can be added to :class:`Request` and passed on to identify.
+The gallery mode (``max``: a person scores as their best photo; ``mean``: as their mean template) is chosen per
+request and passed on to identify, whose calibration file holds a threshold per mode.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Request:
     gallery: str
     top_k: int = 5
     target_fmr: float | None = None
+    gallery_mode: str = "max"  # max: a person scores as their best photo; mean: as their mean template
 
 
 @dataclass
@@ -162,6 +164,10 @@ class Studio:
         uploads, messages = check_uploads(files, self.limits, max_files or self.limits.max_files)
         if not uploads:
             return Outcome(messages=messages or ["no photo given: upload one or more photos first"])
+
+        def label_of_copy(path: str) -> str:  # "00003-<hash>.png" -> the label of the fourth upload
+            return uploads[int(Path(path).name[:5])].label
+
         model, gallery = self.model(request.model), self.gallery(request.gallery)
         top_k = int(request.top_k)
         if not 1 <= top_k <= 50:
@@ -169,43 +175,45 @@ class Studio:
         folder = self._new_request()
         size = chunk or len(uploads)
         parts, labels = [], []
+        whole = size >= len(uploads)
         for start in range(0, len(uploads), size):
-            part = uploads[start:start + size]
             query = folder / f"query-{start // size:04d}"
-            for n, upload in enumerate(part):
+            for n, upload in enumerate(uploads[start:start + size]):  # named by position and content
                 upload.save(query, f"{start + n:05d}-{upload.file_name}")
+            out = folder / ("results" if whole else f"results-{start // size:04d}")
             with galleries.reading(gallery), self._identify_lock:
-                model.identify(query, gallery, top_k=top_k, target_fmr=request.target_fmr,
-                               out=folder / f"results-{start // size:04d}", index=self.index_of(model, gallery),
-                               pictures=False, overwrite=True)
-            parts.append(json.loads((folder / f"results-{start // size:04d}" / "results.json").read_text()))
-            labels += [uploads[int(Path(r["query"]).name[:5])].label for r in parts[-1]["queries"]]
+                model.identify(query, gallery, top_k=top_k, target_fmr=request.target_fmr, out=out,
+                               index=self.index_of(model, gallery), pictures=False, overwrite=True,
+                               gallery_mode=request.gallery_mode)
+            parts.append(json.loads((out / "results.json").read_text()))
+            labels += [label_of_copy(r["query"]) for r in parts[-1]["queries"]]
             if progress is not None:
                 progress(min(start + size, len(uploads)), len(uploads))
         result = parts[0]
-        if len(parts) > 1:  # one set of results files for the whole batch, written as identify writes them
+        if whole:
+            files_out = {"json": folder / "results" / "results.json", "csv": folder / "results" / "results.csv"}
+        else:  # one set of results files for the whole batch, written as identify writes them
             result = {**result, "queries": [r for p in parts for r in p["queries"]],
                       "skipped_queries": [s for p in parts for s in p["skipped_queries"]]}
             result.pop("summary", None)
             files_out = write_results(result, folder / "results", overwrite=False, pictures=False, progress=False)
-        else:
-            (folder / "results-0000").rename(folder / "results")
-            files_out = {"json": folder / "results" / "results.json", "csv": folder / "results" / "results.csv"}
-        messages += [f"{Path(s['query']).name}: {s['reason']}" for s in result["skipped_queries"]]
-        outcome = Outcome(result=result, labels=labels, band=self._band(result["threshold"]), files=files_out,
-                          messages=messages)
+        messages += [f"{label_of_copy(s['query'])}: could not be read" for s in result["skipped_queries"]]
+        outcome = Outcome(result=result, labels=labels, files=files_out, messages=messages,
+                          band=self._band(result["threshold"], result.get("mode", {}).get("decision_mode", "max")))
         outcome.thumbs = [self._thumb(Path(r["query"]), folder / "thumbs") for r in outcome.records]
         return outcome
 
     @staticmethod
-    def _band(threshold: dict) -> Band:
+    def _band(threshold: dict, mode: str = "max") -> Band:
+        """The decision band from the levels the calibration file lists for the decision mode."""
         levels = None
         source = Path(str(threshold.get("source", "")))
         if source.suffix == ".json" and source.is_file():
             try:
-                levels = read_calibration(source).get("levels")
+                calibration = read_calibration(source)
             except HandCLIPError:
-                levels = None
+                calibration = {}
+            levels = (calibration if mode == "max" else (calibration.get("modes") or {}).get(mode) or {}).get("levels")
         return band(threshold, levels)
 
     def _thumb(self, image: Path, folder: Path) -> Path | None:

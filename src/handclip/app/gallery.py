@@ -17,6 +17,7 @@ from pathlib import Path
 from handclip.app.uploads import Upload
 from handclip.data.layout import IMAGE_EXTENSIONS
 from handclip.errors import HandCLIPError
+from handclip.identify.results import UNKNOWN
 from handclip.utils.files import printable
 from handclip.utils.locks import exclusive_lock, shared_lock
 
@@ -36,6 +37,8 @@ def check_person(name: str | None) -> str:
         raise HandCLIPError(f"name {shown!r}: unprintable characters are not allowed")
     if any(sep in text for sep in ("/", "\\", "\0")) or ".." in text or text.startswith((".", "~")):
         raise HandCLIPError(f"name {shown!r}: no path separators, no '..', and not starting with '.' or '~'")
+    if text.lower() == UNKNOWN:
+        raise HandCLIPError(f"name {shown!r}: '{UNKNOWN}' is identify's decision for no match; choose another name")
     return text
 
 

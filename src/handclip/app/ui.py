@@ -3,7 +3,8 @@
 Element ids (stable: the browser tests find the components by them):
 
     model-select, models-refresh, gallery-select                    the model and gallery (above the tabs)
-    identify-upload, identify-topk, identify-fmr, identify-run,     Identify: photos in, options, button
+    identify-upload, identify-topk, identify-fmr,                   Identify: photos in, options,
+    identify-gallery-mode, identify-run                             best photo or mean template; the button
     identify-decision, identify-table, identify-gallery,            the decision per photo, top-k table, thumbnails
     identify-download, identify-messages                            results.csv/json, refused photos
     enrol-name, enrol-upload, enrol-run, enrol-status,              Enrol: add a person (or more photos of them)
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 FMR_CHOICES = ["calibrated target", "0.1", "0.01", "0.001", "0.0001"]
 TABLE_HEADERS = ["photo", "rank", "person", "score", "decision", "zone"]
 BATCH_HEADERS = ["photo", "decision", "score", "zone", "top-k"]
+#: identify's gallery modes: (shown, value)
+GALLERY_MODES = [("their best photo (max)", "max"), ("their mean template (mean)", "mean")]
 #: Requests that may wait in gradio's queue; more are refused ("queue is full") instead of piling up.
 QUEUE_SIZE = 256
 
@@ -70,6 +73,8 @@ def build(studio: Studio) -> gr.Blocks:
                     chosen = FMR_CHOICES[0] if studio.target_fmr is None else f"{studio.target_fmr:g}"
                     fmr = gr.Dropdown(list(dict.fromkeys([*FMR_CHOICES, chosen])), value=chosen,
                                       label="Decision threshold at false-match rate", elem_id="identify-fmr")
+                    mode = gr.Radio(GALLERY_MODES, value="max", label="A person scores as",
+                                    elem_id="identify-gallery-mode")
                     run = gr.Button("Identify", variant="primary", elem_id="identify-run")
             messages = gr.Markdown(elem_id="identify-messages")
             decision = gr.Markdown(elem_id="identify-decision")
@@ -111,9 +116,9 @@ def build(studio: Studio) -> gr.Blocks:
             explore_pictures = gr.Gallery(label="CMC, ROC/DET, rankings", columns=2, height="auto",
                                           elem_id="explore-pictures")
 
-        def identify(files, model_label, gallery_label, k, fmr_value, progress=gr.Progress()):
+        def identify(files, model_label, gallery_label, k, fmr_value, gallery_mode="max", progress=gr.Progress()):
             try:
-                request = Request(model_label, gallery_label, int(k), _fmr(fmr_value))
+                request = Request(model_label, gallery_label, int(k), _fmr(fmr_value), gallery_mode or "max")
                 progress(0.1, desc="checking and embedding the photos")
                 outcome = studio.identify(files, request)
                 notes = "\n".join(f"- ⚠ {md_escape(m)}" for m in outcome.messages)
@@ -133,10 +138,11 @@ def build(studio: Studio) -> gr.Blocks:
             except Exception as err:  # noqa: BLE001 - a message on the page; the server keeps running
                 return _error_text(err), "", [], [], None
 
-        def batch(files, folder, model_label, gallery_label, k, fmr_value, progress=gr.Progress()):
+        def batch(files, folder, model_label, gallery_label, k, fmr_value, gallery_mode="max",
+                  progress=gr.Progress()):
             try:
                 files = [*(files or []), *(folder or [])]
-                request = Request(model_label, gallery_label, int(k), _fmr(fmr_value))
+                request = Request(model_label, gallery_label, int(k), _fmr(fmr_value), gallery_mode or "max")
                 outcome = studio.identify(files, request, max_files=studio.limits.max_batch_files, chunk=32,
                                           progress=lambda done, total: progress((done, total), desc="photos"))
                 notes = "\n".join(f"- ⚠ {md_escape(m)}" for m in outcome.messages)
@@ -195,7 +201,7 @@ def build(studio: Studio) -> gr.Blocks:
             except Exception as err:  # noqa: BLE001
                 return _error_text(err), []
 
-        common = [model, gallery, top_k, fmr]
+        common = [model, gallery, top_k, fmr, mode]  # the mode last: callers that leave it out get "max"
         run.click(identify, [photos, *common], [messages, decision, table, tiles, download],
                   api_name="identify")
         batch_run.click(batch, [batch_files, batch_folder, *common], [batch_status, batch_table, batch_download],
