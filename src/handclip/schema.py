@@ -21,7 +21,7 @@ from typing import Any, Optional
 from omegaconf import MISSING
 
 from handclip.errors import HandCLIPError
-from handclip.hands import check_hand
+from handclip.hands import check_eleven_k_hands, check_hand
 
 
 def at_least(low: float, default: Any = MISSING) -> Any:
@@ -226,6 +226,15 @@ class RerankConfig:
 
 
 @dataclass
+class CrossHandConfig:
+    """``cross_hand_protocol.*`` of eval: HandCLIP's own person-across-hand-types protocol (``cross_hand=true``)."""
+
+    runs: int = at_least(1, 10)
+    models: str = one_of("auto", "finetuned", "zeroshot", default="auto")
+    hands: Optional[list[str]] = checked_by(check_eleven_k_hands, default=None)
+
+
+@dataclass
 class OnnxConfig:
     opset: int = at_least(7)
     check: bool = MISSING
@@ -269,6 +278,8 @@ class EvalSchema(_ModelCommand):
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     verification: VerificationConfig = field(default_factory=VerificationConfig)
     rerank: Optional[RerankConfig] = None
+    cross_hand: bool = False
+    cross_hand_protocol: CrossHandConfig = field(default_factory=CrossHandConfig)
     # the test summary also goes to these loggers (configs/logger), if any
     logger: Optional[dict[str, Any]] = None
 
