@@ -15,7 +15,10 @@ the backends of :mod:`handclip.models.backends`, the one embedding loop of :mod:
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import io
+import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -130,40 +133,57 @@ class HandCLIP:
                 "model": {"model_name": key.get("zero_shot") or self.meta.get("model_name"),
                           "pretrained": key.get("pretrained"), "cache_dir": None}, **values}
 
-    def threshold(self, target_fmr: float | None = None) -> float:
-        """The calibrated open-set threshold at ``target_fmr`` (None: the calibration's own target), from the
-        checkpoint's calibration file (or ``calibration=`` given to :func:`load`)."""
-        from handclip.identify.run import resolve_threshold
+    def threshold(self, target_fmr: float | None = None, gallery_mode: str = "max", query_mode: str = "each",
+                  case_mode: str = "mean") -> float:
+        """The calibrated open-set threshold of a decision mode (as for :meth:`identify`) at ``target_fmr`` (None:
+        the calibration's own target), from the checkpoint's calibration file (or ``calibration=`` given to
+        :func:`load`)."""
+        from handclip.identify.run import modes, resolve_threshold
 
-        cfg = OmegaConf.create(self._cfg(threshold=None, target_fmr=target_fmr))
-        return float(resolve_threshold(cfg, self.meta, self.fingerprint)["threshold"])
+        cfg = OmegaConf.create(self._cfg(threshold=None, target_fmr=target_fmr, gallery_mode=gallery_mode,
+                                         query_mode=query_mode, case_mode=case_mode))
+        return float(resolve_threshold(cfg, self.meta, self.fingerprint, modes(cfg)["decision_mode"])["threshold"])
 
     def identify(self, query, gallery, top_k: int = 5, target_fmr: float | None = None,
                  threshold: float | None = None, out: str | Path | None = None, index: str | Path | None = None,
-                 pictures: bool = False, overwrite: bool = False, batch_size: int = 64) -> list[dict]:
+                 pictures: bool = False, overwrite: bool = False, batch_size: int = 64, gallery_mode: str = "max",
+                 query_mode: str = "each", case_mode: str = "mean") -> list[dict]:
         """``python -m handclip.identify`` with this model: one record per query (as in ``results.json``: query,
         decision, identity, score, top-k). ``out``: a folder for results.json/csv (and pictures); by default they
-        are not kept. The gallery index is kept under the cache folder (or ``index=``) and reused."""
-        from handclip.config import compose
+        are not kept. The gallery index is kept under the cache folder (or ``index=``) and reused.
+        ``gallery_mode``: ``max`` (a person scores as their best photo) or ``mean`` (their mean template);
+        ``query_mode="case"``: ``query`` is a folder of case folders, one record per case, probed by its mean
+        template (``case_mode="mean"``) or its best photo per person (``"max"``)."""
         from handclip.identify.run import identify, index_path
 
         gallery = Path(gallery).expanduser().resolve()
         if index is None:
             where = OmegaConf.create({"index": None, "paths": {"output_root": str(self.cache_dir.parent)}})
             index = index_path(where, gallery, self.model)
-        with tempfile.TemporaryDirectory(prefix="handclip-identify-") as tmp:
+        # a temporary folder only when the results are not kept (out= given: nothing is written elsewhere)
+        with contextlib.nullcontext() if out else tempfile.TemporaryDirectory(prefix="handclip-identify-") as tmp:
             root = Path(out).expanduser().resolve() if out else Path(tmp) / "api"
-            cfg = compose("identify", ["progress=false"])
+            cfg = copy.deepcopy(_identify_defaults(os.getcwd(), os.environ.get("HANDCLIP_ROOT")))
             for key, value in self._cfg(threshold=threshold, target_fmr=target_fmr).items():
                 if key != "model":
                     cfg[key] = value
             cfg.paths.output_root = str(root.parent)
             cfg.update(name=root.name, query=str(query), gallery=str(gallery), index=str(index), top_k=int(top_k),
                        pictures=bool(pictures), overwrite=bool(overwrite), batch_size=int(batch_size),
-                       device=str(self.device), decode=self.decode)
+                       device=str(self.device), gallery_mode=str(gallery_mode), query_mode=str(query_mode),
+                       case_mode=str(case_mode), decode=self.decode)
             with contextlib.redirect_stdout(io.StringIO()):  # the command line's summary: the records are returned
                 result = identify(cfg, loaded=(self.embedder, self.model, self.meta), out_dir=root)
         return result["queries"]
+
+
+@functools.lru_cache(maxsize=4)
+def _identify_defaults(cwd: str, root: str | None):
+    """identify's composed config (composing takes ~0.5 s; each call gets a copy), per working folder and
+    HANDCLIP_ROOT (they anchor its relative paths)."""
+    from handclip.config import compose
+
+    return compose("identify", ["progress=false"])
 
 
 def load(checkpoint: str | Path | None = None, *, model: str | None = None, pretrained: str | None = None,

@@ -3,6 +3,7 @@
     python -m handclip.eval hand=dorsal_right ckpt_path=outputs/train/dorsal_right/checkpoints/best.ckpt
     python -m handclip.eval hand=dorsal_right                 # zero-shot model given by `model`
     python -m handclip.eval all=true                          # every hand type: the comparison table
+    python -m handclip.eval all=true cross_hand=true          # + person across hand types (fusion)
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def evaluate(cfg: DictConfig) -> dict:
         table_rows,
         write_report,
     )
-    from handclip.evaluation.rerank import Rerank, rerank_entries
+    from handclip.evaluation.rerank import Rerank, rerank_entries, template_entries
     from handclip.evaluation.verification import VerificationOptions
     from handclip.evaluation.verification_report import verification_markdown
     from handclip.models.checkpoint import read_checkpoint_meta
@@ -56,12 +57,20 @@ def evaluate(cfg: DictConfig) -> dict:
     rerank = Rerank(**cfg.rerank) if cfg.get("rerank") else None
     options = ScoreOptions(device=resolve_device(cfg.device), ranks=tuple(cfg.metrics.ranks), ap=cfg.metrics.ap,
                            cross_aspect=cfg.metrics.cross_aspect, progress=cfg.data.progress,
-                           verification=verification, calibration_dir=out_dir, rerank=rerank, tta=tta)
+                           verification=verification, calibration_dir=out_dir, rerank=rerank, tta=tta,
+                           gallery_mode=cfg.get("gallery_mode") or "max")
 
     def data_for(hand, preprocess):
         return instantiate(cfg.data, hand=hand, _partial_=True)(preprocess=preprocess)
 
     model = cfg.model
+    cross_hand = None
+    if cfg.cross_hand:
+        from handclip.evaluation.cross_hand import plan_cross_hand, run_cross_hand
+
+        if not cfg.all:
+            raise HandCLIPError("cross_hand=true scores every hand type with its own model: pass all=true too")
+        cross_hand = plan_cross_hand(cfg, out_dir)  # every check before any work
     if cfg.all:
         hands = available_hands(cfg.data.root)
         if not hands:
@@ -84,11 +93,14 @@ def evaluate(cfg: DictConfig) -> dict:
         else:
             encoder = zero_shot_encoder(model.model_name, model.pretrained, model.cache_dir, tta=tta)
             entries = [score_zero_shot(encoder, model.model_name, model.pretrained, hand, data_for, options)]
-    entries = [row for entry in entries for row in (entry, *rerank_entries(entry))]
+    entries = [row for entry in entries for row in (entry, *template_entries(entry), *rerank_entries(entry))]
     files = write_report(entries, out_dir, OmegaConf.to_container(cfg, resolve=True), stem=stem)
     if verification is not None and ver.pictures:
         files.update(write_figures(entries, out_dir, stem))
     print(markdown_table(table_rows(entries)) + verification_markdown(entries), end="")
+    if cross_hand is not None:
+        files.update(run_cross_hand(cross_hand, cfg, data_for, options.device, tta, out_dir,
+                                    OmegaConf.to_container(cfg, resolve=True)))
     print(f"written: {', '.join(str(p) for p in files.values())}")
     log_test_summary(cfg.get("logger"), entries, {"hand": "all" if cfg.all else cfg.hand.name,
                                                   "ckpt_path": cfg.ckpt_path, "model": model.model_name})

@@ -3,9 +3,11 @@
     python -m handclip.identify ckpt_path=outputs/train/dorsal_right/checkpoints/best.ckpt \
         gallery=DIR query=PHOTO|DIR|'GLOB'
 
-Modules: :mod:`~handclip.identify.sources` (which files a gallery and a query are), :mod:`~.images`
-(decoding and embedding, unreadable files counted), :mod:`~.index` (the gallery embedded once, reused),
-:mod:`~.search` (exact chunked top-k), :mod:`~.results` (decisions, files, printing), :mod:`~.run` (the steps).
+Modules: :mod:`~handclip.identify.sources` (which files a gallery and a query are), :mod:`~.cases` (case
+folders, ``query_mode=case``), :mod:`~.images` (decoding and embedding, unreadable files counted), :mod:`~.index`
+(the gallery embedded once, reused; its mean templates), :mod:`~.search` (exact chunked top-k), :mod:`~.modes`
+(the rankings of mean templates and cases), :mod:`~.results` (decisions, files, printing), :mod:`~.run` (the
+steps).
 """
 
 __all__ = ["identify"]

@@ -37,6 +37,8 @@ Public functions (one module each)
   identity (an identity scores as its best image): genuine, impostor and non-mated top scores.
 * ``verification.py`` - figures from those scores: the threshold at a target false-match rate, TAR at
   FMR, EER, the open-set "unknown" rate and DIR (brute-force references in ``tests/reference.py``).
+* :func:`~handclip.metrics.fusion.fuse_scores` (``fusion.py``) - per-hand-type probe x person score matrices
+  fused (mean or max) over the hand types both sides have, with the number of hand types used per pair.
 
 This package imports nothing else of HandCLIP: every layer may use it.
 """
