@@ -78,7 +78,8 @@ def _picture_rows(record: dict, threshold: float) -> list[Row]:
     items = [Tile(t["file"], [f"{t['rank']}. {t['identity']}", f"score {t['score']:.3f}", Path(t["file"]).name],
                   match_colour(None if truth is None else t["identity"] == truth)) for t in record["top"]]
     caption = ["query", Path(record["query"]).name] + ([f"true: {truth}"] if truth else [])
-    return [Row(_heading(record, threshold), Tile(record["query"], caption, BLUE), items)]
+    shown = record["photos"][0]["path"] if record.get("photos") else record["query"]  # a case: its first photo
+    return [Row(_heading(record, threshold), Tile(shown, caption, BLUE), items)]
 
 
 def _csv(result: dict) -> str:
