@@ -142,6 +142,21 @@ def test_classifier_trained_on_distinguishable_hand_types(world):
     assert model.fingerprint == clf.model["fingerprint"]
 
 
+def test_training_refuses_an_existing_file_and_too_few_hand_types(world, tmp_path):
+    def train(data, *extra):
+        return train_hand_classifier(compose("identify", [
+            "experiment=demo", "task=train_hand_type", f"paths.data_dir={data}", f"paths.output_root={tmp_path}",
+            "progress=false", "num_workers=0", *extra]))
+
+    existing = world["out"] / "train" / "hand_type" / "hand_type.json"
+    with pytest.raises(HandCLIPError, match="exists; pass overwrite=true"):
+        train(world["data"], f"hand_classifier.path={existing}")
+    one = tmp_path / "one"
+    shutil.copytree(world["data"] / hand_dir_name("dorsal_right"), one / hand_dir_name("dorsal_right"))
+    with pytest.raises(HandCLIPError, match="needs the 11k layout of at least 2 hand types .* found dorsal_right$"):
+        train(one)
+
+
 # -- fused identify against an independent computation --------------------------------------------
 def reference(world, probes: dict[str, list[tuple[Path, str]]], fusion: str) -> dict[str, list[tuple]]:
     """Per probe: [(person, fused score, hand types used)] best first, from each hand model's own embeddings and
@@ -268,6 +283,7 @@ def _no_embedding(monkeypatch):
     ("gallery_folder", r"unknown hand-type folder .*ann/dorsal_rigth.* in gallery person 'ann'"),
     ("query_folder", r"unknown hand-type folder .*stranger/palmar.* in case folder"),
     ("no_threshold", r"fusion=mean needs threshold=VALUE"),
+    ("one_model", r"ckpt_path= is for one model; with fusion= give models.<hand>=CKPT per hand type"),
     ("no_classifier", r"hand-type classifier .*nothing.json.* not found; train it with `python -m handclip.identify "
                       r"task=train_hand_type`"),
 ])
@@ -290,6 +306,8 @@ def test_bad_input_is_refused_before_any_work(world, tmp_path, monkeypatch, setu
         shutil.copytree(cases / "stranger" / "dorsal_left", cases / "stranger" / "palmar")
     elif setup == "no_threshold":
         extra.append("threshold=null")
+    elif setup == "one_model":
+        extra.append(f"ckpt_path={world['models']['dorsal_right']}")
     else:
         query = tmp_path / "loose"
         query.mkdir()

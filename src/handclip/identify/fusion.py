@@ -119,6 +119,9 @@ def identify_fused(cfg: DictConfig, out_dir: Path, load_embedder) -> dict:
     ``load_embedder``: :func:`handclip.identify.run.load_embedder` (passed in: run.py calls this module)."""
     if cfg.fusion not in ("mean", "max"):
         raise HandCLIPError(f"fusion={cfg.fusion!r}: expected mean or max")
+    for key, instead in (("ckpt_path", "models.<hand>=CKPT per hand type"), ("calibration", "threshold=VALUE")):
+        if cfg.get(key):
+            raise HandCLIPError(f"{key}= is for one model; with fusion= give {instead}")
     query_hand = cfg.get("query_hand")
     probes = resolve_probes(cfg.query, query_hand)
     gallery_files = scan_hand_gallery(str(cfg.gallery))
