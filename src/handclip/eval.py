@@ -3,6 +3,7 @@
     python -m handclip.eval hand=dorsal_right ckpt_path=outputs/train/dorsal_right/checkpoints/best.ckpt
     python -m handclip.eval hand=dorsal_right                 # zero-shot model given by `model`
     python -m handclip.eval all=true                          # every hand type: the comparison table
+    python -m handclip.eval all=true cross_hand=true          # + person across hand types (fusion)
 """
 
 from __future__ import annotations
@@ -62,6 +63,13 @@ def evaluate(cfg: DictConfig) -> dict:
         return instantiate(cfg.data, hand=hand, _partial_=True)(preprocess=preprocess)
 
     model = cfg.model
+    cross_hand = None
+    if cfg.cross_hand:
+        from handclip.evaluation.cross_hand import plan_cross_hand, run_cross_hand
+
+        if not cfg.all:
+            raise HandCLIPError("cross_hand=true scores every hand type with its own model: pass all=true too")
+        cross_hand = plan_cross_hand(cfg, out_dir)  # every check before any work
     if cfg.all:
         hands = available_hands(cfg.data.root)
         if not hands:
@@ -89,6 +97,9 @@ def evaluate(cfg: DictConfig) -> dict:
     if verification is not None and ver.pictures:
         files.update(write_figures(entries, out_dir, stem))
     print(markdown_table(table_rows(entries)) + verification_markdown(entries), end="")
+    if cross_hand is not None:
+        files.update(run_cross_hand(cross_hand, cfg, data_for, options.device, tta, out_dir,
+                                    OmegaConf.to_container(cfg, resolve=True)))
     print(f"written: {', '.join(str(p) for p in files.values())}")
     log_test_summary(cfg.get("logger"), entries, {"hand": "all" if cfg.all else cfg.hand.name,
                                                   "ckpt_path": cfg.ckpt_path, "model": model.model_name})

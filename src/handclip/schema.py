@@ -22,7 +22,7 @@ from typing import Any, Optional, get_args, get_type_hints
 from omegaconf import MISSING, DictConfig
 
 from handclip.errors import HandCLIPError
-from handclip.hands import check_hand
+from handclip.hands import ELEVEN_K_HANDS, check_hand
 
 
 def at_least(low: float, default: Any = MISSING) -> Any:
@@ -226,6 +226,22 @@ class RerankConfig:
     float16: bool = False
 
 
+def _eleven_k_hands(value: Any) -> None:
+    if value is None:
+        return
+    if len(value) < 2 or any(h not in ELEVEN_K_HANDS for h in value) or len(set(value)) < len(value):
+        raise HandCLIPError(f"expected null or 2 or more different 11k hand types of: {', '.join(ELEVEN_K_HANDS)}")
+
+
+@dataclass
+class CrossHandConfig:
+    """``cross_hand_protocol.*`` of eval: HandCLIP's own person-across-hand-types protocol (``cross_hand=true``)."""
+
+    runs: int = at_least(1, 10)
+    models: str = one_of("auto", "finetuned", "zeroshot", default="auto")
+    hands: Optional[list[str]] = checked_by(_eleven_k_hands, default=None)
+
+
 @dataclass
 class OnnxConfig:
     opset: int = at_least(7)
@@ -269,6 +285,8 @@ class EvalSchema(_ModelCommand):
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     verification: VerificationConfig = field(default_factory=VerificationConfig)
     rerank: Optional[RerankConfig] = None
+    cross_hand: bool = False
+    cross_hand_protocol: CrossHandConfig = field(default_factory=CrossHandConfig)
     # the test summary also goes to these loggers (configs/logger), if any
     logger: Optional[dict[str, Any]] = None
 
