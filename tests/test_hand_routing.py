@@ -85,15 +85,15 @@ def world(tmp_path_factory):
             "clf": clf}
 
 
-def fused_cfg(world, out: Path, *extra: str, query=None, default_models: bool = False):
+def fused_cfg(world, out: Path, *extra: str, query=None, default_models: bool = False, root: Path | None = None):
     """Fused identify on the world's gallery, results in ``out``; the hand models given as models.<hand>=, or
-    (``default_models``) found where training writes them (output_root = the world's, results named by ``out``)."""
-    if default_models:
-        where = [f"paths.output_root={world['out']}", f"name={out.name}"]
+    found where training writes them under ``root`` (``default_models``: the world's output root)."""
+    if default_models or root:
+        where = [f"paths.output_root={root or world['out']}", f"name={out.name}"]
     else:
         where = [f"paths.output_root={out.parent}", f"name={out.name}",
-                 f"hand_classifier.path={world['out'] / 'train' / 'hand_type' / 'hand_type.json'}",
                  *(f"models.{h}={p}" for h, p in world["models"].items())]
+    where.append(f"hand_classifier.path={world['out'] / 'train' / 'hand_type' / 'hand_type.json'}")
     return compose("identify", [
         "experiment=demo", *where, f"gallery={world['gallery']}", f"query={query or world['cases']}",
         "fusion=mean", "threshold=0.5", "index_dtype=float32", "top_k=5", "progress=false", "num_workers=0",
@@ -207,10 +207,63 @@ def test_fused_scores_and_rankings_equal_the_reference(world, tmp_path, fusion):
             [sorted(r[2], key=hands_order.index) for r in ref]
         assert [t["hand_types_used"] for t in record["top"]] == [len(r[2]) for r in ref]
         assert record["hand_types_used"] == len(ref[0][2])
-        assert {p["source"] for p in record["photos"]} == {"folder"}
+        assert {p["source"] for p in record["routing"]} == {"folder"}
+        assert sorted(record["photos"]) == sorted(str(p) for p, _ in case_photos(world)[record["query"]])
         name = Path(record["query"]).name
         assert record["true_identity"] == (name if name in ENROLLED else None)
         assert record["accepted"] == (ref[0][1] >= 0.5)
+
+
+def calibrated_models(world, root: Path, fused: float, per_hand: dict[str, float], fingerprints=None) -> Path:
+    """The world's hand models under ``root/train/<hand>/checkpoints``, each with a calibration file at
+    ``per_hand[hand]``, and a fused calibration (``fused`` for mean and max) naming their fingerprints."""
+    from handclip.evaluation.calibration import CALIBRATION_FORMAT, sidecar_path, write_calibration
+    from handclip.evaluation.fused_calibration import fused_calibration_path, write_fused_calibration
+    from handclip.identify.fused_threshold import checkpoint_fingerprint
+
+    models = {}
+    for hand, ckpt in world["models"].items():
+        to = root / "train" / hand / "checkpoints" / "best.ckpt"
+        to.parent.mkdir(parents=True)
+        shutil.copy2(ckpt, to)
+        fp = checkpoint_fingerprint(compose("identify", ["experiment=demo"]), to)
+        models[hand] = {"fingerprint": (fingerprints or {}).get(hand, fp), "checkpoint": str(to)}
+        row = {"threshold": per_hand[hand], "target_fmr": 0.01, "fmr": 0.0, "tar": 1.0, "resolved": True}
+        write_calibration(sidecar_path(to), {"format": CALIBRATION_FORMAT, **row, "levels": [row],
+                                             "model_fingerprint": fp})
+    row = {"threshold": fused, "target_fmr": 0.01, "fmr": 0.0, "tar": 1.0, "resolved": True}
+    write_fused_calibration(fused_calibration_path(root), {"format": 1, "target_fmr": 0.01, "fusions": {
+        f: {**row, "levels": [row], "by_hand_count": {}} for f in ("mean", "max")}}, models)
+    return root
+
+
+def test_calibrated_thresholds_fused_for_two_or_more_hand_types_else_the_models_own(world, tmp_path):
+    per_hand = {"dorsal_right": 0.3, "dorsal_left": 2.0, "palmar_right": 0.1, "palmar_left": 2.0}
+    root = calibrated_models(world, tmp_path / "out", fused=-1.0, per_hand=per_hand)
+    seen = set()
+    for fusion in ("mean", "max"):
+        result = identify(fused_cfg(world, tmp_path / fusion, "threshold=null", f"fusion={fusion}", root=root))
+        assert result["threshold"]["threshold"] == -1.0
+        assert {h: t["threshold"] for h, t in result["thresholds_per_hand_type"].items()} == \
+            {h: per_hand[h] for h in ("dorsal_left", "dorsal_right", "palmar_left")}
+        for record in result["queries"]:
+            used = record["top"][0]["hand_types"]
+            expected = -1.0 if len(used) >= 2 else per_hand[used[0]]
+            assert record["threshold"] == expected and record["accepted"] == (record["score"] >= expected)
+            seen.add(len(used) >= 2)
+    assert seen == {True, False}  # both rules decide here (a best person sharing one hand type, and more)
+    lone = identify(fused_cfg(world, tmp_path / "lone", "threshold=null", root=root,
+                              query=world["cases"] / "ann" / "dorsal_right" / "ann.png"))
+    record, = lone["queries"]
+    assert record["threshold"] == 0.3 and record["threshold_source"].endswith("best.calibration.json")
+    assert record["accepted"] == (record["score"] >= 0.3)
+
+
+def test_a_fused_calibration_of_other_models_is_refused(world, tmp_path):
+    root = calibrated_models(world, tmp_path / "out", fused=0.5, per_hand=dict.fromkeys(ELEVEN_K_HANDS, 0.5),
+                             fingerprints={"palmar_right": "0" * 20})
+    with pytest.raises(HandCLIPError, match="was computed for another palmar_right model"):
+        identify(fused_cfg(world, tmp_path / "run", "threshold=null", root=root))
 
 
 def test_python_api_fused_identify_equals_the_reference(world, tmp_path):
@@ -240,7 +293,8 @@ def test_given_and_predicted_hand_types_route_single_photos(world, tmp_path):
     for how, extra in (("given", ["query_hand=palmar_left", f"gallery={gallery}"]), ("predicted", [])):
         result = identify(fused_cfg(world, tmp_path / how, *extra, query=loose))
         record, = result["queries"]
-        assert record["photos"][0]["source"] == how and record["hand_types"] == ["palmar_left"]
+        assert record["routing"][0]["source"] == how and record["hand_types"] == ["palmar_left"]
+        assert "photos" not in record  # a lone photo is its own query
         ref = reference(world | ({"gallery": gallery} if how == "given" else {}), {"p": [(photo, "palmar_left")]},
                         "mean")["p"]
         if how == "given":
@@ -248,7 +302,7 @@ def test_given_and_predicted_hand_types_route_single_photos(world, tmp_path):
         assert [t["identity"] for t in record["top"]] == [r[0] for r in ref]
         assert [t["score"] for t in record["top"]] == pytest.approx([r[1] for r in ref], abs=1e-6)
         assert [t["hand_types_used"] for t in record["top"]] == [1] * len(ref)
-    assert record["photos"][0]["probability"] >= 0.9
+    assert record["routing"][0]["probability"] >= 0.9
     assert result["hand_classifier"]["photos"] == 1
 
 
@@ -257,10 +311,10 @@ def test_prediction_at_the_confidence_level_is_used_and_just_above_it_refused(wo
     photo.parent.mkdir()
     shutil.copy2(world["cases"] / "ann" / "dorsal_right" / "ann.png", photo)
     first = identify(fused_cfg(world, tmp_path / "first", query=photo.parent))
-    prob = first["queries"][0]["photos"][0]["probability"]
+    prob = first["queries"][0]["routing"][0]["probability"]
     again = identify(fused_cfg(world, tmp_path / "at", f"hand_classifier.min_confidence={prob!r}",
                                query=photo.parent))
-    assert again["queries"][0]["photos"][0]["probability"] == prob
+    assert again["queries"][0]["routing"][0]["probability"] == prob
     with pytest.raises(HandCLIPError, match=r"hand type of 1 photo\(s\) is uncertain .*x\.png.*query_hand="):
         identify(fused_cfg(world, tmp_path / "above", f"hand_classifier.min_confidence={math.nextafter(prob, 1)!r}",
                            query=photo.parent))
@@ -282,7 +336,8 @@ def _no_embedding(monkeypatch):
     ("no_model", r"fusion needs a model for hand type palmar_left \(in the query\): models.palmar_left="),
     ("gallery_folder", r"unknown hand-type folder .*ann/dorsal_rigth.* in gallery person 'ann'"),
     ("query_folder", r"unknown hand-type folder .*stranger/palmar.* in case folder"),
-    ("no_threshold", r"fusion=mean needs threshold=VALUE"),
+    ("no_threshold", r"fusion=mean has no calibrated threshold: .*fusion.calibration.json' not found; compute it "
+                     r"with `python -m handclip.eval all=true cross_hand=true`"),
     ("one_model", r"ckpt_path= is for one model; with fusion= give models.<hand>=CKPT per hand type"),
     ("no_classifier", r"hand-type classifier .*nothing.json.* not found; train it with `python -m handclip.identify "
                       r"task=train_hand_type`"),

@@ -188,7 +188,7 @@ def load(checkpoint: str | Path | None = None, *, model: str | None = None, pret
     return HandCLIP(encoder, meta, key, backend, device, calibration, cache_dir, seed)
 
 
-def identify_fused(query, gallery, *, threshold: float, fusion: str = "mean", models: dict | None = None,
+def identify_fused(query, gallery, *, fusion: str = "mean", models: dict | None = None, threshold: float | None = None,
                    query_hand: str | None = None, hand_classifier: str | Path | None = None,
                    min_confidence: float | None = None, top_k: int = 5, out: str | Path | None = None,
                    index: str | Path | None = None, pictures: bool = False, overwrite: bool = False,
@@ -197,7 +197,8 @@ def identify_fused(query, gallery, *, threshold: float, fusion: str = "mean", mo
     scored by its own checkpoint (``models={hand: ckpt}``; a hand type left out: ``outputs/train/<hand>/
     checkpoints/best.ckpt``), scores fused (``mean``/``max``) over the hand types probe and person share. A photo's
     hand type: its folder, ``query_hand``, or the classifier file ``hand_classifier`` (default
-    ``outputs/train/hand_type/hand_type.json``). Returns the records of ``results.json``; with ``out`` they are
+    ``outputs/train/hand_type/hand_type.json``). ``threshold``: None decides each result at its calibrated threshold
+    (README "Fusion across hand types"). Returns the records of ``results.json``; with ``out`` they are
     also written there. The gallery indexes (one per hand type) are kept in ``index/<hand>`` (default: as the command
     line keeps them, ``outputs/identify/index/``)."""
     from handclip.config import compose
@@ -205,8 +206,8 @@ def identify_fused(query, gallery, *, threshold: float, fusion: str = "mean", mo
 
     with tempfile.TemporaryDirectory(prefix="handclip-identify-") as tmp:
         root = Path(out).expanduser().resolve() if out else Path(tmp) / "api"
-        overrides = ["progress=false", f"fusion={fusion}", f"threshold={float(threshold)!r}"]
-        cfg = compose("identify", overrides)
+        cfg = compose("identify", ["progress=false", f"fusion={fusion}"])
+        cfg.threshold = None if threshold is None else float(threshold)
         for hand, ckpt in (models or {}).items():
             if hand not in cfg.models:
                 raise HandCLIPError(f"models: unknown hand type {hand!r}; expected one of: {', '.join(cfg.models)}")

@@ -1,6 +1,6 @@
 """Identify across hand types (``fusion=mean|max``): each hand type scored by its own model, scores fused.
 
-    python -m handclip.identify fusion=mean gallery=GALLERY query=CASES threshold=0.8 \
+    python -m handclip.identify fusion=mean gallery=GALLERY query=CASES \
         models.dorsal_right=CKPT models.palmar_left=CKPT ...   # default: outputs/train/<hand>/checkpoints/best.ckpt
 
 The gallery is ``<person>/<hand type>/<photo>``, the query's photos grouped into probes
@@ -10,7 +10,8 @@ type ``h`` of the query: its model embeds the probe photos of ``h`` and keeps a 
 (one index per (hand type, model), :mod:`handclip.identify.index`); a person scores, for a probe and ``h``, as
 the best (probe photo, gallery photo) pair of ``h``. The per-hand-type scores are fused over the hand types both
 the probe and the person have (:func:`handclip.metrics.fusion.fuse_scores`: their mean or max); a person
-sharing none with the probe is not ranked. Each result names the hand types used and their count.
+sharing none with the probe is not ranked. Each result names the hand types used and their count, and is decided
+at the threshold for its number of hand types (:mod:`handclip.identify.fused_threshold`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from handclip.errors import HandCLIPError
+from handclip.identify.fused_threshold import fused_calibration_file, resolve_fused_thresholds, threshold_for
 from handclip.identify.hand_classifier import predict_hands
 from handclip.identify.hand_sources import Probe, check_gallery_covers, resolve_probes, scan_hand_gallery
 from handclip.identify.images import embed_files, report_failures
@@ -50,14 +52,6 @@ def model_path(cfg: DictConfig, hand: str, where: str) -> Path:
                f"hand={hand})")
         raise HandCLIPError(f"fusion needs a model for hand type {hand} ({where}): {why}")
     return path.resolve()
-
-
-def fused_threshold(cfg: DictConfig) -> dict:
-    """``threshold=``; fused scores have no calibration of their own yet, so it is required."""
-    if cfg.threshold is None:
-        raise HandCLIPError(f"fusion={cfg.fusion} needs threshold=VALUE: fused scores have no calibrated threshold "
-                            "(a checkpoint's calibration is for its own hand type alone)")
-    return {"threshold": float(cfg.threshold), "source": "threshold= (given)"}
 
 
 def hand_index_path(cfg: DictConfig, gallery: Path, hand: str, key: dict) -> Path:
@@ -119,9 +113,8 @@ def identify_fused(cfg: DictConfig, out_dir: Path, load_embedder) -> dict:
     ``load_embedder``: :func:`handclip.identify.run.load_embedder` (passed in: run.py calls this module)."""
     if cfg.fusion not in ("mean", "max"):
         raise HandCLIPError(f"fusion={cfg.fusion!r}: expected mean or max")
-    for key, instead in (("ckpt_path", "models.<hand>=CKPT per hand type"), ("calibration", "threshold=VALUE")):
-        if cfg.get(key):
-            raise HandCLIPError(f"{key}= is for one model; with fusion= give {instead}")
+    if cfg.get("ckpt_path"):
+        raise HandCLIPError("ckpt_path= is for one model; with fusion= give models.<hand>=CKPT per hand type")
     query_hand = cfg.get("query_hand")
     probes = resolve_probes(cfg.query, query_hand)
     gallery_files = scan_hand_gallery(str(cfg.gallery))
@@ -129,7 +122,7 @@ def identify_fused(cfg: DictConfig, out_dir: Path, load_embedder) -> dict:
     check_gallery_covers(probes, gallery_files, query_hand)
     for hand in sorted({h for p in probes for h in p.hands if h is not None}):
         model_path(cfg, hand, "in the query")
-    threshold = fused_threshold(cfg)
+    fused_calibration_file(cfg)  # exists (or threshold= given)
     if cfg.index:
         for hand in gallery_files:
             check_index_path(Path(str(cfg.index)).expanduser() / hand)
@@ -141,12 +134,14 @@ def identify_fused(cfg: DictConfig, out_dir: Path, load_embedder) -> dict:
         check_gallery_covers(probes, gallery_files, None)
     hands = sorted({h for p in probes for h in p.hands if h is not None})
     checkpoints = {h: model_path(cfg, h, "predicted in the query") for h in hands}
+    loaded = {h: load_embedder(_hand_cfg(cfg, checkpoints[h]), device) for h in hands}
+    thresholds = resolve_fused_thresholds(cfg, {h: loaded[h][1].fingerprint for h in hands}, checkpoints, model_path)
 
     persons = sorted({f.identity for files in gallery_files.values() for f in files})
     number = {name: i for i, name in enumerate(persons)}
     scores, has_photo, best_rows, models, indexes, failed = {}, {}, {}, {}, {}, []
     for hand in hands:
-        embedder, model, meta = load_embedder(_hand_cfg(cfg, checkpoints[hand]), device)
+        embedder, model, meta = loaded.pop(hand)
         models[hand] = {**model.key, "fingerprint": model.fingerprint, "hand": meta.get("hand")}
         if meta.get("hand") not in (None, hand):
             log.warning("models.%s is a checkpoint trained on %s", hand, meta.get("hand"))
@@ -187,10 +182,14 @@ def identify_fused(cfg: DictConfig, out_dir: Path, load_embedder) -> dict:
         top = [_entry(r + 1, g, persons, fused.scores[n, g], hands, probe_has, gallery_has, n, scores, best_rows,
                       indexes, gallery) for r, g in enumerate(ranked)]
         truth = probe.truth_name if probe.truth_name in number else None
+        threshold = threshold_for(thresholds, top[0]["hand_types"])
         record = decide(probe.path, truth, top, threshold["threshold"])
-        record.update(hand_types=types, hand_types_used=top[0]["hand_types_used"],
-                      photos=[{"path": str(p), "hand_type": h, "source": s, "probability": pr}
-                              for p, h, s, pr in zip(probe.photos, probe.hands, probe.sources, probe.probabilities)])
+        record.update(threshold=threshold["threshold"], threshold_source=threshold["source"], hand_types=types,
+                      hand_types_used=top[0]["hand_types_used"],
+                      routing=[{"photo": str(p), "hand_type": h, "source": s, "probability": pr}
+                               for p, h, s, pr in zip(probe.photos, probe.hands, probe.sources, probe.probabilities)])
+        if probe.path.is_dir():  # a case: its photos (shown in its ranking picture)
+            record["photos"] = [str(p) for p in probe.photos]
         records.append(record)
     if not records:
         raise HandCLIPError(f"none of the {len(probes)} probe(s) has a readable photo")
@@ -198,7 +197,8 @@ def identify_fused(cfg: DictConfig, out_dir: Path, load_embedder) -> dict:
     result = {
         "fusion": str(cfg.fusion),
         "models": models,
-        "threshold": threshold,
+        "threshold": thresholds["fused"],
+        "thresholds_per_hand_type": thresholds["per_hand"],
         "hand_classifier": routed,
         "gallery": {"folder": str(gallery), "images": sum(len(indexes[h].files) for h in hands),
                     "identities": len(persons), "hand_types": {h: len(f) for h, f in gallery_files.items()},

@@ -78,7 +78,7 @@ def _picture_rows(record: dict, threshold: float) -> list[Row]:
     items = [Tile(t["file"], [f"{t['rank']}. {t['identity']}", f"score {t['score']:.3f}", Path(t["file"]).name],
                   match_colour(None if truth is None else t["identity"] == truth)) for t in record["top"]]
     caption = ["query", Path(record["query"]).name] + ([f"true: {truth}"] if truth else [])
-    shown = record["photos"][0]["path"] if record.get("photos") else record["query"]  # a case: its first photo
+    shown = record["photos"][0] if record.get("photos") else record["query"]  # a case: its first photo
     return [Row(_heading(record, threshold), Tile(shown, caption, BLUE), items)]
 
 
@@ -87,9 +87,10 @@ def _csv(result: dict) -> str:
     writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     for r in result["queries"]:
+        threshold = r.get("threshold", result["threshold"]["threshold"])  # fused runs: one per result
         for t in r["top"]:
             writer.writerow({"query": r["query"], "true_identity": r["true_identity"] or "", "decision": r["decision"],
-                             "decision_score": r["score"], "threshold": result["threshold"]["threshold"],
+                             "decision_score": r["score"], "threshold": threshold,
                              "correct": "" if r["correct"] is None else r["correct"], "rank": t["rank"],
                              "identity": t["identity"], "score": t["score"], "file": t["file"]})
     return out.getvalue()
@@ -120,7 +121,7 @@ def write_results(result: dict, out_dir: Path, overwrite: bool = False, pictures
                                             leave=False)):
                 stem = slug(Path(record["query"]).stem)
                 rel = f"rankings/{n:05d}_{stem}.png"
-                ranking_picture(_picture_rows(record, threshold), tmp / rel)
+                ranking_picture(_picture_rows(record, record.get("threshold", threshold)), tmp / rel)
                 record["picture"] = str(out_dir / rel)
         result["summary"] = summary(result)
         atomic_write(tmp / "results.json", json.dumps(result, indent=2, default=str, allow_nan=False) + "\n")
