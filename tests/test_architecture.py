@@ -17,7 +17,7 @@ SRC = ROOT / "src" / "handclip"
 #: layer 1) never import each other.
 LAYERS = {
     "base": ("handclip", "handclip.errors", "handclip.hands", "handclip.config", "handclip.schema",
-             "handclip.command_line", "handclip.metrics", "handclip.utils"),
+             "handclip.schema_ranges", "handclip.command_line", "handclip.metrics", "handclip.utils"),
     "data": ("handclip.data",),
     "models": ("handclip.models",),
     "app": ("handclip.api", "handclip.evaluation", "handclip.run_folder", "handclip.hydra_callbacks", "handclip.launch",

@@ -5,8 +5,8 @@ are registered in Hydra's ConfigStore (:func:`register_schemas`) and named first
 (``train_schema``, ...), so OmegaConf checks every value as the config is composed: ``data.batch_size=abc``
 or ``trainer.max_epochs=1.5`` is refused with the key, the value and the type expected. What a type cannot say
 (a learning rate above 0, a hand type that exists) is the field's ``metadata`` (:func:`at_least`, :func:`above`,
-:func:`between`, :func:`checked_by`), checked in one place, :func:`check_values`. Both run before torch loads
-(see :func:`handclip.config.check_command_line`).
+:func:`between`, :func:`checked_by`), checked in one place, :func:`check_values` (:mod:`handclip.schema_ranges`).
+Both run before torch loads (see :func:`handclip.config.check_command_line`).
 
 Adding a config key means adding it here too: a key the schema does not know is refused when the config is
 composed (``+key=value`` adds one on the command line, untyped).
@@ -14,15 +14,15 @@ composed (``+key=value`` adds one on the command line, untyped).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Optional, get_args, get_type_hints
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING
 
 from handclip.errors import HandCLIPError
 from handclip.hands import ELEVEN_K_HANDS, check_hand
+from handclip.schema_ranges import check_values  # noqa: F401  (its home before; command_line imports it here)
 
 
 def at_least(low: float, default: Any = MISSING) -> Any:
@@ -366,52 +366,3 @@ def register_schemas() -> None:
         store.store(name=name, node=node)
     for (group, name), node in GROUP_SCHEMAS.items():
         store.store(group=group, name=name, node=node)
-
-
-# -- the ranges ---------------------------------------------------------------------------------------------------
-def _ranged_fields(schema: type, cfg: DictConfig, prefix: str = "") -> Iterator[tuple[str, Any, dict]]:
-    """(dotted key, value, metadata) of every field with a rule, walking nested schemas as the config has them.
-    Only those values are read (resolved): an interpolation elsewhere may need torch (``${handclip_precision:}``)."""
-    from omegaconf import OmegaConf
-
-    hints = get_type_hints(schema)
-    for spec in fields(schema):
-        if spec.name not in cfg.keys():  # "in cfg" would resolve the value
-            continue
-        key = f"{prefix}{spec.name}"
-        hint = next((a for a in get_args(hints[spec.name]) if a is not type(None)), hints[spec.name])  # Optional[X]
-        if is_dataclass(hint):
-            node_type = OmegaConf.get_type(cfg, spec.name)  # a subclass where a group option says so (ddp)
-            if is_dataclass(node_type) and isinstance(cfg[spec.name], DictConfig):
-                yield from _ranged_fields(node_type, cfg[spec.name], f"{key}.")
-        elif spec.metadata:
-            yield key, cfg[spec.name], dict(spec.metadata)
-
-
-def _check_one(key: str, value: Any, rule: dict) -> None:
-    if value is None:
-        return
-    if "check" in rule:
-        try:
-            rule["check"](value)
-        except HandCLIPError as err:
-            raise HandCLIPError(f"{key}={value}: {err}") from None
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise HandCLIPError(f"{key}={value}: expected {rule['rule']}")
-    low, high, open_ = rule.get("low"), rule.get("high"), rule.get("open", False)
-    too_low = low is not None and (value <= low if open_ else value < low)
-    too_high = high is not None and (value >= high if open_ else value > high)
-    if too_low or too_high:
-        raise HandCLIPError(f"{key}={value}: expected a number {rule['rule']}")
-
-
-def check_values(cfg: DictConfig) -> None:
-    """Refuse, with one line naming the key, a value outside its field's range (types are OmegaConf's to check)."""
-    from omegaconf import OmegaConf
-
-    schema = OmegaConf.get_type(cfg)
-    if not is_dataclass(schema):
-        return
-    for key, value, rule in _ranged_fields(schema, cfg):
-        _check_one(key, value, rule)
