@@ -336,6 +336,7 @@ def _no_embedding(monkeypatch):
     ("no_model", r"fusion needs a model for hand type palmar_left \(in the query\): models.palmar_left="),
     ("gallery_folder", r"unknown hand-type folder .*ann/dorsal_rigth.* in gallery person 'ann'"),
     ("query_folder", r"unknown hand-type folder .*stranger/palmar.* in case folder"),
+    ("lonely", r"has palmar_left photos but only gallery person 'ann' has any"),
     ("no_threshold", r"fusion=mean has no calibrated threshold: .*fusion.calibration.json' not found; compute it "
                      r"with `python -m handclip.eval all=true cross_hand=true`"),
     ("one_model", r"ckpt_path= is for one model; with fusion= give models.<hand>=CKPT per hand type"),
@@ -359,6 +360,9 @@ def test_bad_input_is_refused_before_any_work(world, tmp_path, monkeypatch, setu
         shutil.copytree(gallery / "ann" / "dorsal_right", gallery / "ann" / "dorsal_rigth")
     elif setup == "query_folder":
         shutil.copytree(cases / "stranger" / "dorsal_left", cases / "stranger" / "palmar")
+    elif setup == "lonely":
+        for person in ("bob", "dan"):
+            shutil.rmtree(gallery / person / "palmar_left")
     elif setup == "no_threshold":
         extra.append("threshold=null")
     elif setup == "one_model":

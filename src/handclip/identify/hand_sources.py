@@ -136,7 +136,12 @@ def check_gallery_covers(probes: list[Probe], gallery: dict[str, list[GalleryFil
                                 f"have no {query_hand} photos (query_hand={query_hand}); add "
                                 f"<person>/{query_hand}/ photos or leave them out of the gallery")
     for hand in sorted({h for p in probes for h in p.hands if h is not None}):
+        first = next(p for p in probes if hand in p.hands)
         if hand not in gallery:
-            first = next(p for p in probes if hand in p.hands)
             raise HandCLIPError(f"query {str(first.path)!r} has {hand} photos but no gallery person has any "
                                 f"(gallery hand types: {', '.join(gallery)})")
+        persons = sorted({f.identity for f in gallery[hand]})
+        if len(persons) < 2:
+            raise HandCLIPError(f"query {str(first.path)!r} has {hand} photos but only gallery person "
+                                f"{persons[0]!r} has any; each hand type of the query needs 2 or more people with "
+                                "photos of it in the gallery")
