@@ -83,7 +83,7 @@ DEMO_HAND_DIR := $(DEMO_DIR)/splits/train_val_test_split_dorsal_r
 
 demo: install clean-demo demo-data ## End to end on synthetic hands: data, train the tiny model on all 4 hand types, evaluate (tables, plots), identify
 	$(OFFLINE) $(PY) -m handclip.train -m experiment=demo hand=$(HANDS)
-	$(OFFLINE) $(PY) -m handclip.eval experiment=demo all=true
+	$(OFFLINE) $(PY) -m handclip.eval experiment=demo all=true cross_hand=true
 	$(OFFLINE) $(PY) -m handclip.identify experiment=demo ckpt_path=outputs/demo/train/dorsal_right/checkpoints/best.ckpt \
 		gallery=$(DEMO_HAND_DIR)/gallery0 query=$(DEMO_HAND_DIR)/query0 print_limit=5
 

@@ -105,16 +105,29 @@ def reference_combination(feats, run, combo, fusion, target_fmr):
     threshold = np.nextafter(ranked[min(allowed, len(ranked) - 1)], np.inf)
     tar = sum(g >= threshold for g in genuine) / len(genuine)
     return {"rank1": hits / len(probes), "mAP": ap / len(probes), "tar": tar, "persons": len(persons),
-            "probes": len(probes)}
+            "probes": len(probes), "genuine": genuine, "impostor": impostor}
+
+
+def midway(scores, q):
+    """A threshold halfway between two neighbouring distinct scores near quantile q (no float ambiguity)."""
+    values = sorted(set(scores))
+    i = min(len(values) - 2, int(q * len(values)))
+    return (values[i] + values[i + 1]) / 2
 
 
 def test_protocol_figures_match_reference():
     identities = random_identities(1, persons=14)
     rng = np.random.default_rng(2)
-    feats = {h: rng.normal(size=(len(names), 6)) for h, names in identities.items()}
+    # float32 values (as embeddings are), compared in float64 by both sides
+    feats = {h: rng.normal(size=(len(names), 6)).astype(np.float32).astype(np.float64)
+             for h, names in identities.items()}
     runs = make_runs(identities, runs=3, seed=0)
+    # calibrated thresholds for 2 (mean) and 3 (max) hand types, between scores of the first run
+    first = {k: reference_combination(feats, runs[0], HANDS[:k], fusion, 0.05) for k, fusion in ((2, "mean"),
+                                                                                                (3, "max"))}
+    thresholds = {"mean": {2: midway(first[2]["impostor"], 0.9)}, "max": {3: midway(first[3]["genuine"], 0.5)}}
     result = evaluate_protocol({h: torch.tensor(f, dtype=torch.float32) for h, f in feats.items()}, runs, HANDS,
-                               0.05)
+                               0.05, thresholds)
     assert len(result["combinations"]) == 4 + 11 * 2
     want_runs = {}
     for row in result["combinations"]:
@@ -127,6 +140,12 @@ def test_protocol_figures_match_reference():
             for key in ("rank1", "mAP", "tar"):
                 assert got[key] == pytest.approx(want[key], abs=1e-6), (combo, row["fusion"], i, key)
             assert (got["persons"], got["probes"]) == (want["persons"], want["probes"])
+            threshold = thresholds.get(row["fusion"] or "", {}).get(len(combo))
+            if threshold is None:
+                assert "tar_at_val" not in got and "fmr_at_val" not in got
+            else:
+                assert got["tar_at_val"] == np.mean([g >= threshold for g in want["genuine"]])
+                assert got["fmr_at_val"] == np.mean([s >= threshold for s in want["impostor"]])
         values = [want_runs[(combo, row["fusion"], i)]["rank1"] for i in range(len(runs))]
         assert row["rank1"]["mean"] == pytest.approx(np.mean(values), abs=1e-9)
         assert row["rank1"]["std"] == pytest.approx(np.std(values), abs=1e-9)
@@ -137,18 +156,22 @@ def test_protocol_figures_match_reference():
         assert row["combinations"] == len(combos)
         assert row["mAP"]["mean"] == pytest.approx(np.mean(per_run), abs=1e-6)
         assert row["mAP"]["std"] == pytest.approx(np.std(per_run), abs=1e-6)
+    with_val = {(r["k"], r["fusion"]) for r in result["summary"] if "tar_at_val" in r}
+    assert with_val == {(2, "mean"), (3, "max")}
+    assert 0 < next(r for r in result["summary"] if r["k"] == 2 and r["fusion"] == "mean")["fmr_at_val"]["mean"] < 1
     assert [(r["k"], r["fusion"]) for r in result["summary"]] == [
         (1, None), (2, "mean"), (2, "max"), (3, "mean"), (3, "max"), (4, "mean"), (4, "max")]
 
 
 def random_val_train(seed: int):
-    """Per hand type (features, person names) of val and train: persons missing from some hand types, a val
-    person in one hand type only, a val person with two photos per hand type."""
+    """Per hand type (features, person names) of val and train: persons missing from some hand types (1 and 6 in
+    every train split, 6, 8, 9 in every val split), a val person in one hand type only, a val person with two
+    photos per hand type."""
     rng = np.random.default_rng(seed)
     val, train = {}, {}
     for k, h in enumerate(HANDS):
         train_names = [f"{p:02d}" for p in range(10) if (p + k) % 5 != 0 for _ in range(int(rng.integers(1, 4)))]
-        val_names = [f"{p:02d}" for p in range(10) if p % 4 != k and (p != 3 or k == 0)]
+        val_names = [f"{p:02d}" for p in range(10) if (p % 4 != k or p in (6, 8, 9)) and (p != 3 or k == 0)]
         val_names += ["07"] if "07" in val_names else []
         val[h] = (torch.tensor(rng.normal(size=(len(val_names), 5)), dtype=torch.float32), val_names)
         train[h] = (torch.tensor(rng.normal(size=(len(train_names), 5)), dtype=torch.float32), train_names)
@@ -164,7 +187,7 @@ def reference_fused_pairs(val, train, fusion):
     hands = list(val)
     in_val = {p: [h for h in hands if p in val[h][1]] for h in hands for p in val[h][1]}
     persons = sorted({p for h in hands for p in train[h][1]})
-    pairs = []
+    pairs, subsets = [], []
     for p in sorted(in_val):
         hs = in_val[p]
         if len(hs) < 2:
@@ -180,7 +203,10 @@ def reference_fused_pairs(val, train, fusion):
                 if scores:
                     fused = sum(scores) / len(scores) if fusion == "mean" else max(scores)
                     pairs.append((fused, len(scores), q == p))
-    return pairs
+                for k in range(2, len(scores) + 1):  # every k of the hand types both sides have, fused alone
+                    for sub in itertools.combinations(scores, k):
+                        subsets.append((sum(sub) / k if fusion == "mean" else max(sub), k, q == p))
+    return pairs, subsets
 
 
 def brute_threshold(impostor, target):
@@ -195,7 +221,8 @@ def test_fused_calibration_matches_brute_force(fusion):
     target = 0.05
     result = fused_calibration_from_embeddings(val, train, target, levels=(0.1,))
     fig = result["fusions"][fusion]
-    pairs = [(s, c, g) for s, c, g in reference_fused_pairs(val, train, fusion) if c >= 2]
+    pairs, subsets = reference_fused_pairs(val, train, fusion)
+    pairs = [(s, c, g) for s, c, g in pairs if c >= 2]
     genuine = [s for s, _, g in pairs if g]
     impostor = [s for s, _, g in pairs if not g]
     assert (fig["genuine_scores"], fig["impostor_scores"]) == (len(genuine), len(impostor))
@@ -212,11 +239,10 @@ def test_fused_calibration_matches_brute_force(fusion):
     assert fig["tar"] == pytest.approx(sum(s >= want for s in genuine) / len(genuine))
     assert [row["target_fmr"] for row in fig["levels"]] == [0.1, 0.05]
     for k in ("2", "3", "4"):
-        sub = [s for s, c, g in pairs if c == int(k) and not g]
-        if sub:
-            assert fig["by_hand_count"][k]["threshold"] == pytest.approx(brute_threshold(sub, target), abs=1e-6)
-            assert fig["by_hand_count"][k]["impostor_scores"] == len(sub)
-    assert set(fig["by_hand_count"]) == {str(c) for _, c, g in pairs if not g}
+        sub = [s for s, c, g in subsets if c == int(k) and not g]
+        assert fig["by_hand_count"][k]["threshold"] == pytest.approx(brute_threshold(sub, target), abs=1e-6)
+        assert fig["by_hand_count"][k]["impostor_scores"] == len(sub)
+        assert fig["by_hand_count"][k]["genuine_scores"] == sum(g for _, c, g in subsets if c == int(k))
 
 
 def test_read_fused_calibration_checks_the_models(tmp_path):

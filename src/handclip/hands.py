@@ -48,6 +48,13 @@ def check_hand(hand: str) -> str:
     return hand
 
 
+def check_eleven_k_hands(hands) -> None:
+    """None, or a list of 2 or more different 11k hand types (the person-across-hand-types protocol's)."""
+    if hands is not None and (len(hands) < 2 or len(set(hands)) < len(hands)
+                              or any(h not in ELEVEN_K_HANDS for h in hands)):
+        raise HandCLIPError(f"expected null or 2 or more different 11k hand types of: {', '.join(ELEVEN_K_HANDS)}")
+
+
 def hand_dir_name(hand: str) -> str:
     """Folder name of a hand type, e.g. ``dorsal_right`` -> ``train_val_test_split_dorsal_r``."""
     return HAND_DIR_PREFIX + HAND_TYPES[check_hand(hand)]

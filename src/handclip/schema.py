@@ -21,7 +21,7 @@ from typing import Any, Optional
 from omegaconf import MISSING
 
 from handclip.errors import HandCLIPError
-from handclip.hands import ELEVEN_K_HANDS, check_hand
+from handclip.hands import check_eleven_k_hands, check_hand
 from handclip.schema_ranges import check_values  # noqa: F401  (its home before; command_line imports it here)
 
 
@@ -226,20 +226,13 @@ class RerankConfig:
     float16: bool = False
 
 
-def _eleven_k_hands(value: Any) -> None:
-    if value is None:
-        return
-    if len(value) < 2 or any(h not in ELEVEN_K_HANDS for h in value) or len(set(value)) < len(value):
-        raise HandCLIPError(f"expected null or 2 or more different 11k hand types of: {', '.join(ELEVEN_K_HANDS)}")
-
-
 @dataclass
 class CrossHandConfig:
     """``cross_hand_protocol.*`` of eval: HandCLIP's own person-across-hand-types protocol (``cross_hand=true``)."""
 
     runs: int = at_least(1, 10)
     models: str = one_of("auto", "finetuned", "zeroshot", default="auto")
-    hands: Optional[list[str]] = checked_by(_eleven_k_hands, default=None)
+    hands: Optional[list[str]] = checked_by(check_eleven_k_hands, default=None)
 
 
 @dataclass

@@ -191,6 +191,9 @@ def run_cross_hand(plan: CrossHandPlan, cfg, data_for: Callable, device: torch.d
     calibration = _fused_calibration(plan, cfg.data.root, models, embed, out_dir, cfg.paths.output_root)
     features = {hand: embed(hand, plan.test_paths[hand], "test") for hand in plan.hands}
     runs = make_runs(plan.test_identities, plan.runs, plan.seed)
-    results = evaluate_protocol(features, runs, plan.hands, plan.target_fmr)
+    thresholds = None if calibration is None else {
+        fusion: {int(k): row["threshold"] for k, row in fig["by_hand_count"].items()}
+        for fusion, fig in calibration["fusions"].items()}
+    results = evaluate_protocol(features, runs, plan.hands, plan.target_fmr, thresholds)
     return write_cross_hand_report(results, plan.entries, calibration, out_dir, plan.stem, config,
                                    plan.target_fmr)

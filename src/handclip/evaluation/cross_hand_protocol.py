@@ -34,10 +34,11 @@ import torch
 from handclip.errors import HandCLIPError
 from handclip.metrics.fusion import FUSIONS, fuse_scores
 from handclip.metrics.rank import reid_metrics_from_scores
-from handclip.metrics.verification import tar_at_fmrs
+from handclip.metrics.verification import match_rate, tar_at_fmrs
 
-#: The figures of each row (fractions), summarised as mean and std over runs.
-FIGURES = ("rank1", "mAP", "tar")
+#: The figures of each row (fractions), summarised as mean and std over runs; the last two only for fused rows
+#: with a calibrated threshold (TAR and FMR on the test runs at the fused threshold calibrated on val).
+FIGURES = ("rank1", "mAP", "tar", "tar_at_val", "fmr_at_val")
 
 
 @dataclass(frozen=True)
@@ -113,9 +114,9 @@ def similarities(features: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
 
 
 def score_combination(sims: Mapping[str, np.ndarray], run: HandRun, combo: Sequence[str], fusion: str,
-                      target_fmr: float) -> dict | None:
+                      target_fmr: float, threshold: float | None = None) -> dict | None:
     """Figures of one combination in one run from :func:`similarities` (None with fewer than 2 persons or no
-    probe)."""
+    probe); with a (calibrated) ``threshold``, also the TAR and FMR it gives (``tar_at_val``, ``fmr_at_val``)."""
     persons, probes = combination_pairs(run, combo)
     if len(persons) < 2 or not probes:
         return None
@@ -131,8 +132,11 @@ def score_combination(sims: Mapping[str, np.ndarray], run: HandRun, combo: Seque
     own = np.zeros(scores.shape, dtype=bool)
     own[np.arange(len(probes)), labels] = True
     tar = tar_at_fmrs(scores[own], scores[~own], [target_fmr])[0]
-    return {"rank1": reid["rank1"], "mAP": reid["mAP"], "tar": tar["tar"], "threshold": tar["threshold"],
-            "resolved": tar["resolved"], "persons": len(persons), "probes": len(probes)}
+    out = {"rank1": reid["rank1"], "mAP": reid["mAP"], "tar": tar["tar"], "threshold": tar["threshold"],
+           "resolved": tar["resolved"], "persons": len(persons), "probes": len(probes)}
+    if threshold is not None:
+        out["tar_at_val"], out["fmr_at_val"] = match_rate(scores[own], threshold), match_rate(scores[~own], threshold)
+    return out
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -141,23 +145,26 @@ def _mean_std(values: list[float]) -> dict:
 
 
 def evaluate_protocol(features: Mapping[str, torch.Tensor], runs: list[HandRun], hands: Sequence[str],
-                      target_fmr: float) -> dict:
+                      target_fmr: float, thresholds: Mapping[str, Mapping[int, float]] | None = None) -> dict:
     """Every combination (and fusion, for 2 or more hand types) in every run, and the per-size summaries.
 
     ``features[hand]``: (N_hand, D) embeddings of that hand type's test photos (by its own model), in the order
     of the identities the runs were made from. Returns ``{"combinations": [...], "summary": [...]}``; each row
     has ``hands``, ``fusion`` (None for one hand type), ``per_run`` figures and ``rank1``/``mAP``/``tar`` as
-    ``{mean, std}`` over runs, plus ``persons`` and ``probes`` (mean over runs).
+    ``{mean, std}`` over runs, plus ``persons`` and ``probes`` (mean over runs). ``thresholds[fusion][k]``:
+    calibrated thresholds for scores fused over ``k`` hand types (rows with one also get ``tar_at_val`` and
+    ``fmr_at_val``).
     """
     rows = []
     sims = similarities({hand: features[hand] for hand in hands})
     for combo in combinations(hands):
         for fusion in FUSIONS if len(combo) > 1 else (None,):
-            per_run = [score_combination(sims, run, combo, fusion or "mean", target_fmr) for run in runs]
+            threshold = (thresholds or {}).get(fusion or "", {}).get(len(combo))
+            per_run = [score_combination(sims, run, combo, fusion or "mean", target_fmr, threshold) for run in runs]
             row = {"hands": list(combo), "k": len(combo), "fusion": fusion, "per_run": per_run}
             scored = [r for r in per_run if r is not None]
             if scored:
-                row.update({key: _mean_std([r[key] for r in scored]) for key in FIGURES})
+                row.update({key: _mean_std([r[key] for r in scored]) for key in FIGURES if key in scored[0]})
                 row["persons"] = sum(r["persons"] for r in scored) / len(scored)
                 row["probes"] = sum(r["probes"] for r in scored) / len(scored)
                 row["resolved"] = all(r["resolved"] for r in scored)
@@ -173,7 +180,8 @@ def evaluate_protocol(features: Mapping[str, torch.Tensor], runs: list[HandRun],
             per_run = [figs for figs in per_run if figs]
             out = {"k": k, "fusion": fusion, "combinations": len(group)}
             for key in FIGURES:
-                out[key] = _mean_std([sum(f[key] for f in figs) / len(figs) for figs in per_run])
+                if all(key in f for figs in per_run for f in figs):
+                    out[key] = _mean_std([sum(f[key] for f in figs) / len(figs) for figs in per_run])
             out["persons"] = sum(r["persons"] for r in group) / len(group)
             out["probes"] = sum(r["probes"] for r in group) / len(group)
             out["resolved"] = all(r["resolved"] for r in group)

@@ -13,15 +13,19 @@ from handclip.utils.files import atomic_write
 log = logging.getLogger(__name__)
 
 TITLE = "Person across hand types (HandCLIP's own protocol: not comparable to the papers' figures)"
-ABBREVIATIONS = {"dorsal_right": "DR", "dorsal_left": "DL", "palmar_right": "PR", "palmar_left": "PL"}
 
 
 def _pct(row: dict, key: str) -> str:
     return f"{100 * row[key]['mean']:.1f} ± {100 * row[key]['std']:.1f}" if key in row else "-"
 
 
+def _short(hand: str) -> str:
+    """``dorsal_right`` -> ``DR``."""
+    return "".join(word[0] for word in hand.split("_")).upper()
+
+
 def _hands(hands: list[str]) -> str:
-    return " + ".join(ABBREVIATIONS.get(h, h) for h in hands)
+    return " + ".join(_short(h) for h in hands)
 
 
 def _fusion(row: dict) -> str:
@@ -35,16 +39,19 @@ def markdown(results: dict, entries: list[dict], calibration: dict | None, targe
              f"Mean ± std over {num_runs} Monte Carlo runs. Test identities in 2 or more hand types; per run one "
              "gallery photo per (person, hand type), a probe is one photo of each hand type of the row, each hand "
              "type scored by its own model, scores fused by mean or max. Rows of k hand types average each run "
-             "over the combinations of k hand types (every combination below). TAR from the run's own "
-             "impostor scores.", "",
+             "over the combinations of k hand types (every combination below). TAR@FMR from the run's own "
+             "impostor scores; at val threshold: what the fused threshold calibrated on val for k hand types "
+             "(below) gives on the test runs.", "",
              "Models: " + "; ".join(f"{e['hand']}: {e['model']}" + (f" ({e['checkpoint']})" if e["checkpoint"]
                                                                       else "") for e in entries), "",
-             f"| hand types | fusion | combinations | persons | probes | Rank-1 (%) | mAP (%) | {tar} |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"| hand types | fusion | combinations | persons | probes | Rank-1 (%) | mAP (%) | {tar} "
+             "| TAR at val threshold (%) | FMR at val threshold (%) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["summary"]:
         flag = "" if row["resolved"] else " (unresolved)"
         lines.append(f"| {row['k']} | {_fusion(row)} | {row['combinations']} | {row['persons']:.0f} | "
-                     f"{row['probes']:.0f} | {_pct(row, 'rank1')} | {_pct(row, 'mAP')} | {_pct(row, 'tar')}{flag} |")
+                     f"{row['probes']:.0f} | {_pct(row, 'rank1')} | {_pct(row, 'mAP')} | {_pct(row, 'tar')}{flag} | "
+                     f"{_pct(row, 'tar_at_val')} | {_pct(row, 'fmr_at_val')} |")
     lines += ["", "## Every combination", "",
               f"| hand types | fusion | persons | probes | Rank-1 (%) | mAP (%) | {tar} |",
               "|---|---|---|---|---|---|---|"]
@@ -54,7 +61,7 @@ def markdown(results: dict, entries: list[dict], calibration: dict | None, targe
             continue
         lines.append(f"| {_hands(row['hands'])} | {_fusion(row)} | {row['persons']:.0f} | {row['probes']:.0f} | "
                      f"{_pct(row, 'rank1')} | {_pct(row, 'mAP')} | {_pct(row, 'tar')} |")
-    lines += ["", "DR, DL, PR, PL: dorsal right, dorsal left, palmar right, palmar left."]
+    lines += ["", ", ".join(f"{_short(e['hand'])}: {e['hand'].replace('_', ' ')}" for e in entries) + "."]
     if calibration is not None:
         lines += ["", f"## Fused threshold (val identities in 2 or more hand types, FMR {target_fmr:g})", "",
                   "| fusion | threshold | val FMR | val TAR | by number of hand types |", "|---|---|---|---|---|"]
@@ -67,7 +74,8 @@ def markdown(results: dict, entries: list[dict], calibration: dict | None, targe
 
 
 CSV_FIELDS = ("level", "hands", "k", "fusion", "combinations", "persons", "probes", "rank1_mean", "rank1_std",
-              "mAP_mean", "mAP_std", "tar_mean", "tar_std", "target_fmr", "resolved")
+              "mAP_mean", "mAP_std", "tar_mean", "tar_std", "target_fmr", "resolved", "tar_at_val_mean",
+              "tar_at_val_std", "fmr_at_val_mean", "fmr_at_val_std")
 
 
 def csv_text(results: dict, target_fmr: float) -> str:
@@ -81,7 +89,7 @@ def csv_text(results: dict, target_fmr: float) -> str:
                     "fusion": row["fusion"] or "", "combinations": row.get("combinations", 1),
                     "persons": row.get("persons"), "probes": row.get("probes"), "target_fmr": target_fmr,
                     "resolved": row.get("resolved")}
-            for key in ("rank1", "mAP", "tar"):
+            for key in ("rank1", "mAP", "tar", "tar_at_val", "fmr_at_val"):
                 if key in row:
                     line[f"{key}_mean"], line[f"{key}_std"] = row[key]["mean"], row[key]["std"]
             writer.writerow(line)

@@ -12,8 +12,9 @@ Computed from the val and train splits of every hand type, each embedded by its 
   common is a single model's score: that model's own calibration applies). Genuine: the probe's own person;
   impostor: every other person. The threshold at a target FMR is
   :func:`handclip.metrics.verification.threshold_at_fmr` of those impostor scores (accepted: score >= threshold).
-  ``by_hand_count`` repeats it for the pairs fused over exactly 2, 3, 4 hand types (``max`` fusion's impostor
-  scores grow with the count).
+  ``by_hand_count[k]`` is the threshold for scores fused over exactly ``k`` hand types (``max`` fusion's impostor
+  scores grow with the count): every pair counts once for each set of ``k`` hand types both sides have, fused
+  over that set only (so a val split where everyone has all four hand types still calibrates 2 and 3).
 
 The file, ``<output_root>/train/fusion.calibration.json`` when every hand type's model is its training run's
 ``best.ckpt`` (:func:`fused_calibration_path`), names each hand type's model fingerprint;
@@ -22,6 +23,7 @@ The file, ``<output_root>/train/fusion.calibration.json`` when every hand type's
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -114,13 +116,27 @@ def fused_calibration_from_embeddings(val, train, target_fmr: float = 0.01, leve
         main = next(r for r in levels_out if r["target_fmr"] == target_fmr)
         by_count = {}
         for k in range(MIN_HAND_TYPES, len(val) + 1):
-            gen_k, imp_k = fused.scores[(fused.count == k) & mine], fused.scores[(fused.count == k) & ~mine]
+            gen_k, imp_k = _restricted_to_subsets(scores, probe_has, gallery_has, mine, fusion, k)
             if gen_k.numel() and imp_k.numel():
                 by_count[str(k)] = {**tar_at_fmrs(gen_k, imp_k, [target_fmr])[0],
                                     "genuine_scores": int(gen_k.numel()), "impostor_scores": int(imp_k.numel())}
         out["fusions"][fusion] = {**main, "levels": levels_out, "by_hand_count": by_count,
                                   "genuine_scores": int(genuine.numel()), "impostor_scores": int(impostor.numel())}
     return out
+
+
+def _restricted_to_subsets(scores, probe_has, gallery_has, mine, fusion: str, k: int) -> tuple:
+    """(genuine, impostor) scores fused over exactly the hand types of a k-subset, for every k-subset of the hand
+    types that both sides of a pair have (each pair counted once per such subset)."""
+    genuine, impostor = [], []
+    for combo in itertools.combinations(range(scores.shape[0]), k):
+        keep = torch.zeros_like(probe_has)
+        keep[list(combo)] = True
+        fused = fuse_scores(scores, probe_has & keep, gallery_has, fusion)
+        counted = fused.count == k
+        genuine.append(fused.scores[counted & mine])
+        impostor.append(fused.scores[counted & ~mine])
+    return torch.cat(genuine), torch.cat(impostor)
 
 
 def write_fused_calibration(path: str | Path, calibration: dict, models: Mapping[str, dict]) -> Path:
