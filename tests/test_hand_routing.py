@@ -195,7 +195,10 @@ def case_photos(world) -> dict[str, list[tuple[Path, str]]]:
 
 @pytest.mark.parametrize("fusion", ["mean", "max"])
 def test_fused_scores_and_rankings_equal_the_reference(world, tmp_path, fusion):
-    result = identify(fused_cfg(world, tmp_path / "fused", f"fusion={fusion}", default_models=fusion == "mean"))
+    result = identify(fused_cfg(world, tmp_path / "fused", f"fusion={fusion}", f"pictures={fusion == 'mean'}",
+                                default_models=fusion == "mean"))
+    if fusion == "mean":  # a case's ranking picture shows its first photo as the query
+        assert len(list(result["files"]["rankings"].glob("*.png"))) == len(CASES)
     expected = reference(world, case_photos(world), fusion)
     assert [r["query"] for r in result["queries"]] == sorted(expected)
     for record in result["queries"]:
