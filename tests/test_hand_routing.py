@@ -342,6 +342,7 @@ def _no_embedding(monkeypatch):
     ("lonely", r"has palmar_left photos but only gallery person 'ann' has any"),
     ("no_threshold", r"fusion=mean has no calibrated threshold: .*fusion.calibration.json' not found; compute it "
                      r"with `python -m handclip.eval all=true cross_hand=true`"),
+    ("gallery_mode", r"gallery_mode=mean is not available with fusion="),
     ("one_model", r"ckpt_path= is for one model; with fusion= give models.<hand>=CKPT per hand type"),
     ("no_classifier", r"hand-type classifier .*nothing.json.* not found; train it with `python -m handclip.identify "
                       r"task=train_hand_type`"),
@@ -368,6 +369,8 @@ def test_bad_input_is_refused_before_any_work(world, tmp_path, monkeypatch, setu
             shutil.rmtree(gallery / person / "palmar_left")
     elif setup == "no_threshold":
         extra.append("threshold=null")
+    elif setup == "gallery_mode":
+        extra.append("gallery_mode=mean")
     elif setup == "one_model":
         extra.append(f"ckpt_path={world['models']['dorsal_right']}")
     else:

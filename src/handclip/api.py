@@ -129,20 +129,27 @@ class HandCLIP:
                 "model": {"model_name": key.get("zero_shot") or self.meta.get("model_name"),
                           "pretrained": key.get("pretrained"), "cache_dir": None}, **values}
 
-    def threshold(self, target_fmr: float | None = None) -> float:
-        """The calibrated open-set threshold at ``target_fmr`` (None: the calibration's own target), from the
-        checkpoint's calibration file (or ``calibration=`` given to :func:`load`)."""
-        from handclip.identify.run import resolve_threshold
+    def threshold(self, target_fmr: float | None = None, gallery_mode: str = "max", query_mode: str = "each",
+                  case_mode: str = "mean") -> float:
+        """The calibrated open-set threshold of a decision mode (as for :meth:`identify`) at ``target_fmr`` (None:
+        the calibration's own target), from the checkpoint's calibration file (or ``calibration=`` given to
+        :func:`load`)."""
+        from handclip.identify.run import modes, resolve_threshold
 
-        cfg = OmegaConf.create(self._cfg(threshold=None, target_fmr=target_fmr))
-        return float(resolve_threshold(cfg, self.meta, self.fingerprint)["threshold"])
+        cfg = OmegaConf.create(self._cfg(threshold=None, target_fmr=target_fmr, gallery_mode=gallery_mode,
+                                         query_mode=query_mode, case_mode=case_mode))
+        return float(resolve_threshold(cfg, self.meta, self.fingerprint, modes(cfg)["decision_mode"])["threshold"])
 
     def identify(self, query, gallery, top_k: int = 5, target_fmr: float | None = None,
                  threshold: float | None = None, out: str | Path | None = None, index: str | Path | None = None,
-                 pictures: bool = False, overwrite: bool = False, batch_size: int = 64) -> list[dict]:
+                 pictures: bool = False, overwrite: bool = False, batch_size: int = 64, gallery_mode: str = "max",
+                 query_mode: str = "each", case_mode: str = "mean") -> list[dict]:
         """``python -m handclip.identify`` with this model: one record per query (as in ``results.json``: query,
         decision, identity, score, top-k). ``out``: a folder for results.json/csv (and pictures); by default they
-        are not kept. The gallery index is kept under the cache folder (or ``index=``) and reused."""
+        are not kept. The gallery index is kept under the cache folder (or ``index=``) and reused.
+        ``gallery_mode``: ``max`` (a person scores as their best photo) or ``mean`` (their mean template);
+        ``query_mode="case"``: ``query`` is a folder of case folders, one record per case, probed by its mean
+        template (``case_mode="mean"``) or its best photo per person (``"max"``)."""
         from handclip.config import compose
         from handclip.identify.run import identify, index_path
 
@@ -159,7 +166,8 @@ class HandCLIP:
             cfg.paths.output_root = str(root.parent)
             cfg.update(name=root.name, query=str(query), gallery=str(gallery), index=str(index), top_k=int(top_k),
                        pictures=bool(pictures), overwrite=bool(overwrite), batch_size=int(batch_size),
-                       device=str(self.device))
+                       device=str(self.device), gallery_mode=str(gallery_mode), query_mode=str(query_mode),
+                       case_mode=str(case_mode))
             with contextlib.redirect_stdout(io.StringIO()):  # the command line's summary: the records are returned
                 result = identify(cfg, loaded=(self.embedder, self.model, self.meta), out_dir=root)
         return result["queries"]

@@ -38,7 +38,7 @@ def evaluate(cfg: DictConfig) -> dict:
         table_rows,
         write_report,
     )
-    from handclip.evaluation.rerank import Rerank, rerank_entries
+    from handclip.evaluation.rerank import Rerank, rerank_entries, template_entries
     from handclip.evaluation.verification import VerificationOptions
     from handclip.evaluation.verification_report import verification_markdown
     from handclip.models.checkpoint import read_checkpoint_meta
@@ -57,7 +57,8 @@ def evaluate(cfg: DictConfig) -> dict:
     rerank = Rerank(**cfg.rerank) if cfg.get("rerank") else None
     options = ScoreOptions(device=resolve_device(cfg.device), ranks=tuple(cfg.metrics.ranks), ap=cfg.metrics.ap,
                            cross_aspect=cfg.metrics.cross_aspect, progress=cfg.data.progress,
-                           verification=verification, calibration_dir=out_dir, rerank=rerank, tta=tta)
+                           verification=verification, calibration_dir=out_dir, rerank=rerank, tta=tta,
+                           gallery_mode=cfg.get("gallery_mode") or "max")
 
     def data_for(hand, preprocess):
         return instantiate(cfg.data, hand=hand, _partial_=True)(preprocess=preprocess)
@@ -92,7 +93,7 @@ def evaluate(cfg: DictConfig) -> dict:
         else:
             encoder = zero_shot_encoder(model.model_name, model.pretrained, model.cache_dir, tta=tta)
             entries = [score_zero_shot(encoder, model.model_name, model.pretrained, hand, data_for, options)]
-    entries = [row for entry in entries for row in (entry, *rerank_entries(entry))]
+    entries = [row for entry in entries for row in (entry, *template_entries(entry), *rerank_entries(entry))]
     files = write_report(entries, out_dir, OmegaConf.to_container(cfg, resolve=True), stem=stem)
     if verification is not None and ver.pictures:
         files.update(write_figures(entries, out_dir, stem))

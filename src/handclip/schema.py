@@ -274,6 +274,7 @@ class EvalSchema(_ModelCommand):
     name: Optional[str] = MISSING
     overwrite: bool = MISSING
     allow_hand_mismatch: bool = MISSING
+    gallery_mode: str = one_of("max", "mean", default="max")
     device: str = MISSING
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     verification: VerificationConfig = field(default_factory=VerificationConfig)
@@ -303,6 +304,9 @@ class IdentifySchema(_ModelCommand):
     gallery: Optional[str] = MISSING
     query: Optional[str] = MISSING
     top_k: int = at_least(1)
+    gallery_mode: str = one_of("max", "mean", default="max")
+    query_mode: str = one_of("each", "case", default="each")
+    case_mode: str = one_of("mean", "max", default="mean")
     threshold: Optional[float] = finite()
     calibration: Optional[str] = MISSING
     target_fmr: Optional[float] = between(0, 1)

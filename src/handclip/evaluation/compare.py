@@ -44,6 +44,8 @@ class ScoreOptions:
     rerank: Rerank | None = None
     #: Test-time augmentation of checkpoints (``eval.tta``): None keeps each checkpoint's own.
     tta: str | None = None
+    #: ``mean``: also score the runs against the gallery's mean templates (rows of their own).
+    gallery_mode: str = "max"
 
 
 def _score(encoder: ImageEncoder, data_for: DataFor, hand: str, options: ScoreOptions,
@@ -66,7 +68,7 @@ def _score(encoder: ImageEncoder, data_for: DataFor, hand: str, options: ScoreOp
 
     return evaluate_hand(encoder, datamodule, options.device, ranks=options.ranks, ap=options.ap,
                          cross_aspect=options.cross_aspect, progress=options.progress, extra=extra,
-                         rerank=options.rerank)
+                         rerank=options.rerank, gallery_mode=options.gallery_mode)
 
 
 def score_zero_shot(encoder: ImageEncoder, model_name: str, pretrained: str | None, hand: str, data_for: DataFor,

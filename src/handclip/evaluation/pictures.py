@@ -36,11 +36,13 @@ class Tile:
 
 @dataclass
 class Row:
-    """A query and its ranked gallery images, under a heading line."""
+    """A query and its ranked gallery images, under a heading line; ``more``: further query images (the other
+    photos of a case), drawn beside the query."""
 
     heading: str
     query: Tile
     items: list[Tile]
+    more: list[Tile] = field(default_factory=list)
 
 
 def match_colour(match: bool | None) -> tuple[int, int, int] | None:
@@ -81,9 +83,9 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
 def render(rows: list[Row], title: str | None = None, thumb: int = 150) -> Image.Image:
     """The picture of ``rows`` (one query and its ranking per row)."""
     font, bold = _font(13), _font(15)
-    cols = 1 + max((len(r.items) for r in rows), default=0)
+    cols = 1 + max((len(r.more) + len(r.items) for r in rows), default=0)
     cell = thumb + 2 * BORDER
-    captions = max((len(t.caption) for r in rows for t in [r.query, *r.items]), default=0)
+    captions = max((len(t.caption) for r in rows for t in [r.query, *r.more, *r.items]), default=0)
     row_h = LINE + 4 + cell + captions * LINE + GAP
     width = GAP + cols * (cell + GAP) + 2 * GAP  # extra space between the query and its ranking
     top = (LINE + GAP) if title else GAP
@@ -95,8 +97,8 @@ def render(rows: list[Row], title: str | None = None, thumb: int = 150) -> Image
         y = top + r * row_h
         draw.text((GAP, y), _fit(draw, row.heading, bold, width - 2 * GAP), fill="black", font=bold)
         y += LINE + 4
-        for c, tile in enumerate([row.query, *row.items]):
-            x = GAP + c * (cell + GAP) + (2 * GAP if c else 0)
+        for c, tile in enumerate([row.query, *row.more, *row.items]):
+            x = GAP + c * (cell + GAP) + (2 * GAP if c > len(row.more) else 0)
             colour = tile.border or GREY
             inset = 0 if tile.border else BORDER - 1  # a thin frame when there is no verdict
             draw.rectangle([x + inset, y + inset, x + cell - 1 - inset, y + cell - 1 - inset], fill=colour)

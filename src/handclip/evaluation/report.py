@@ -47,8 +47,8 @@ def table_rows(entries: list[dict]) -> list[dict]:
     rows = []
     # sweep jobs' runs after the plain run, by name
     def position(e):  # a re-ranked row right after the row it re-ranks
-        base = e.get("reranked_from", e["model"])
-        return order.get(e["hand"], 99), models.get(base, 9), base, "reranked_from" in e
+        base = e.get("reranked_from") or e.get("templates_of") or e["model"]
+        return order.get(e["hand"], 99), models.get(base, 9), base, "templates_of" in e, "reranked_from" in e
 
     for entry in sorted(entries, key=position):
         baseline = next((e for e in entries if e["hand"] == entry["hand"] and e["model"] == ZERO_SHOT), None)

@@ -56,3 +56,14 @@ def rerank_entries(entry: dict) -> list[dict]:
              "rerank": reranked["settings"], "transductive": True, "checkpoint": entry.get("checkpoint"),
              "model_name": entry.get("model_name"), "pretrained": entry.get("pretrained"), "status": "ok",
              "runs": reranked["runs"], "summary": reranked["summary"]}]
+
+
+def template_entries(entry: dict) -> list[dict]:
+    """The mean-template row of a scored entry (``gallery_mode=mean``; none otherwise)."""
+    scored = entry.get("mean_templates")
+    if not scored:
+        return []
+    return [{"hand": entry["hand"], "model": f"{entry['model']} + mean templates", "templates_of": entry["model"],
+             "gallery_mode": "mean", "checkpoint": entry.get("checkpoint"), "model_name": entry.get("model_name"),
+             "pretrained": entry.get("pretrained"), "status": "ok", "runs": scored["runs"],
+             "summary": scored["summary"]}]

@@ -16,6 +16,7 @@ from handclip.errors import HandCLIPError
 from handclip.evaluation.embed import embed_loader
 from handclip.evaluation.rerank import Rerank
 from handclip.metrics import compute_reid_metrics
+from handclip.metrics.templates import mean_templates
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,9 @@ def identity_labels(identities: Sequence[str]) -> torch.Tensor:
 
 
 def score_runs(features: torch.Tensor, test: TestImages, ranks=(1, 5, 10), ap: str = "standard",
-               rerank: Rerank | None = None) -> list[dict]:
-    """Rank-k and mAP of every run from features of ``test.paths`` (row i = image i).
+               rerank: Rerank | None = None, gallery_mode: str = "max") -> list[dict]:
+    """Rank-k and mAP of every run from features of ``test.paths`` (row i = image i); ``gallery_mode="mean"``:
+    against the mean templates of the gallery's persons (``gallery_size`` then counts templates).
 
     A run none of whose queries has a true match in its gallery is reported with its counts and no
     metrics (and left out of the summary) rather than stopping the evaluation.
@@ -45,6 +47,10 @@ def score_runs(features: torch.Tensor, test: TestImages, ranks=(1, 5, 10), ap: s
         q = torch.as_tensor(run["query"], dtype=torch.long, device=features.device)
         g = torch.as_tensor(run["gallery"], dtype=torch.long, device=features.device)
         info = {"run": run["name"], "gallery": run["gallery_name"], "gallery_size": len(run["gallery"])}
+        gf, gl = features[g], labels[g]
+        if gallery_mode == "mean":
+            gf, gl = mean_templates(gf, gl)
+            info["gallery_size"] = int(gl.numel())
         valid = int(torch.isin(labels[q], labels[g]).sum())
         if valid == 0:
             log.warning("%s: none of its %d queries has a true match in %s; run left out", run["name"], len(q),
@@ -52,9 +58,9 @@ def score_runs(features: torch.Tensor, test: TestImages, ranks=(1, 5, 10), ap: s
             results.append({**info, "num_queries": len(q), "num_valid_queries": 0, "num_invalid_queries": len(q)})
             continue
         if rerank is None:
-            metrics = compute_reid_metrics(features[q], labels[q], features[g], labels[g], ranks=ranks, ap=ap)
+            metrics = compute_reid_metrics(features[q], labels[q], gf, gl, ranks=ranks, ap=ap)
         else:
-            metrics = rerank.metrics(features[q], labels[q], features[g], labels[g], ranks, ap)
+            metrics = rerank.metrics(features[q], labels[q], gf, gl, ranks, ap)
         if metrics["num_invalid_queries"]:
             log.warning("%s: %d queries have no true match in %s (excluded)", run["name"],
                         metrics["num_invalid_queries"], run["gallery_name"])
@@ -86,11 +92,12 @@ def summarize(runs: list[dict]) -> dict:
 def evaluate_hand(encoder: nn.Module, datamodule: HandDataModule, device: torch.device, ranks=(1, 5, 10),
                   ap: str = "standard", cross_aspect: bool = False, progress: bool = True,
                   extra: Callable[[torch.Tensor, TestImages], dict] | None = None,
-                  rerank: Rerank | None = None) -> dict:
+                  rerank: Rerank | None = None, gallery_mode: str = "max") -> dict:
     """Embed the hand's test images once, score every run, summarise.
 
     With ``cross_aspect`` the result also holds ``cross_aspect``: the runs against ``gallery{i}_all``; with ``rerank``,
-    ``reranked``: the same-aspect runs scored after re-ranking.
+    ``reranked``: the same-aspect runs scored after re-ranking; with ``gallery_mode="mean"``, ``mean_templates``: the
+    same-aspect runs scored against the gallery persons' mean templates.
     ``extra(features, test)`` adds its own entries to the result from the same embeddings.
     """
     test = datamodule.test_images(cross_aspect=cross_aspect)
@@ -107,6 +114,10 @@ def evaluate_hand(encoder: nn.Module, datamodule: HandDataModule, device: torch.
         reranked = score_runs(features, same, ranks=ranks, ap=ap, rerank=rerank)
         result["reranked"] = {"label": rerank.label, "settings": vars(rerank), "runs": reranked,
                               "summary": summarize(reranked)}
+    if gallery_mode == "mean":
+        same = dataclasses.replace(test, runs=[r for r in test.runs if not r.get("cross_aspect")])
+        templated = score_runs(features, same, ranks=ranks, ap=ap, gallery_mode="mean")
+        result["mean_templates"] = {"runs": templated, "summary": summarize(templated)}
     if extra is not None:
         result.update(extra(features, test))
     return result

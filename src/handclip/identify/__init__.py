@@ -3,11 +3,12 @@
     python -m handclip.identify ckpt_path=outputs/train/dorsal_right/checkpoints/best.ckpt \
         gallery=DIR query=PHOTO|DIR|'GLOB'
 
-Modules: :mod:`~handclip.identify.sources` (which files a gallery and a query are), :mod:`~.images`
-(decoding and embedding, unreadable files counted), :mod:`~.index` (the gallery embedded once, reused),
-:mod:`~.search` (exact chunked top-k), :mod:`~.results` (decisions, files, printing), :mod:`~.run` (the steps).
-Across hand types (``fusion=mean|max``): :mod:`~.fusion` (the steps), :mod:`~.hand_sources` (galleries and probes
-by hand type), :mod:`~.fused_threshold`, and the hand-type classifier that routes photos
+Modules: :mod:`~handclip.identify.sources` (which files a gallery and a query are), :mod:`~.cases` (case
+folders, ``query_mode=case``), :mod:`~.images` (decoding and embedding, unreadable files counted), :mod:`~.index`
+(the gallery embedded once, reused; its mean templates), :mod:`~.search` (exact chunked top-k), :mod:`~.modes`
+(the rankings of mean templates and cases), :mod:`~.results` (decisions, files, printing), :mod:`~.run` (the
+steps). Across hand types (``fusion=mean|max``): :mod:`~.fusion` (the steps), :mod:`~.hand_sources` (galleries
+and probes by hand type), :mod:`~.fused_threshold`, and the hand-type classifier that routes photos
 (:mod:`~.hand_classifier`, trained by :mod:`~.hand_training`: ``task=train_hand_type``).
 """
 

@@ -115,6 +115,9 @@ def identify_fused(cfg: DictConfig, out_dir: Path, load_embedder) -> dict:
         raise HandCLIPError(f"fusion={cfg.fusion!r}: expected mean or max")
     if cfg.get("ckpt_path"):
         raise HandCLIPError("ckpt_path= is for one model; with fusion= give models.<hand>=CKPT per hand type")
+    if str(cfg.get("gallery_mode") or "max") != "max":
+        raise HandCLIPError(f"gallery_mode={cfg.gallery_mode} is not available with fusion= (per hand type a person "
+                            "scores as their best photo; case folders are probes whatever query_mode says)")
     query_hand = cfg.get("query_hand")
     probes = resolve_probes(cfg.query, query_hand)
     gallery_files = scan_hand_gallery(str(cfg.gallery))

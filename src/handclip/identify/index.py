@@ -6,11 +6,18 @@ Layout of an index folder::
                       the gallery folder, count, width, dtype, unreadable files
     entries.json      one [relative path, identity, size, mtime_ns] per row
     embeddings.npy    (N, D) L2-normalised embeddings (float16 by default), memory-mapped when read
-    (meta.json also holds the SHA-256 of entries.json and embeddings.npy, checked whenever the index is read)
+    templates.npy     (I, D) in the embeddings' dtype: each identity's mean template (the L2-normalised mean of
+                      its stored rows, :func:`handclip.metrics.templates.mean_templates`), identities in sorted
+                      order, memory-mapped when read; recomputed whenever rows are added or removed (a
+                      person's template depends on their rows only)
+    (meta.json also holds the SHA-256 of entries.json, embeddings.npy and templates.npy, checked whenever the
+    index is read)
 
 Opening an index for a gallery and a model:
 
-* same model, same weights, same files (path, size, modification time): reused, nothing decoded or embedded;
+* same model, same weights, same files (path, size, modification time): reused, nothing decoded or embedded
+  (an index written before templates existed is reused too: its templates are computed when asked for, and
+  written with its next update);
 * files added, changed or removed: only those are embedded, the rest is copied ("updated", and said so);
 * same model but other weights (a retrained checkpoint at the same path), or another dtype: rebuilt, said so;
 * made by another model or for another gallery folder: refused, unless ``overwrite`` (then rebuilt);
@@ -41,14 +48,16 @@ from handclip import __version__
 from handclip.errors import HandCLIPError
 from handclip.identify.images import embed_files, report_failures
 from handclip.identify.sources import GalleryFile
+from handclip.metrics.templates import mean_templates
 from handclip.models.encoder import ImageEncoder
 from handclip.utils.files import atomic_write, check_writable, claimed, partial_folder, swap_in
 
 log = logging.getLogger(__name__)
 
 INDEX_FORMAT = 2
-#: The files whose SHA-256 meta.json records.
+#: The files whose SHA-256 meta.json records (and templates.npy, when the index has it).
 _CHECKED = ("entries.json", "embeddings.npy")
+_TEMPLATES = "templates.npy"
 _MARK = "handclip_gallery_index"
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -64,12 +73,21 @@ class GalleryIndex:
     meta: dict
     status: dict = field(default_factory=dict)
     """What opening it took: ``status`` (reused, built, updated, rebuilt), ``reason``, ``embedded``, ``decoded``."""
+    templates: torch.Tensor | None = None
+    """(I, D) mean template of each identity (the index's dtype), in the order of :meth:`labels`' names (None: an
+    index written before templates existed; :meth:`mean_templates` computes them)."""
 
     def labels(self) -> tuple[torch.Tensor, list[str]]:
         """(integer label per row, identity names by label), names sorted."""
         names = sorted(set(self.identities))
         number = {n: i for i, n in enumerate(names)}
         return torch.tensor([number[i] for i in self.identities], dtype=torch.long), names
+
+    def mean_templates(self) -> torch.Tensor:
+        """(I, D) the identities' mean templates: as stored, or computed from the rows (an older index)."""
+        if self.templates is None:
+            self.templates = mean_templates(self.embeddings, self.labels()[0])[0]
+        return self.templates
 
 
 @dataclass(frozen=True)
@@ -109,21 +127,25 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _read(path: Path) -> tuple[dict, list[list], np.ndarray] | str:
-    """(meta, entries, memory map) of a complete index, or why it cannot be used (a part unreadable, corrupted or
-    inconsistent)."""
+def _read(path: Path) -> tuple[dict, list[list], np.ndarray, np.ndarray | None] | str:
+    """(meta, entries, memory map, templates or None) of a complete index, or why it cannot be used (a part
+    unreadable, corrupted or inconsistent)."""
     try:
         meta = json.loads((path / "meta.json").read_text())
         if meta.get(_MARK) != INDEX_FORMAT:
             return f"it has format {meta.get(_MARK)!r} (this version reads {INDEX_FORMAT})"
-        changed = [name for name in _CHECKED if _sha256(path / name) != meta["sha256"][name]]
+        names = [*_CHECKED, *([_TEMPLATES] if _TEMPLATES in meta["sha256"] else [])]
+        changed = [name for name in names if _sha256(path / name) != meta["sha256"][name]]
         if changed:
             return f"{' and '.join(changed)} changed on disk since it was written (corrupted)"
         entries = json.loads((path / "entries.json").read_text())
         emb = np.load(path / "embeddings.npy", mmap_mode="c")  # copy-on-write: writable for torch, file untouched
         ok = (emb.shape == (meta["count"], meta["dim"]) and len(entries) == meta["count"]
               and str(emb.dtype) == meta["dtype"])
-        return (meta, entries, emb) if ok else "its parts do not agree"
+        templates = np.load(path / _TEMPLATES, mmap_mode="c") if _TEMPLATES in names else None
+        if templates is not None:
+            ok = ok and templates.shape == (len({e[1] for e in entries}), meta["dim"]) and templates.dtype == emb.dtype
+        return (meta, entries, emb, templates) if ok else "its parts do not agree"
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"it is incomplete or unreadable ({type(err).__name__}: {err})"
 
@@ -244,9 +266,10 @@ def _write(path: Path, meta: dict, entries: list, sources: list[tuple[str, int]]
                 if dst.size:
                     out[dst] = array[np.array([r for k, r in part if k == kind], dtype=np.int64)]
         out.flush()
+        _write_templates(tmp / _TEMPLATES, out, [e[1] for e in entries], meta["dtype"], block)
         del out
         atomic_write(tmp / "entries.json", json.dumps(entries))
-        meta = {**meta, "sha256": {name: _sha256(tmp / name) for name in _CHECKED}}
+        meta = {**meta, "sha256": {name: _sha256(tmp / name) for name in (*_CHECKED, _TEMPLATES)}}
         atomic_write(tmp / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: marks the folder complete
         swap_in(tmp, path)
     except BaseException:
@@ -254,9 +277,25 @@ def _write(path: Path, meta: dict, entries: list, sources: list[tuple[str, int]]
         raise
 
 
+def _write_templates(path: Path, rows: np.ndarray, identities: list[str], dtype: str, block: int) -> None:
+    """The identities' mean templates (sorted names) into ``path``, ``block`` identities at a time (a flat gallery
+    has one identity per row: memory stays bounded)."""
+    names = sorted(set(identities))
+    number = {n: i for i, n in enumerate(names)}
+    labels = np.array([number[i] for i in identities], dtype=np.int64)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=DTYPES[dtype], shape=(len(names), rows.shape[1]))
+    for start in range(0, len(names), block):
+        chosen = np.nonzero((labels >= start) & (labels < start + block))[0]  # in row order
+        templates, _ = mean_templates(torch.from_numpy(np.asarray(rows[chosen])), torch.from_numpy(labels[chosen]))
+        out[start:start + templates.shape[0]] = templates.numpy()
+    out.flush()
+    del out
+
+
 def _opened(path: Path, read: tuple | str, status: dict) -> GalleryIndex:
     if isinstance(read, str):  # pragma: no cover - only when the disk fails between writing and reading back
         raise HandCLIPError(f"gallery index {str(path)!r} could not be read back after writing it: {read}")
-    meta, entries, emb = read
+    meta, entries, emb, templates = read
     return GalleryIndex(path=path, embeddings=torch.from_numpy(emb), files=[e[0] for e in entries],
-                        identities=[e[1] for e in entries], meta=meta, status=status)
+                        identities=[e[1] for e in entries], meta=meta, status=status,
+                        templates=None if templates is None else torch.from_numpy(templates))

@@ -73,13 +73,23 @@ def _heading(record: dict, threshold: float) -> str:
     return text
 
 
+#: The photos of a case shown in its ranking picture (the first ones; the heading counts them all).
+CASE_TILES = 4
+
+
 def _picture_rows(record: dict, threshold: float) -> list[Row]:
     truth = record["true_identity"]
     items = [Tile(t["file"], [f"{t['rank']}. {t['identity']}", f"score {t['score']:.3f}", Path(t["file"]).name],
                   match_colour(None if truth is None else t["identity"] == truth)) for t in record["top"]]
+    if "photos" in record:  # a case: its photos (the first CASE_TILES) as the query
+        photos = record["photos"]
+        tiles = [Tile(p, [f"case photo {i + 1}/{len(photos)}", Path(p).name], BLUE)
+                 for i, p in enumerate(photos[:CASE_TILES])]
+        tiles[0].caption += [f"true: {truth}"] if truth else []
+        heading = f"case {_heading(record, threshold)} ({len(photos)} photos)"
+        return [Row(heading, tiles[0], items, more=tiles[1:])]
     caption = ["query", Path(record["query"]).name] + ([f"true: {truth}"] if truth else [])
-    shown = record["photos"][0] if record.get("photos") else record["query"]  # a case: its first photo
-    return [Row(_heading(record, threshold), Tile(shown, caption, BLUE), items)]
+    return [Row(_heading(record, threshold), Tile(record["query"], caption, BLUE), items)]
 
 
 def _csv(result: dict) -> str:
@@ -141,6 +151,10 @@ def print_results(result: dict, files: dict[str, Path], limit: int = 50) -> None
     threshold = result["threshold"]["threshold"]
     print(f"threshold {threshold:.4f} ({result['threshold']['source']}); gallery: {result['gallery']['images']} images "
           f"of {result['gallery']['identities']} identities (index {result['gallery']['index_status']['status']})")
+    mode = result.get("mode") or {}
+    if mode.get("decision_mode", "max") != "max":
+        print(f"decision mode {mode['decision_mode']}: gallery_mode={mode['gallery_mode']}, "
+              f"query_mode={mode['query_mode']}" + (f", case_mode={mode['case_mode']}" if "case_mode" in mode else ""))
     paths = [Path(r["query"]) for r in result["queries"]]
     base = Path(os.path.commonpath(paths)) if len(paths) > 1 else paths[0].parent
     if len(paths) > 1:
@@ -149,6 +163,8 @@ def print_results(result: dict, files: dict[str, Path], limit: int = 50) -> None
         top = ", ".join(f"{t['identity']} {t['score']:.3f}" for t in r["top"])
         verdict = "" if r["correct"] is None else ("  [right]" if r["correct"] else f"  [wrong: {r['true_identity']}]")
         name = printable(str(path.relative_to(base)))
+        if "photos" in r:
+            name = f"case {name} ({len(r['photos'])} photos)"
         print(f"{name}: {r['decision']} ({r['score']:.3f}){verdict}  | top-{len(r['top'])}: {top}")
     s = result["summary"]
     if s["queries"] > limit:

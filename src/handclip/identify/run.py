@@ -4,11 +4,12 @@
    refused, and writable), the query photos and the gallery files, the model (a checkpoint, or the zero-shot
    model given by ``model``), its open-set threshold (the checkpoint's calibration file, ``calibration=FILE``, or
    ``threshold=VALUE``) and the index folder;
-2. the query photos embedded (unreadable ones named, counted and left out; none readable: refused before the
-   gallery is embedded);
+2. the query photos embedded (unreadable ones named, counted and left out; none readable, or a case without a
+   readable photo: refused before the gallery is embedded);
 3. the gallery index, reused or updated (:mod:`handclip.identify.index`);
-4. exact top-k identities (:mod:`handclip.identify.search`) and a decision per query: the top identity when
-   its score reaches the threshold, else "unknown";
+4. exact top-k identities (:mod:`handclip.identify.search`; other decision modes: :mod:`handclip.identify.modes`)
+   and a decision per query (or per case): the top identity when its score reaches the threshold of the
+   decision mode, else "unknown";
 5. ``results.json``, ``results.csv`` and a ranking picture per query (:mod:`handclip.identify.results`).
 """
 
@@ -23,9 +24,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from handclip.errors import HandCLIPError
-from handclip.evaluation.calibration import read_calibration, select_threshold, sidecar_path
+from handclip.evaluation.calibration import decision_mode, read_calibration, select_threshold, sidecar_path
+from handclip.identify.cases import readable_cases, resolve_cases
 from handclip.identify.images import embed_files, report_failures
-from handclip.identify.index import ModelInfo, check_index_path, open_index
+from handclip.identify.index import GalleryIndex, ModelInfo, check_index_path, open_index
+from handclip.identify.modes import top_k_persons
 from handclip.identify.results import check_output, decide, print_results, write_results
 from handclip.identify.search import top_k_identities
 from handclip.identify.sources import known_identity, resolve_queries, scan_gallery
@@ -63,8 +66,22 @@ def load_embedder(cfg: DictConfig, device: torch.device) -> tuple[Embedder, Mode
     return embedder, model, meta
 
 
-def resolve_threshold(cfg: DictConfig, meta: dict, fingerprint: str) -> dict:
-    """``{threshold, source, ...}`` from ``threshold=``, ``calibration=`` or the checkpoint's calibration file."""
+def modes(cfg: DictConfig) -> dict:
+    """``{gallery_mode, query_mode[, case_mode], decision_mode}`` as configured (the plain mode: max, each)."""
+    chosen = {"gallery_mode": str(cfg.get("gallery_mode") or "max"), "query_mode": str(cfg.get("query_mode") or "each")}
+    for key, allowed in (("gallery_mode", ("max", "mean")), ("query_mode", ("each", "case"))):
+        if chosen[key] not in allowed:
+            raise HandCLIPError(f"{key}={chosen[key]!r}: expected one of {', '.join(allowed)}")
+    if chosen["query_mode"] == "case":
+        chosen["case_mode"] = str(cfg.get("case_mode") or "mean")
+        if chosen["case_mode"] not in ("mean", "max"):
+            raise HandCLIPError(f"case_mode={chosen['case_mode']!r}: expected one of mean, max")
+    return {**chosen, "decision_mode": decision_mode(*chosen.values())}
+
+
+def resolve_threshold(cfg: DictConfig, meta: dict, fingerprint: str, mode: str = "max") -> dict:
+    """``{threshold, source, ...}`` from ``threshold=``, ``calibration=`` or the checkpoint's calibration file;
+    ``mode``: the decision mode whose threshold it is (:func:`handclip.evaluation.calibration.decision_mode`)."""
     if cfg.threshold is not None:
         return {"threshold": float(cfg.threshold), "source": "threshold= (given)"}
     ckpt = Path(str(cfg.ckpt_path)).expanduser().resolve() if cfg.ckpt_path else None
@@ -83,7 +100,7 @@ def resolve_threshold(cfg: DictConfig, meta: dict, fingerprint: str) -> dict:
             raise HandCLIPError(f"calibration file {str(path)!r} not found; {how_to}")
         raise HandCLIPError(f"checkpoint {str(ckpt)!r} has no calibrated open-set threshold ({path.name} not found "
                             f"beside it; training writes it at its end); {how_to}")
-    chosen = select_threshold(read_calibration(path), path, fingerprint, cfg.target_fmr, how_to)
+    chosen = select_threshold(read_calibration(path), path, fingerprint, cfg.target_fmr, how_to, mode)
     return {**chosen, "source": str(path)}
 
 
@@ -127,12 +144,14 @@ def identify(cfg: DictConfig, loaded: tuple[Embedder, ModelInfo, dict] | None = 
 
 
 def _identify(cfg: DictConfig, out_dir: Path, loaded: tuple | None = None) -> dict:
-    queries = resolve_queries(cfg.query)
+    mode = modes(cfg)
+    cases = resolve_cases(cfg.query) if mode["query_mode"] == "case" else None
+    queries = [p for c in cases for p in c.photos] if cases else resolve_queries(cfg.query)
     files = scan_gallery(str(cfg.gallery))
     gallery = Path(str(cfg.gallery)).expanduser().resolve()
     device = resolve_device(cfg.device)
     encoder, model, meta = loaded or load_embedder(cfg, device)
-    threshold = resolve_threshold(cfg, meta, model.fingerprint)
+    threshold = resolve_threshold(cfg, meta, model.fingerprint, mode["decision_mode"])
     index_at = index_path(cfg, gallery, model)
     check_index_path(index_at)
     embedded = embed_files(encoder, queries, device, cfg.batch_size, cfg.num_workers, cfg.progress,
@@ -141,23 +160,18 @@ def _identify(cfg: DictConfig, out_dir: Path, loaded: tuple | None = None) -> di
     if not embedded.rows:
         raise HandCLIPError(f"none of the {len(queries)} query image(s) could be read (the gallery was not "
                             "embedded)")
+    groups = readable_cases(cases, set(embedded.rows)) if cases else None  # before the gallery is embedded
     index = open_index(index_at, gallery, files, encoder, model, device, cfg.index_dtype, cfg.overwrite,
                        cfg.batch_size, cfg.num_workers, cfg.progress)
     log.info("gallery index %s: %s (%d images, %d embedded)", index.path, index.status["status"], len(index.files),
              index.status["embedded"])
-    labels, names = index.labels()
-    hits = top_k_identities(embedded.embeddings.to(device), index.embeddings, labels, int(cfg.top_k))
-    gallery_root = Path(index.meta["gallery"])
-    identities = set(names)
-    records = []
-    for n, row in enumerate(embedded.rows):
-        top = [{"rank": r + 1, "identity": names[lab], "score": score, "file": str(gallery_root / index.files[g])}
-               for r, (lab, score, g) in enumerate(zip(hits.labels[n], hits.scores[n], hits.rows[n]))]
-        records.append(decide(queries[row], known_identity(queries[row], identities), top, threshold["threshold"]))
+    records = _records(cfg, mode, index, embedded, queries, cases, groups, threshold["threshold"], device)
+    names = index.labels()[1]
     result = {
         "model": {**model.key, "fingerprint": model.fingerprint, "hand": meta.get("hand")},
         "threshold": threshold,
-        "gallery": {"folder": str(gallery_root), "images": len(index.files), "identities": len(names),
+        "mode": mode,
+        "gallery": {"folder": str(Path(index.meta["gallery"])), "images": len(index.files), "identities": len(names),
                     "index": str(index.path), "index_status": index.status,
                     "unreadable": index.meta.get("skipped", [])},
         "queries": records,
@@ -167,3 +181,33 @@ def _identify(cfg: DictConfig, out_dir: Path, loaded: tuple | None = None) -> di
     files = write_results(result, out_dir, overwrite=cfg.overwrite, pictures=cfg.pictures, progress=cfg.progress)
     print_results(result, files, limit=int(cfg.print_limit))
     return {**result, "files": files}
+
+
+def _records(cfg: DictConfig, mode: dict, index: GalleryIndex, embedded, queries: list[Path], cases: list | None,
+             groups: list[list[int]] | None, threshold: float, device: torch.device) -> list[dict]:
+    """One decision per probe: a query photo, or a case (its readable photos listed)."""
+    labels, names = index.labels()
+    probes = embedded.embeddings.to(device)
+    if mode["decision_mode"] == "max":
+        hits = top_k_identities(probes, index.embeddings, labels, int(cfg.top_k))
+    else:
+        row_of = {q: n for n, q in enumerate(embedded.rows)}  # query photo -> embedding row
+        hits = top_k_persons(probes, index.embeddings, labels, int(cfg.top_k),
+                             templates=index.mean_templates() if mode["gallery_mode"] == "mean" else None,
+                             groups=None if groups is None else [[row_of[i] for i in g] for g in groups],
+                             case_mode=mode.get("case_mode", "mean"))
+    gallery_root = Path(index.meta["gallery"])
+    identities = set(names)
+    records = []
+    for n in range(len(hits.labels)):
+        top = [{"rank": r + 1, "identity": names[lab], "score": score, "file": str(gallery_root / index.files[g])}
+               for r, (lab, score, g) in enumerate(zip(hits.labels[n], hits.scores[n], hits.rows[n]))]
+        if cases is None:
+            query = queries[embedded.rows[n]]
+            records.append(decide(query, known_identity(query, identities), top, threshold))
+        else:
+            case = cases[n]
+            truth = case.name if case.name in identities else None
+            records.append({**decide(case.folder, truth, top, threshold),
+                            "photos": [str(queries[i]) for i in groups[n]]})
+    return records

@@ -102,14 +102,16 @@ def _metric_name(key: str) -> str:
 
 
 def test_figures(entries: list[dict[str, Any]]) -> dict[str, float]:
-    """Eval's summary as flat figures, ``test/<hand>/<finetuned|zeroshot>[/<sweep run>][/reranked]/<figure>``
-    (means over the test runs): Rank-k and mAP, and the verification figures (TAR at each FMR, EER, open-set
-    figures and the threshold) when scored."""
+    """Eval's summary as flat figures,
+    ``test/<hand>/<finetuned|zeroshot>[/<sweep run>][/reranked|/mean_templates]/<figure>`` (means over the test
+    runs): Rank-k and mAP, and the verification figures (TAR at each FMR, EER, open-set figures and the threshold)
+    when scored."""
     figures: dict[str, float] = {}
     for entry in entries:
         parts = [str(entry.get("hand")), "zeroshot" if "zero-shot" in str(entry.get("model", "")) else "finetuned"]
         parts += [str(entry["run"])] if entry.get("run") else []  # a sweep job's run: what it changed
         parts += ["reranked"] if entry.get("reranked_from") else []
+        parts += ["mean_templates"] if entry.get("templates_of") else []
         parts += ["cross_aspect"] if entry.get("protocol") == "cross-aspect" else []
         prefix = "test/" + "/".join(parts)
         summaries = [entry.get("summary") or {}, (entry.get("verification") or {}).get("summary") or {}]
