@@ -6,14 +6,16 @@
 (training: :mod:`handclip.identify.hand_training`).
 
 It is multinomial logistic regression (a ``torch.nn.Linear`` layer trained full-batch with L-BFGS and an L2
-penalty, as scikit-learn's ``LogisticRegression`` does) on the L2-normalised embeddings of the four hand types'
-``train`` photos (11k layout under ``paths.data_dir``), its accuracy measured on their ``val`` photos.
+penalty, as scikit-learn's ``LogisticRegression`` does, on standardised features) on the L2-normalised embeddings
+of the four hand types' ``train`` photos (11k layout under ``paths.data_dir``), its accuracy measured on their
+``val`` photos.
 
 Routing happens before the hand type is known, so one model embeds every photo: the zero-shot model given by
-``model`` (CLIP's general image features, which see palm versus back and left versus right, and exist before any
-fine-tuning), or ``ckpt_path=`` (one named checkpoint). The file keeps the weights, the class names, that model
-(what it is and its fingerprint: another model is refused), the val figures and ``min_confidence``: a photo whose
-predicted probability is below it is not guessed; identify asks for its hand type instead.
+``model`` (CLIP's general image features, which exist before any fine-tuning; a fine-tuned checkpoint is trained on
+one hand type to keep identity only), or ``ckpt_path=`` (one named checkpoint). The file keeps the weights, the
+class names, that model (what it is and its fingerprint: another model is refused), the val figures and
+``min_confidence``: a photo whose predicted probability is below it is not guessed; identify asks for its hand
+type instead.
 """
 
 from __future__ import annotations
