@@ -29,11 +29,11 @@ TEST_WORKERS ?= $(shell n=$$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2); [
 # An install older than pyproject.toml (another version, no console scripts) is installed again.
 NEEDED := torch torchvision open_clip pytorch_lightning hydra omegaconf torchmetrics PIL matplotlib pytest xdist \
 	pytest_timeout tqdm onnx onnxscript onnxruntime submitit optuna safetensors lightning_utilities platformdirs \
-	ruff mlflow wandb
+	ruff mlflow wandb gradio playwright
 define INSTALLED_CHECK
 import importlib.metadata as m, importlib.util as u, re, sys
 wanted = re.search(r'^version = "([^"]+)"', open("pyproject.toml").read(), re.M).group(1)
-stale = m.version("handclip") != wanted or not m.entry_points(group="console_scripts", name="handclip-bench")
+stale = m.version("handclip") != wanted or not m.entry_points(group="console_scripts", name="handclip-app")
 sys.exit(stale or any(u.find_spec(name) is None for name in "$(NEEDED)".split()))
 endef
 export INSTALLED_CHECK
@@ -41,7 +41,7 @@ export INSTALLED_CHECK
 DEMO_DIR := data/demo
 HANDS := dorsal_right,dorsal_left,palmar_right,palmar_left
 
-.PHONY: help install lint test test-fast mutate demo demo-data train eval bench clean-demo
+.PHONY: help install browser lint test test-fast mutate demo demo-data train eval bench clean-demo app screenshot
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -56,10 +56,26 @@ endif
 install: $(PY_PREREQ) ## Install HandCLIP (editable) and its test tools into the environment; quick when already there
 	@$(PY) -c "$$INSTALLED_CHECK" 2>/dev/null || $(PY) -m pip install -e ".[test]" $(TORCH_PIN)
 
+# The browser tests (tests/test_app_browser.py) drive Debian's chromium through Playwright (never Playwright's own
+# browser download). CHROMIUM=/path/to/chrome picks another Chromium-based browser.
+CHROMIUM ?= $(shell command -v chromium 2>/dev/null)
+export CHROMIUM
+browser: ## Chromium for the browser tests: installed from Debian's packages when missing (as root with apt-get)
+	@if [ -n "$(CHROMIUM)" ] && [ -x "$(CHROMIUM)" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's chromium for the browser tests (apt-get, log: /tmp/handclip-chromium-apt.log)"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-liberation; } \
+			>/tmp/handclip-chromium-apt.log 2>&1 || { tail -n 5 /tmp/handclip-chromium-apt.log >&2; \
+			echo "error: apt-get could not install chromium (log: /tmp/handclip-chromium-apt.log)" >&2; exit 1; }; \
+	else \
+		echo "error: the browser tests need Chromium: sudo apt-get install chromium (Debian/Ubuntu), or make test CHROMIUM=/path/to/chrome" >&2; \
+		exit 1; \
+	fi
+
 lint: install ## ruff over src/ and tests/ (settings in pyproject.toml); CI runs it before the tests
 	$(PY) -m ruff check src tests
 
-test: install ## Run the whole test suite (CPU, offline, a few minutes)
+test: install browser ## Run the whole test suite (CPU, offline, a few minutes; installs chromium when missing, as root)
 	$(OFFLINE) $(PYTEST) -q -n $(TEST_WORKERS)
 
 test-fast: install ## The test suite without the slow end-to-end tests (about 2.5 minutes on 2 cores)
@@ -92,6 +108,14 @@ train: install ## Train all four hand types with the default recipe (ViT-B/32, d
 
 eval: install ## Zero-shot CLIP vs fine-tuned HandCLIP for every hand type -> outputs/eval/comparison.{md,csv,json}
 	$(PY) -m handclip.eval all=true $(ARGS)
+
+# On the demo's model and galleries when `make demo` has run and no model of your own has been trained.
+APP_ARGS := $(if $(and $(wildcard outputs/demo/train),$(if $(wildcard outputs/train),,1)),experiment=demo)
+app: install ## HandCLIP Studio, the web app, on http://127.0.0.1:7860 (after make demo: the demo's model and data)
+	$(OFFLINE) $(PY) -m handclip.app $(APP_ARGS) $(ARGS)
+
+screenshot: install browser ## docs/studio.png: HandCLIP Studio on the demo (after make demo), in headless Chromium
+	$(OFFLINE) $(PY) tests/screenshot.py
 
 bench: install ## Speed/memory benchmark -> benchmarks/results/<device>.json
 	$(OFFLINE) $(PY) -m handclip.bench $(ARGS)

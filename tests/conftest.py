@@ -6,6 +6,7 @@ import contextlib
 import csv
 import functools
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -222,3 +223,39 @@ def read_only(tmp_path):
         yield folder
     finally:
         subprocess.run(["umount", str(folder)], check=True)
+
+
+# -- the app in a server process, a headless browser ------------------------------------------------
+@contextlib.contextmanager
+def app_server(folder: Path, *args: str, timeout: float = 240.0):
+    """``python -m handclip.app ARGS`` as a user runs it, on a free port of 127.0.0.1 (its log in
+    ``folder/server.log``); yields the :class:`handclip.utils.servers.Server`. The server and everything it
+    started end with the block, also on a failure, and die with the test process."""
+    from handclip.utils.servers import local_server
+
+    env = cli_env(GRADIO_ANALYTICS_ENABLED="False")
+    command = lambda port: [sys.executable, "-m", "handclip.app", "host=127.0.0.1", f"port={port}", *args]
+    with local_server(command, folder / "server.log", env=env, cwd=folder, timeout=timeout) as server:
+        yield server
+
+
+def chromium_path() -> str:
+    """Debian's chromium (or $CHROMIUM): the browser tests fail, never skip, without it."""
+    exe = os.environ.get("CHROMIUM") or shutil.which("chromium")
+    if not exe or not os.access(exe, os.X_OK):
+        pytest.fail("the browser tests need Chromium: make browser (as root: apt-get install chromium), "
+                    "or CHROMIUM=/path/to/chrome", pytrace=False)
+    return exe
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium driven by Playwright (Debian's browser, not Playwright's own download)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=chromium_path(), headless=True)
+        try:
+            yield chromium
+        finally:
+            chromium.close()

@@ -20,10 +20,10 @@ LAYERS = {
              "handclip.schema_ranges", "handclip.command_line", "handclip.metrics", "handclip.utils"),
     "data": ("handclip.data",),
     "models": ("handclip.models",),
-    "app": ("handclip.api", "handclip.evaluation", "handclip.run_folder", "handclip.hydra_callbacks", "handclip.launch",
-            "handclip.bench", "handclip.identify", "handclip.training"),
+    "app": ("handclip.api", "handclip.app", "handclip.evaluation", "handclip.run_folder", "handclip.hydra_callbacks",
+            "handclip.launch", "handclip.bench", "handclip.identify", "handclip.training"),
     "entry": ("handclip.train", "handclip.eval", "handclip.prepare", "handclip.synth", "handclip.bench.__main__",
-              "handclip.identify.__main__", "handclip.export"),
+              "handclip.identify.__main__", "handclip.export", "handclip.app.__main__"),
 }
 RANK = {"base": 0, "data": 1, "models": 1, "app": 2, "entry": 3}
 #: Entry points stay about the size of lightning-hydra-template's src/train.py.

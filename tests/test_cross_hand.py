@@ -271,3 +271,28 @@ def test_read_fused_calibration_checks_the_models(tmp_path):
     (tmp_path / "bad.json").write_text('{"format": 1}')
     with pytest.raises(HandCLIPError, match="not a HandCLIP fused calibration"):
         read_fused_calibration(tmp_path / "bad.json", prints)
+
+
+@pytest.mark.parametrize("fusion", ["mean", "max"])
+def test_fused_threshold_at_its_exact_boundary_with_ties(fusion):
+    """Features drawn from 3 vectors: many exactly equal fused scores. On the scores the calibration fused, at most
+    floor(FMR x N) impostor scores reach the threshold, and more than that reach the next float below it."""
+    from handclip.evaluation.fused_calibration import fused_scores_on_val
+    from handclip.metrics.fusion import fuse_scores
+
+    val, train = random_val_train(6)
+    rng = np.random.default_rng(7)
+    basis = torch.tensor(rng.normal(size=(3, 5)), dtype=torch.float32)
+    val = {h: (basis[rng.integers(0, 3, len(n))], n) for h, (_, n) in val.items()}
+    train = {h: (basis[rng.integers(0, 3, len(n))], n) for h, (_, n) in train.items()}
+    target = 0.1
+    fig = fused_calibration_from_embeddings(val, train, target, levels=())["fusions"][fusion]
+    scores, probe_has, gallery_has, own = fused_scores_on_val(val, train)
+    fused = fuse_scores(scores, probe_has, gallery_has, fusion)
+    impostor = [float(fused.scores[i, j]) for i in range(fused.scores.shape[0]) for j in range(fused.scores.shape[1])
+                if fused.count[i, j] >= 2 and j != own[i]]
+    assert len(set(impostor)) < len(impostor) / 3  # ties everywhere
+    allowed = math.floor(target * len(impostor) + 1e-9)
+    t = fig["threshold"]
+    assert sum(s >= t for s in impostor) <= allowed < sum(s >= float(np.nextafter(t, -np.inf)) for s in impostor)
+    assert fig["fmr"] == sum(s >= t for s in impostor) / len(impostor) and fig["impostor_scores"] == len(impostor)

@@ -20,10 +20,11 @@ from handclip.command_line import check_group_options, check_override_keys
 #: command -> (the module `python -m` runs, its config)
 HYDRA_COMMANDS = {"train": ("handclip.train", "train"), "eval": ("handclip.eval", "eval"),
                   "identify": ("handclip.identify", "identify"), "export": ("handclip.export", "export"),
-                  "bench": ("handclip.bench", "bench")}
+                  "bench": ("handclip.bench", "bench"), "app": ("handclip.app", "app")}
 ARGPARSE_COMMANDS = {"prepare": "handclip.prepare", "synth": "handclip.synth"}
 #: what `python -m <package>` runs when the command is a package
-MAIN_MODULE = {"handclip.identify": "handclip.identify.__main__", "handclip.bench": "handclip.bench.__main__"}
+MAIN_MODULE = {"handclip.identify": "handclip.identify.__main__", "handclip.bench": "handclip.bench.__main__",
+               "handclip.app": "handclip.app.__main__"}
 
 
 def run_in_process(module: str, *args: str, monkeypatch) -> tuple[int, str, str]:
@@ -72,6 +73,8 @@ def test_help_page_of_each_hydra_command(command, monkeypatch):
     ("eval", ["metrics.ranks=[1,20]"], ["metrics.ranks=[1,20] ", "all=false ", f"Outputs: {ROOT}/outputs/eval/"]),
     ("identify", ["top_k=3", "name=case1"], ["top_k=3 ", "name=case1 ", f"Outputs: {ROOT}/outputs/identify/<name>/"]),
     ("export", ["format=onnx"], ["format=onnx ", "onnx.opset=18 ", "overwrite=false"]),
+    ("app", ["top_k=9", "experiment=demo"], ["top_k=9 ", "host=127.0.0.1 ", f"models_root={ROOT}/outputs/demo ",
+                                             f"Outputs: {ROOT}/outputs/demo/app/"]),
     ("bench", ["bench.quick=true"], ["bench.quick=true ", "bench.parts=[data,train,eval,search,checkpoints] ",
                                      f"Outputs: {ROOT}/benchmarks/results/<device>.json"]),
 ])
@@ -136,7 +139,7 @@ from importlib.metadata import entry_points
 
 mistakes = {"train": ["trainer.max_epoch=3"], "eval": ["hand=dorsal_up"], "identify": ["top_k=abc"],
             "export": ["fromat=onnx"], "prepare": ["--raw", "no/such/raw", "--out", "out"],
-            "synth": ["--out", "out", "--size", "10x10"], "bench": ["bench.quik=true"]}
+            "synth": ["--out", "out", "--size", "10x10"], "bench": ["bench.quik=true"], "app": ["top_k=abc"]}
 found = {ep.name: ep for ep in entry_points(group="console_scripts") if ep.name.startswith("handclip-")}
 results = {"declared": {name: ep.value for name, ep in found.items()}}
 for name, ep in sorted(found.items()):

@@ -20,7 +20,7 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (ROOT / "configs" / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "identify", "export"])
+@pytest.mark.parametrize("command", ["train", "eval", "identify", "export", "app"])
 def test_every_option_of_every_group_composes_against_the_schema(command):
     """A YAML key the schema does not declare (or a value of the wrong type in a YAML file) fails to compose."""
     from omegaconf import OmegaConf

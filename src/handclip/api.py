@@ -15,7 +15,10 @@ the backends of :mod:`handclip.models.backends`, the one embedding loop of :mod:
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import io
+import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -150,16 +153,16 @@ class HandCLIP:
         ``gallery_mode``: ``max`` (a person scores as their best photo) or ``mean`` (their mean template);
         ``query_mode="case"``: ``query`` is a folder of case folders, one record per case, probed by its mean
         template (``case_mode="mean"``) or its best photo per person (``"max"``)."""
-        from handclip.config import compose
         from handclip.identify.run import identify, index_path
 
         gallery = Path(gallery).expanduser().resolve()
         if index is None:
             where = OmegaConf.create({"index": None, "paths": {"output_root": str(self.cache_dir.parent)}})
             index = index_path(where, gallery, self.model)
-        with tempfile.TemporaryDirectory(prefix="handclip-identify-") as tmp:
+        # a temporary folder only when the results are not kept (out= given: nothing is written elsewhere)
+        with contextlib.nullcontext() if out else tempfile.TemporaryDirectory(prefix="handclip-identify-") as tmp:
             root = Path(out).expanduser().resolve() if out else Path(tmp) / "api"
-            cfg = compose("identify", ["progress=false"])
+            cfg = copy.deepcopy(_identify_defaults(os.getcwd(), os.environ.get("HANDCLIP_ROOT")))
             for key, value in self._cfg(threshold=threshold, target_fmr=target_fmr).items():
                 if key != "model":
                     cfg[key] = value
@@ -171,6 +174,15 @@ class HandCLIP:
             with contextlib.redirect_stdout(io.StringIO()):  # the command line's summary: the records are returned
                 result = identify(cfg, loaded=(self.embedder, self.model, self.meta), out_dir=root)
         return result["queries"]
+
+
+@functools.lru_cache(maxsize=4)
+def _identify_defaults(cwd: str, root: str | None):
+    """identify's composed config (composing takes ~0.5 s; each call gets a copy), per working folder and
+    HANDCLIP_ROOT (they anchor its relative paths)."""
+    from handclip.config import compose
+
+    return compose("identify", ["progress=false"])
 
 
 def load(checkpoint: str | Path | None = None, *, model: str | None = None, pretrained: str | None = None,

@@ -176,7 +176,7 @@ def check_override_keys(config_name: str, argv: list[str]) -> None:
     """
     from hydra.errors import ConfigCompositionException
 
-    from handclip.schema import check_values
+    from handclip.schema_ranges import check_values
 
     if any(t.startswith(("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp")) for t in argv):
         return

@@ -5,8 +5,8 @@ are registered in Hydra's ConfigStore (:func:`register_schemas`) and named first
 (``train_schema``, ...), so OmegaConf checks every value as the config is composed: ``data.batch_size=abc``
 or ``trainer.max_epochs=1.5`` is refused with the key, the value and the type expected. What a type cannot say
 (a learning rate above 0, a hand type that exists) is the field's ``metadata`` (:func:`at_least`, :func:`above`,
-:func:`between`, :func:`checked_by`), checked in one place, :func:`check_values` (:mod:`handclip.schema_ranges`).
-Both run before torch loads (see :func:`handclip.config.check_command_line`).
+:func:`between`, :func:`checked_by`), checked in one place, :func:`handclip.schema_ranges.check_values`. Both run
+before torch loads (see :func:`handclip.config.check_command_line`).
 
 Adding a config key means adding it here too: a key the schema does not know is refused when the config is
 composed (``+key=value`` adds one on the command line, untyped).
@@ -22,7 +22,6 @@ from omegaconf import MISSING
 
 from handclip.errors import HandCLIPError
 from handclip.hands import check_eleven_k_hands, check_hand
-from handclip.schema_ranges import check_values  # noqa: F401  (its home before; command_line imports it here)
 
 
 def at_least(low: float, default: Any = MISSING) -> Any:
@@ -347,9 +346,27 @@ class ExportSchema(_ModelCommand):
     onnx: OnnxConfig = field(default_factory=OnnxConfig)
 
 
+@dataclass
+class AppSchema(_ModelCommand):
+    hand: AnyHandConfig = field(default_factory=AnyHandConfig)  # type: ignore[assignment]
+    host: str = MISSING
+    port: int = within(1, 65535)
+    auth: Optional[str] = MISSING
+    models_root: str = MISSING
+    galleries: list[str] = field(default_factory=list)
+    out: str = MISSING
+    top_k: int = within(1, 50)
+    target_fmr: Optional[float] = between(0, 1)
+    max_file_mb: float = above(0)
+    max_files: int = at_least(1)
+    max_batch_files: int = at_least(1)
+    device: str = MISSING
+    backend: str = checked_by(check_backend)
+
+
 #: ConfigStore name -> schema. A command's YAML names its schema first in its defaults list.
 SCHEMAS = {"train_schema": TrainSchema, "eval_schema": EvalSchema, "identify_schema": IdentifySchema,
-           "export_schema": ExportSchema}
+           "export_schema": ExportSchema, "app_schema": AppSchema}
 #: Schemas of group options that add keys, stored under ``schema/<group>`` (``- /schema/trainer/ddp@_here_``).
 GROUP_SCHEMAS = {("schema/trainer", "ddp"): DDPTrainerConfig}
 

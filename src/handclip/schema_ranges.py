@@ -1,5 +1,5 @@
-"""Checking config values against the ranges their schema fields declare (:mod:`handclip.schema`'s ``metadata``:
-``at_least``, ``between``, ``checked_by``...): one line naming the key, before torch loads."""
+"""The ranges of the typed schemas (:mod:`handclip.schema`) checked: a value outside its field's range is refused
+with one line naming the key, the value and what was expected (types are OmegaConf's to check)."""
 
 from __future__ import annotations
 

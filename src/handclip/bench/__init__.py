@@ -22,6 +22,9 @@ in the same run on the same machine:
   (:mod:`handclip.bench.search`).
 * ``inference.best_vs_torch_b64``, ``inference.best_latency_b1_p50_ms``, ``inference.identify_photos_per_s``: the
   CPU inference backends against PyTorch eager fp32 (:mod:`handclip.bench.inference`; ``bench.parts=[inference]``).
+* ``app.load.all_right``, ``app.race.consistent_and_seen``: HandCLIP Studio served by ``python -m handclip.app`` on a
+  loopback port under 20 concurrent clients (every answer its own photo's; p50/p95 latency recorded) and identify
+  during enrolments (never a half-enrolled person) (:mod:`handclip.bench.app`; ``bench.parts=[app]``).
 * ``checkpoints.run_share``: seconds a default-recipe run on 11k-sized synthetic data spends writing checkpoints
   (on the training thread) / its wall time (:mod:`handclip.bench.checkpoints`).
 

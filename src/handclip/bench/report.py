@@ -29,6 +29,10 @@ GOALS = (
     ("inference.best_latency_b1_p50_ms", "<=", 40.0, "batch-1 latency (median ms) of the fastest such backend"),
     ("inference.identify_photos_per_s", ">=", 40.0,
      "new 1600x1200 JPEG photos embedded per second, decoding included (identify), best backend"),
+    ("app.load.all_right", ">=", 1,
+     "every concurrent identify request of the app answered with its own photo's person"),
+    ("app.race.consistent_and_seen", ">=", 1,
+     "identify during enrolments saw the gallery before or after each, never between (and saw both)"),
 )
 
 #: Goals of a CUDA run only (the training step's speed is a GPU goal).
@@ -187,6 +191,19 @@ def format_table(result: dict) -> str:
         if "speedup_vs_1" in entry:
             value += f" ({_fmt(entry['speedup_vs_1'])}x one process; gradient sync {entry['grad_sync_share']:.0%})"
         rows.append((f"scaling: {count} process(es) x b{result['scaling']['batch_size_per_process']}", value))
+    app = result.get("app")
+    if app:
+        load, race = app["load"], app["race"]
+        rows += [
+            ("app: one client alone: latency p50 / p95 ms",
+             f"{_fmt(app['solo']['latency_ms']['p50'])} / {_fmt(app['solo']['latency_ms']['p95'])}"),
+            (f"app: {load['clients']} clients x {load['requests_per_client']} identify, {app['gallery_photos']:,} "
+             "photos: right", f"{load['right']} / {load['requests']}"),
+            ("app: latency p50 / p95 / max ms", f"{_fmt(load['latency_ms']['p50'])} / {_fmt(load['latency_ms']['p95'])}"
+             f" / {_fmt(load['latency_ms']['max'])}; {_fmt(load['requests_per_s'])} requests/s"),
+            (f"app: {race['rounds']} enrolments during identify: before / after / torn",
+             f"{race['answers']['before']} / {race['answers']['after']} / {race['answers']['torn']}"),
+        ]
     width = max((len(r[0]) for r in rows), default=10)
     lines = [f"HandCLIP benchmark on {result['device']} (torch {result['torch']}"
              f"{', quick' if result.get('quick') else ''})", ""]

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from handclip.bench.app import bench_app
 from handclip.bench.checkpoints import bench_checkpoints
 from handclip.bench.data import bench_data
 from handclip.bench.eval import bench_eval
@@ -114,6 +115,8 @@ def _run(s: dict, device: torch.device, started: float, say: Say) -> dict:
             result["rerank"], memory["rerank"] = bench_rerank(s["rerank"], device, seed, say)
         elif part == "inference":  # on the CPU whatever bench.device says: CPU inference is what it measures
             result["inference"], memory["inference"] = bench_inference(s["inference"], scratch, seed, say)
+        elif part == "app":  # the app in a server process of its own: no memory figures of this process
+            result["app"] = bench_app(s["app"], scratch, seed, say)
         elif part == "scaling":  # in processes of its own: no memory figures
             result["scaling"] = bench_scaling(s["scaling"], device, scratch / "scaling", seed, say)
         part_s[part] = round(time.perf_counter() - part_start, 1)

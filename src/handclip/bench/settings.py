@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from handclip.errors import HandCLIPError
 from handclip.utils.devices import resolve_device
 
-PARTS = ("data", "train", "eval", "search", "checkpoints", "scaling", "rerank", "inference")
+PARTS = ("data", "train", "eval", "search", "checkpoints", "scaling", "rerank", "inference", "app")
 #: The parts of a full run (``bench.parts`` by default); a run of other parts writes its own file.
 FULL_RUN = ("data", "train", "eval", "search", "checkpoints")
 
