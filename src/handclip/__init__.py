@@ -15,12 +15,12 @@ try:
 except PackageNotFoundError:  # run from a source tree that was never installed (PYTHONPATH=src)
     __version__ = "0+unknown"
 
-__all__ = ["HandCLIP", "__version__", "load"]
+__all__ = ["HandCLIP", "__version__", "identify_fused", "load"]
 
 
 def __getattr__(name: str):
     # The package root is the base layer that every module imports (for __version__); the API on top of
     # everything is therefore reached by name, on first use, never imported here.
-    if name in ("load", "HandCLIP"):
+    if name in ("load", "HandCLIP", "identify_fused"):
         return getattr(importlib.import_module("handclip.api"), name)
     raise AttributeError(f"module 'handclip' has no attribute {name!r}")

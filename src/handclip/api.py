@@ -210,4 +210,40 @@ def load(checkpoint: str | Path | None = None, *, model: str | None = None, pret
     return HandCLIP(encoder, meta, key, backend, device, calibration, cache_dir, seed, decode)
 
 
-__all__: Sequence[str] = ("HandCLIP", "load")
+def identify_fused(query, gallery, *, fusion: str = "mean", models: dict | None = None, threshold: float | None = None,
+                   query_hand: str | None = None, hand_classifier: str | Path | None = None,
+                   min_confidence: float | None = None, top_k: int = 5, out: str | Path | None = None,
+                   index: str | Path | None = None, pictures: bool = False, overwrite: bool = False,
+                   device: str = "cpu", batch_size: int = 64) -> list[dict]:
+    """``python -m handclip.identify fusion=...``: a ``<person>/<hand type>/<photo>`` gallery, each hand type
+    scored by its own checkpoint (``models={hand: ckpt}``; a hand type left out: ``outputs/train/<hand>/
+    checkpoints/best.ckpt``), scores fused (``mean``/``max``) over the hand types probe and person share. A photo's
+    hand type: its folder, ``query_hand``, or the classifier file ``hand_classifier`` (default
+    ``outputs/train/hand_type/hand_type.json``). ``threshold``: None decides each result at its calibrated threshold
+    (README "Fusion across hand types"). Returns the records of ``results.json``; with ``out`` they are
+    also written there. The gallery indexes (one per hand type) are kept in ``index/<hand>`` (default: as the command
+    line keeps them, ``outputs/identify/index/``)."""
+    from handclip.config import compose
+    from handclip.identify.run import identify
+
+    with tempfile.TemporaryDirectory(prefix="handclip-identify-") as tmp:
+        root = Path(out).expanduser().resolve() if out else Path(tmp) / "api"
+        cfg = compose("identify", ["progress=false", f"fusion={fusion}"])
+        cfg.threshold = None if threshold is None else float(threshold)
+        for hand, ckpt in (models or {}).items():
+            if hand not in cfg.models:
+                raise HandCLIPError(f"models: unknown hand type {hand!r}; expected one of: {', '.join(cfg.models)}")
+            cfg.models[hand] = str(Path(ckpt).expanduser().resolve())
+        if hand_classifier is not None:
+            cfg.hand_classifier.path = str(Path(hand_classifier).expanduser().resolve())
+        cfg.hand_classifier.min_confidence = min_confidence
+        cfg.update(name=root.name, query=str(query), gallery=str(Path(gallery).expanduser().resolve()),
+                   index=str(Path(index).expanduser().resolve()) if index else None, top_k=int(top_k),
+                   query_hand=query_hand,
+                   pictures=bool(pictures), overwrite=bool(overwrite), batch_size=int(batch_size), device=device)
+        with contextlib.redirect_stdout(io.StringIO()):
+            result = identify(cfg, out_dir=root)
+    return result["queries"]
+
+
+__all__: Sequence[str] = ("HandCLIP", "identify_fused", "load")

@@ -285,6 +285,18 @@ class EvalSchema(_ModelCommand):
 
 
 @dataclass
+class HandClassifierConfig:  # identify's hand_classifier.*: the hand-type classifier's file and settings
+    path: str = MISSING
+    min_confidence: Optional[float] = within(0, 1)
+    weight_decay: float = at_least(0)
+
+
+def _check_models(models: Any) -> None:
+    for hand in models:
+        check_hand(hand)
+
+
+@dataclass
 class IdentifySchema(_ModelCommand):
     hand: AnyHandConfig = field(default_factory=AnyHandConfig)  # type: ignore[assignment]
     ckpt_path: Optional[str] = MISSING
@@ -310,6 +322,11 @@ class IdentifySchema(_ModelCommand):
     batch_size: int = at_least(1)
     num_workers: Optional[int] = at_least(0)
     progress: bool = MISSING
+    task: str = one_of("identify", "train_hand_type")
+    fusion: Optional[str] = one_of("mean", "max")
+    models: dict[str, Optional[str]] = checked_by(_check_models)
+    query_hand: Optional[str] = checked_by(check_hand)
+    hand_classifier: HandClassifierConfig = field(default_factory=lambda: HandClassifierConfig())
 
 
 @dataclass

@@ -7,7 +7,9 @@ Modules: :mod:`~handclip.identify.sources` (which files a gallery and a query ar
 folders, ``query_mode=case``), :mod:`~.images` (decoding and embedding, unreadable files counted), :mod:`~.index`
 (the gallery embedded once, reused; its mean templates), :mod:`~.search` (exact chunked top-k), :mod:`~.modes`
 (the rankings of mean templates and cases), :mod:`~.results` (decisions, files, printing), :mod:`~.run` (the
-steps).
+steps). Across hand types (``fusion=mean|max``): :mod:`~.fusion` (the steps), :mod:`~.hand_sources` (galleries
+and probes by hand type), :mod:`~.fused_threshold`, and the hand-type classifier that routes photos
+(:mod:`~.hand_classifier`, trained by :mod:`~.hand_training`: ``task=train_hand_type``).
 """
 
 __all__ = ["identify"]

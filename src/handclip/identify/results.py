@@ -97,9 +97,10 @@ def _csv(result: dict) -> str:
     writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     for r in result["queries"]:
+        threshold = r.get("threshold", result["threshold"]["threshold"])  # fused runs: one per result
         for t in r["top"]:
             writer.writerow({"query": r["query"], "true_identity": r["true_identity"] or "", "decision": r["decision"],
-                             "decision_score": r["score"], "threshold": result["threshold"]["threshold"],
+                             "decision_score": r["score"], "threshold": threshold,
                              "correct": "" if r["correct"] is None else r["correct"], "rank": t["rank"],
                              "identity": t["identity"], "score": t["score"], "file": t["file"]})
     return out.getvalue()
@@ -130,7 +131,7 @@ def write_results(result: dict, out_dir: Path, overwrite: bool = False, pictures
                                             leave=False)):
                 stem = slug(Path(record["query"]).stem)
                 rel = f"rankings/{n:05d}_{stem}.png"
-                ranking_picture(_picture_rows(record, threshold), tmp / rel)
+                ranking_picture(_picture_rows(record, record.get("threshold", threshold)), tmp / rel)
                 record["picture"] = str(out_dir / rel)
         result["summary"] = summary(result)
         atomic_write(tmp / "results.json", json.dumps(result, indent=2, default=str, allow_nan=False) + "\n")

@@ -141,6 +141,10 @@ def identify(cfg: DictConfig, loaded: tuple[Embedder, ModelInfo, dict] | None = 
     check_writable(out_dir, "results folder (paths.output_root, name=)")
     with claimed(out_dir, "identify"):  # a second run of the same name is refused while this one lives
         check_output(out_dir, cfg.overwrite)
+        if cfg.get("fusion"):  # across hand types, one model each (identify/fusion.py)
+            from handclip.identify.fusion import identify_fused
+
+            return identify_fused(cfg, out_dir, load_embedder)
         return _identify(cfg, out_dir, loaded)
 
 
