@@ -185,3 +185,14 @@ def test_fusion_is_not_offered_for_a_flat_gallery(fused_client, fused_app):
     assert "fusion across hand types is not offered for gallery" in messages and files is None
     messages, decision, table, _, _ = call(fused_client, "identify", [sent, *options(env, env["flat"], "off", "auto")])
     assert messages == "" and "ann.png:" in decision and len(table["data"]) == 2  # off: today's identify
+
+
+def test_batch_takes_the_fusion_choice(fused_client, fused_app):
+    env = fused_app
+    sent = upload(fused_client, *((p.name, p.read_bytes()) for p in env["photos"]))
+    status, table, downloads = call(fused_client, "batch", [sent, None, *options(env, env["hands"], "max", "auto")])
+    results = json.loads(Path(next(f["path"] for f in downloads if f["path"].endswith(".json"))).read_text())
+    assert results["fusion"] == "max" and status.startswith(f"{len(PHOTOS)} photo(s) identified")
+    assert [row[:4] for row in table["data"]] == [[p.name, r["decision"], round(r["score"], 4), "fused"]
+                                                  for p, r in zip(env["photos"], results["queries"])]
+    assert [r["routing"][0]["hand_type"] for r in results["queries"]] == [h for _, h in PHOTOS]

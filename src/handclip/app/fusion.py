@@ -14,7 +14,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from handclip.app.models import _roots
+from handclip.app.models import run_roots
 from handclip.errors import HandCLIPError
 from handclip.hands import ELEVEN_K_HANDS, HAND_TYPES
 from handclip.identify.hand_classifier import TRAIN_COMMAND
@@ -52,7 +52,7 @@ def fusion_setup(models_root: Path, gallery: Path) -> FusionSetup | None:
         hands = list(scan_hand_gallery(gallery))
     except HandCLIPError:
         return None
-    for base in _roots(Path(models_root).expanduser().resolve()):
+    for base in run_roots(Path(models_root).expanduser().resolve()):
         models = {h: base / "train" / h / "checkpoints" / "best.ckpt" for h in HAND_TYPES}
         models = {h: p for h, p in models.items() if p.is_file()}
         if all(h in models for h in hands):
