@@ -196,3 +196,16 @@ def test_batch_takes_the_fusion_choice(fused_client, fused_app):
     assert [row[:4] for row in table["data"]] == [[p.name, r["decision"], round(r["score"], 4), "fused"]
                                                   for p, r in zip(env["photos"], results["queries"])]
     assert [r["routing"][0]["hand_type"] for r in results["queries"]] == [h for _, h in PHOTOS]
+
+
+def test_the_chosen_false_match_rate_reaches_the_calibration(fused_client, fused_app):
+    env = fused_app
+    sent = upload(fused_client, ("dan.png", env["photos"][1].read_bytes()))
+    chosen = options(env, env["palmar"], "mean", "palmar_left")
+    for fmr, ok in (("0.01", True), ("0.001", False)):  # the calibration files hold the 0.01 level only
+        chosen[3] = fmr
+        messages, decision, table, _, files = call(fused_client, "identify", [sent, *chosen])
+        if ok:
+            assert messages == "" and table["data"][0][7] == 0.6  # one hand type: its model's own level
+        else:
+            assert "0.001" in messages and "0.01" in messages and files is None
