@@ -359,7 +359,7 @@ def test_a_gallery_photo_is_served(client, studio_env):
 
 def test_a_bad_upload_gives_its_message_and_the_next_good_one_works(client, studio_env):
     studio = studio_env["studio"]
-    options = [studio.models[0].label, studio.gallery_labels[0], 3, "calibrated target", "max"]
+    options = [studio.models[0].label, studio.gallery_labels[0], 3, "calibrated target", "max", "off", "auto"]
     bad = upload(client, ("holiday.jpg", b"GIF89a not really"))
     messages, decision, table, _, files = call(client, "identify", [bad, *options])
     assert "holiday.jpg: not an image" in messages and decision == "" and files is None
@@ -372,7 +372,7 @@ def test_a_bad_upload_gives_its_message_and_the_next_good_one_works(client, stud
 
 def test_batch_takes_files_and_a_folder_and_gives_one_table_and_csv(client, studio_env):
     studio, queries = studio_env["studio"], studio_env["queries"]
-    options = [studio.models[0].label, studio.gallery_labels[0], 2, "0.1", "max"]
+    options = [studio.models[0].label, studio.gallery_labels[0], 2, "0.1", "max", "off", "auto"]
     files = upload(client, *((q.name, q.read_bytes()) for q in queries[:2]))
     folder = upload(client, *((q.name, q.read_bytes()) for q in queries[2:4]), ("notes.txt", b"no photo"))
     status, table, downloads = call(client, "batch", [files, folder, *options])
@@ -388,7 +388,7 @@ def test_a_client_file_name_never_becomes_a_path(client, studio_env):
     studio, base = studio_env["studio"], studio_env["base"]
     name = "../../../../../" + str(base / "evil.png").lstrip("/")
     sent = upload(client, (name, studio_env["queries"][0].read_bytes()))
-    options = [studio.models[0].label, studio.gallery_labels[0], 3, "calibrated target", "max"]
+    options = [studio.models[0].label, studio.gallery_labels[0], 3, "calibrated target", "max", "off", "auto"]
     _, _, table, _, _ = call(client, "identify", [sent, *options])
     status, *_ = call(client, "enrol", [studio.gallery_labels[0], "mallory", sent, studio.models[0].label])
     assert table["data"][0][0] == "evil.png" and "mallory: 1 photo(s) added" in status
@@ -409,7 +409,7 @@ def test_enrolment_then_identify_finds_the_new_person(client, studio_env, tmp_pa
         f"{__import__('hashlib').sha256(p.read_bytes()).hexdigest()[:24]}.png" for p in photos)
     query = io.BytesIO()
     Image.open(photos[0]).save(query, format="JPEG", quality=95)  # other bytes, the same picture
-    options = [studio.models[0].label, studio.gallery_labels[0], 3, "calibrated target", "max"]
+    options = [studio.models[0].label, studio.gallery_labels[0], 3, "calibrated target", "max", "off", "auto"]
     _, _, table, _, _ = call(client, "identify", [upload(client, ("who.jpg", query.getvalue())), *options])
     assert table["data"][0][:3] == ["who.jpg", 1, "dave"]
     status, people, *_ = call(client, "remove_person", [studio.gallery_labels[0], "dave", studio.models[0].label])

@@ -8,11 +8,9 @@ import math
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import identity_pixels, run_module
-from PIL import Image
+from conftest import CASES, ENROLLED, calibrated_models, run_module
 
 from handclip.config import compose
 from handclip.errors import HandCLIPError
@@ -20,69 +18,6 @@ from handclip.hands import ELEVEN_K_HANDS, hand_dir_name
 from handclip.identify import identify
 from handclip.identify.hand_classifier import HandClassifier, fit_probe, load_classifier
 from handclip.identify.hand_training import train_hand_classifier
-
-#: Each hand type's photos carry its own colour (the random tiny model sees colour; the synthetic layouts of
-#: conftest draw every hand type alike, so they cannot tell hand types apart).
-TINT = {"dorsal_right": (200, 70, 70), "dorsal_left": (70, 200, 70), "palmar_right": (70, 70, 200),
-        "palmar_left": (200, 200, 70)}
-
-
-def write_photo(path: Path, hand: str, identity: int, seed: int) -> Path:
-    """An identity's pattern (conftest) over its hand type's colour."""
-    pattern = identity_pixels(identity, seed).astype(np.float64) - 128
-    jitter = np.random.default_rng([identity, seed, 3]).uniform(-12, 12, size=3)
-    pixels = np.clip(np.array(TINT[hand]) + jitter + 0.4 * pattern, 0, 255).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels, "RGB").save(path)
-    return path
-
-
-def tiny_checkpoint(path: Path, hand: str, seed: int) -> Path:
-    """A HandCLIP checkpoint of the tiny architecture with random weights drawn from ``seed``."""
-    from handclip.models.clip import build_image_tower
-
-    torch.manual_seed(seed)
-    tower = build_image_tower("HandCLIP-Tiny")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": {f"encoder.visual.{k}": v for k, v in tower.state_dict().items()},
-                "hyper_parameters": {"classes": ["0", "1"], "hand": hand, "model_name": "HandCLIP-Tiny"}}, path)
-    return path
-
-
-#: The gallery: person -> hand types enrolled (not every person has every hand type).
-ENROLLED = {"ann": ELEVEN_K_HANDS, "bob": ("dorsal_right", "palmar_left"), "cat": ("dorsal_right", "dorsal_left"),
-            "dan": ("dorsal_left", "palmar_right", "palmar_left"), "eve": ("dorsal_right",)}
-#: The cases: case folder -> (person number for the pattern, hand types photographed)
-CASES = {"ann": (0, ("dorsal_right", "palmar_left")), "dan": (3, ("dorsal_left", "palmar_left", "dorsal_right")),
-         "stranger": (9, ("dorsal_right", "dorsal_left"))}
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    base = tmp_path_factory.mktemp("routing")
-    data = base / "data"
-    for hand in ELEVEN_K_HANDS:  # an 11k layout for the classifier: train and val photos of 5 people
-        for i in range(5):
-            for k in range(3):
-                split = "val" if k == 0 else "train"
-                write_photo(data / hand_dir_name(hand) / split / f"{i:07d}" / f"{k}.png", hand, 100 + i, k)
-    gallery = base / "gallery"
-    for n, (person, hands) in enumerate(ENROLLED.items()):
-        for hand in hands:
-            for k in range(2):
-                write_photo(gallery / person / hand / f"{person}_{k}.png", hand, n, 10 + k)
-    cases = base / "cases"
-    for case, (n, hands) in CASES.items():
-        for hand in hands:
-            write_photo(cases / case / hand / f"{case}.png", hand, n, 20)
-    out = base / "out"
-    models = {h: tiny_checkpoint(out / "train" / h / "checkpoints" / "best.ckpt", h, seed) for seed, h in
-              enumerate(ELEVEN_K_HANDS)}
-    clf = train_hand_classifier(compose("identify", [
-        "experiment=demo", "task=train_hand_type", f"paths.data_dir={data}", f"paths.output_root={out}",
-        "progress=false", "num_workers=0"]))
-    return {"base": base, "data": data, "gallery": gallery, "cases": cases, "out": out, "models": models,
-            "clf": clf}
 
 
 def fused_cfg(world, out: Path, *extra: str, query=None, default_models: bool = False, root: Path | None = None):
@@ -215,29 +150,6 @@ def test_fused_scores_and_rankings_equal_the_reference(world, tmp_path, fusion):
         name = Path(record["query"]).name
         assert record["true_identity"] == (name if name in ENROLLED else None)
         assert record["accepted"] == (ref[0][1] >= 0.5)
-
-
-def calibrated_models(world, root: Path, fused: float, per_hand: dict[str, float], fingerprints=None) -> Path:
-    """The world's hand models under ``root/train/<hand>/checkpoints``, each with a calibration file at
-    ``per_hand[hand]``, and a fused calibration (``fused`` for mean and max) naming their fingerprints."""
-    from handclip.evaluation.calibration import CALIBRATION_FORMAT, sidecar_path, write_calibration
-    from handclip.evaluation.fused_calibration import fused_calibration_path, write_fused_calibration
-    from handclip.identify.fused_threshold import checkpoint_fingerprint
-
-    models = {}
-    for hand, ckpt in world["models"].items():
-        to = root / "train" / hand / "checkpoints" / "best.ckpt"
-        to.parent.mkdir(parents=True)
-        shutil.copy2(ckpt, to)
-        fp = checkpoint_fingerprint(compose("identify", ["experiment=demo"]), to)
-        models[hand] = {"fingerprint": (fingerprints or {}).get(hand, fp), "checkpoint": str(to)}
-        row = {"threshold": per_hand[hand], "target_fmr": 0.01, "fmr": 0.0, "tar": 1.0, "resolved": True}
-        write_calibration(sidecar_path(to), {"format": CALIBRATION_FORMAT, **row, "levels": [row],
-                                             "model_fingerprint": fp})
-    row = {"threshold": fused, "target_fmr": 0.01, "fmr": 0.0, "tar": 1.0, "resolved": True}
-    write_fused_calibration(fused_calibration_path(root), {"format": 1, "target_fmr": 0.01, "fusions": {
-        f: {**row, "levels": [row], "by_hand_count": {}} for f in ("mean", "max")}}, models)
-    return root
 
 
 def test_calibrated_thresholds_fused_for_two_or_more_hand_types_else_the_models_own(world, tmp_path):

@@ -214,15 +214,17 @@ def identify_fused(query, gallery, *, fusion: str = "mean", models: dict | None 
                    query_hand: str | None = None, hand_classifier: str | Path | None = None,
                    min_confidence: float | None = None, top_k: int = 5, out: str | Path | None = None,
                    index: str | Path | None = None, pictures: bool = False, overwrite: bool = False,
-                   device: str = "cpu", batch_size: int = 64) -> list[dict]:
+                   device: str = "cpu", batch_size: int = 64, calibration: str | Path | None = None,
+                   target_fmr: float | None = None) -> list[dict]:
     """``python -m handclip.identify fusion=...``: a ``<person>/<hand type>/<photo>`` gallery, each hand type
     scored by its own checkpoint (``models={hand: ckpt}``; a hand type left out: ``outputs/train/<hand>/
     checkpoints/best.ckpt``), scores fused (``mean``/``max``) over the hand types probe and person share. A photo's
     hand type: its folder, ``query_hand``, or the classifier file ``hand_classifier`` (default
     ``outputs/train/hand_type/hand_type.json``). ``threshold``: None decides each result at its calibrated threshold
-    (README "Fusion across hand types"). Returns the records of ``results.json``; with ``out`` they are
-    also written there. The gallery indexes (one per hand type) are kept in ``index/<hand>`` (default: as the command
-    line keeps them, ``outputs/identify/index/``)."""
+    (README "Fusion across hand types"): the fused one from ``calibration`` (default ``outputs/train/
+    fusion.calibration.json``) at ``target_fmr`` (None: the calibration's own target). Returns the records of
+    ``results.json``; with ``out`` they are also written there. The gallery indexes (one per hand type) are kept
+    in ``index/<hand>`` (default: as the command line keeps them, ``outputs/identify/index/``)."""
     from handclip.config import compose
     from handclip.identify.run import identify
 
@@ -230,6 +232,9 @@ def identify_fused(query, gallery, *, fusion: str = "mean", models: dict | None 
         root = Path(out).expanduser().resolve() if out else Path(tmp) / "api"
         cfg = compose("identify", ["progress=false", f"fusion={fusion}"])
         cfg.threshold = None if threshold is None else float(threshold)
+        cfg.target_fmr = None if target_fmr is None else float(target_fmr)
+        if calibration is not None:
+            cfg.calibration = str(Path(calibration).expanduser().resolve())
         for hand, ckpt in (models or {}).items():
             if hand not in cfg.models:
                 raise HandCLIPError(f"models: unknown hand type {hand!r}; expected one of: {', '.join(cfg.models)}")

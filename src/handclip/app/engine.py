@@ -8,7 +8,9 @@ removed after ``keep_hours``. A gallery is read under its shared lock and change
 (:mod:`handclip.app.gallery`), so identify sees the gallery and its index before or after a change, never between.
 
 The gallery mode (``max``: a person scores as their best photo; ``mean``: as their mean template) is chosen per
-request and passed on to identify, whose calibration file holds a threshold per mode.
+request and passed on to identify, whose calibration file holds a threshold per mode. ``fusion`` (mean | max) sends
+the request to :func:`handclip.identify_fused` instead (:mod:`handclip.app.fusion`): a hand-type gallery, one
+fine-tuned model per hand type, the photos' hand type given or told by the classifier.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from omegaconf import OmegaConf
 
 from handclip.app import gallery as galleries
 from handclip.app.decisions import Band, band
+from handclip.app.fusion import FusionSetup, fusion_setup, run_fused
 from handclip.app.models import ModelChoice, find_models, load_choice
 from handclip.app.settings import Folders, Limits
 from handclip.app.uploads import check_uploads, thumbnail
@@ -53,6 +56,12 @@ class Request:
     top_k: int = 5
     target_fmr: float | None = None
     gallery_mode: str = "max"  # max: a person scores as their best photo; mean: as their mean template
+    fusion: str = "off"  # mean | max: across hand types (handclip.identify_fused); off: the chosen model alone
+    hand: str = "auto"  # with fusion: the photos' hand type, or auto (the hand-type classifier)
+
+    @property
+    def fused(self) -> bool:
+        return str(self.fusion or "off") != "off"
 
 
 @dataclass
@@ -106,6 +115,14 @@ class Studio:
             if match is not None:
                 return match
         return (self.gallery_labels or [None])[0]
+
+    def fusion(self, gallery_label: str | None) -> FusionSetup | None:
+        """The fused identify of a gallery (None: not offered for it)."""
+        if not gallery_label:
+            return None
+        gallery = self.gallery(gallery_label)
+        with galleries.reading(gallery):
+            return fusion_setup(self.folders.models_root, gallery)
 
     def choice(self, label: str) -> ModelChoice:
         found = next((m for m in self.models if m.label == label), None)
@@ -168,10 +185,23 @@ class Studio:
         def label_of_copy(path: str) -> str:  # "00003-<hash>.png" -> the label of the fourth upload
             return uploads[int(Path(path).name[:5])].label
 
-        model, gallery = self.model(request.model), self.gallery(request.gallery)
         top_k = int(request.top_k)
         if not 1 <= top_k <= 50:
             raise HandCLIPError(f"top-k {top_k}: expected 1 to 50")
+        setup = model = None
+        if request.fused:
+            setup = self.fusion(request.gallery)
+            if setup is None:
+                raise HandCLIPError(f"fusion across hand types is not offered for gallery "
+                                    f"{printable(request.gallery)!r}: it needs <person>/<hand type>/<photo> folders "
+                                    "and a fine-tuned model per hand type (train/<hand>/checkpoints/best.ckpt under "
+                                    "the models root); choose off")
+            if request.gallery_mode != "max":
+                raise HandCLIPError("with fusion a person scores per hand type as their best photo: choose "
+                                    "'their best photo (max)'")
+        else:
+            model = self.model(request.model)
+        gallery = self.gallery(request.gallery)
         folder = self._new_request()
         size = chunk or len(uploads)
         parts, labels = [], []
@@ -182,9 +212,13 @@ class Studio:
                 upload.save(query, f"{start + n:05d}-{upload.file_name}")
             out = folder / ("results" if whole else f"results-{start // size:04d}")
             with galleries.reading(gallery), self._identify_lock:
-                model.identify(query, gallery, top_k=top_k, target_fmr=request.target_fmr, out=out,
-                               index=self.index_of(model, gallery), pictures=False, overwrite=True,
-                               gallery_mode=request.gallery_mode)
+                if setup is not None:
+                    run_fused(setup, query, gallery, out, self.folders.out / "fusion-index", fusion=request.fusion,
+                              hand=request.hand, top_k=top_k, target_fmr=request.target_fmr, device=self.device)
+                else:
+                    model.identify(query, gallery, top_k=top_k, target_fmr=request.target_fmr, out=out,
+                                   index=self.index_of(model, gallery), pictures=False, overwrite=True,
+                                   gallery_mode=request.gallery_mode)
             parts.append(json.loads((out / "results.json").read_text()))
             labels += [label_of_copy(r["query"]) for r in parts[-1]["queries"]]
             if progress is not None:
@@ -198,8 +232,9 @@ class Studio:
             result.pop("summary", None)
             files_out = write_results(result, folder / "results", overwrite=False, pictures=False, progress=False)
         messages += [f"{label_of_copy(s['query'])}: could not be read" for s in result["skipped_queries"]]
-        outcome = Outcome(result=result, labels=labels, files=files_out, messages=messages,
-                          band=self._band(result["threshold"], result.get("mode", {}).get("decision_mode", "max")))
+        outcome = Outcome(result=result, labels=labels, files=files_out, messages=messages,  # fused: no band
+                          band=None if setup else self._band(result["threshold"],
+                                                             result.get("mode", {}).get("decision_mode", "max")))
         outcome.thumbs = [self._thumb(Path(r["query"]), folder / "thumbs") for r in outcome.records]
         return outcome
 

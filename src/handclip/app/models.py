@@ -41,7 +41,7 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _roots(models_root: Path) -> list[Path]:
+def run_roots(models_root: Path) -> list[Path]:
     """The models root and the folders one level down that hold runs (outputs/demo)."""
     if not models_root.is_dir():
         return []
@@ -67,7 +67,7 @@ def find_models(models_root: str | Path, zero_shot: tuple[str, str | None] | Non
 
     root = Path(models_root).expanduser().resolve()
     found: list[ModelChoice] = []
-    for base in _roots(root):
+    for base in run_roots(root):
         for ckpt in sorted((base / "train").glob("**/checkpoints/*.ckpt")) if (base / "train").is_dir() else []:
             if ckpt.name != "best.ckpt" and not sidecar_path(ckpt).is_file():
                 continue

@@ -6,6 +6,8 @@ Element ids (stable: the browser tests find the components by them):
     tab-identify, tab-enrol, tab-batch, tab-explore                 the tabs
     identify-upload, identify-topk, identify-fmr,                   Identify: photos in, options,
     identify-gallery-mode, identify-run                             best photo or mean template; the button
+    identify-fusion, identify-hand                                  across hand types (off | mean | max) and the
+                                                                    photos' hand type (auto | a hand type)
     identify-decision, identify-table, identify-gallery,            the decision per photo, top-k table, thumbnails
     identify-download, identify-messages                            results.csv/json, refused photos
     enrol-name, enrol-upload, enrol-run, enrol-status,              Enrol: add a person (or more photos of them)
@@ -22,9 +24,11 @@ import logging
 import re
 
 import gradio as gr
+import pandas as pd
 
 from handclip.app.decisions import describe, percent
 from handclip.app.engine import Request, Studio
+from handclip.app.fusion import FUSED_HEADERS, FUSIONS, HANDS, fused_rows, fused_text
 from handclip.errors import HandCLIPError
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,15 @@ def _error_text(err: BaseException) -> str:
     return f"⚠ the request failed ({type(err).__name__}); the server log has the details"
 
 
+def _offered(studio: Studio, gallery_label: str | None) -> bool:
+    """Whether the fusion choice is shown for the gallery (a hand-type gallery with a model per hand type)."""
+    try:
+        return studio.fusion(gallery_label) is not None
+    except Exception as err:  # noqa: BLE001 - not offered; the page goes on
+        log.warning("fusion not offered: %s", err)
+        return False
+
+
 def build(studio: Studio) -> gr.Blocks:
     """The Blocks of the app (not launched)."""
     models = [m.label for m in studio.models]
@@ -65,6 +78,7 @@ def build(studio: Studio) -> gr.Blocks:
             refresh = gr.Button("↻ models", elem_id="models-refresh", scale=0)
             gallery = gr.Dropdown(studio.gallery_labels, value=studio.default_gallery(models[0] if models else None),
                                   label="Gallery", elem_id="gallery-select", scale=4)
+        offered = _offered(studio, gallery.value)
         with gr.Tab("Identify", elem_id="tab-identify"):
             with gr.Row():
                 photos = gr.File(file_count="multiple", type="filepath", label="Photos (drop one or more)",
@@ -76,6 +90,10 @@ def build(studio: Studio) -> gr.Blocks:
                                       label="Decision threshold at false-match rate", elem_id="identify-fmr")
                     mode = gr.Radio(GALLERY_MODES, value="max", label="A person scores as",
                                     elem_id="identify-gallery-mode")
+                    fusion = gr.Radio(list(FUSIONS), value="off", label="Across hand types (fused models)",
+                                      elem_id="identify-fusion", visible=offered)
+                    hand = gr.Dropdown(list(HANDS), value="auto", label="Hand type of the photos",
+                                       elem_id="identify-hand", visible=offered)
                     run = gr.Button("Identify", variant="primary", elem_id="identify-run")
             messages = gr.Markdown(elem_id="identify-messages")
             decision = gr.Markdown(elem_id="identify-decision")
@@ -117,14 +135,22 @@ def build(studio: Studio) -> gr.Blocks:
             explore_pictures = gr.Gallery(label="CMC, ROC/DET, rankings", columns=2, height="auto",
                                           elem_id="explore-pictures")
 
-        def identify(files, model_label, gallery_label, k, fmr_value, gallery_mode="max", progress=gr.Progress()):
+        def identify(files, model_label, gallery_label, k, fmr_value, gallery_mode="max", fused="off",
+                     hand_type="auto", progress=gr.Progress()):
             try:
-                request = Request(model_label, gallery_label, int(k), _fmr(fmr_value), gallery_mode or "max")
+                request = Request(model_label, gallery_label, int(k), _fmr(fmr_value), gallery_mode or "max",
+                                  fused or "off", hand_type or "auto")
                 progress(0.1, desc="checking and embedding the photos")
                 outcome = studio.identify(files, request)
                 notes = "\n".join(f"- ⚠ {md_escape(m)}" for m in outcome.messages)
                 if outcome.result is None:
                     return notes, "", [], [], None
+                files_out = [str(outcome.files["csv"]), str(outcome.files["json"])]
+                if request.fused:  # identify_fused's records: fused score, hand types used, decision
+                    labels = [md_escape(label) for label in outcome.labels]
+                    table = pd.DataFrame(fused_rows(outcome.labels, outcome.records), columns=FUSED_HEADERS)
+                    return (notes, fused_text(outcome.result, labels), table, studio.tiles(outcome, request),
+                            files_out)
                 b = outcome.band
                 rows = [[label, t["rank"], t["identity"], round(t["score"], 4),
                          r["decision"] if t["rank"] == 1 else "", b.zone(t["score"])]
@@ -134,23 +160,23 @@ def build(studio: Studio) -> gr.Blocks:
                 text = head + "\n".join(f"- {md_escape(label)}: {describe(r, b)}"
                                         for label, r in zip(outcome.labels, outcome.records))
                 progress(0.9, desc="thumbnails")
-                return (notes, text, rows, studio.tiles(outcome, request),
-                        [str(outcome.files["csv"]), str(outcome.files["json"])])
+                return notes, text, rows, studio.tiles(outcome, request), files_out
             except Exception as err:  # noqa: BLE001 - a message on the page; the server keeps running
                 return _error_text(err), "", [], [], None
 
-        def batch(files, folder, model_label, gallery_label, k, fmr_value, gallery_mode="max",
-                  progress=gr.Progress()):
+        def batch(files, folder, model_label, gallery_label, k, fmr_value, gallery_mode="max", fused="off",
+                  hand_type="auto", progress=gr.Progress()):
             try:
                 files = [*(files or []), *(folder or [])]
-                request = Request(model_label, gallery_label, int(k), _fmr(fmr_value), gallery_mode or "max")
+                request = Request(model_label, gallery_label, int(k), _fmr(fmr_value), gallery_mode or "max",
+                                  fused or "off", hand_type or "auto")
                 outcome = studio.identify(files, request, max_files=studio.limits.max_batch_files, chunk=32,
                                           progress=lambda done, total: progress((done, total), desc="photos"))
                 notes = "\n".join(f"- ⚠ {md_escape(m)}" for m in outcome.messages)
                 if outcome.result is None:
                     return notes, [], None
                 b = outcome.band
-                rows = [[label, r["decision"], round(r["score"], 4), b.zone(r["score"]),
+                rows = [[label, r["decision"], round(r["score"], 4), b.zone(r["score"]) if b else "fused",
                          "; ".join(f"{t['identity']} {t['score']:.3f}" for t in r["top"])]
                         for label, r in zip(outcome.labels, outcome.records)]
                 done = f"{len(rows)} photo(s) identified ({sum(r['accepted'] for r in outcome.records)} known)"
@@ -202,7 +228,8 @@ def build(studio: Studio) -> gr.Blocks:
             except Exception as err:  # noqa: BLE001
                 return _error_text(err), []
 
-        common = [model, gallery, top_k, fmr, mode]  # the mode last: callers that leave it out get "max"
+        # appended last (defaults for callers that leave them out): the mode ("max"), fusion ("off"), hand ("auto")
+        common = [model, gallery, top_k, fmr, mode, fusion, hand]
         run.click(identify, [photos, *common], [messages, decision, table, tiles, download],
                   api_name="identify")
         batch_run.click(batch, [batch_files, batch_folder, *common], [batch_status, batch_table, batch_download],
@@ -213,6 +240,8 @@ def build(studio: Studio) -> gr.Blocks:
         drop_person.click(do_remove_person, [gallery, person, model], enrolled, api_name="remove_person")
         person.change(photos_of, [gallery, person], [photo], api_name=False)
         gallery.change(listed, [gallery], [listing, person, photo], api_name=False)
+        gallery.change(lambda g: [gr.update(visible=_offered(studio, g), value=v) for v in ("off", "auto")],
+                       [gallery], [fusion, hand], api_name=False)
         page.load(listed, [gallery], [listing, person, photo], api_name=False)
         explore.click(show_evaluation, [model], [explore_table, explore_pictures], api_name="explore")
         refresh.click(lambda: gr.update(choices=studio.refresh()), None, [model], api_name=False)
