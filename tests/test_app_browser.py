@@ -66,7 +66,13 @@ def test_enrol_a_person_then_identify_their_photo(studio, browser, tmp_path):
 
 def make_browser(tmp_path, chromium: str, path: str) -> subprocess.CompletedProcess:
     return subprocess.run(["make", "-s", "-C", str(ROOT), "browser", f"CHROMIUM={chromium}"], capture_output=True,
-                          text=True, env={**os.environ, "PATH": path}, timeout=60)
+                          text=True, env={**_without_make_level(), "PATH": path}, timeout=60)
+
+
+def _without_make_level() -> dict:
+    """The environment without what an outer make (``make test``) passes on: its sub-make would say
+    ``make[2]: ***`` instead of ``make: ***``."""
+    return {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
 
 
 def test_make_browser_accepts_an_installed_chromium(tmp_path):

@@ -94,7 +94,7 @@ def test_cache_of_an_earlier_version_is_not_reused_for_oriented_photos(tmp_path,
     _with_orientation(path, 6, size=(90, 60))
     upright = ImageLoader(tiny_preprocess())(path)
 
-    def old_load_rgb(p):  # what format 1 did: no EXIF orientation
+    def old_load_rgb(p, min_side=None):  # what format 1 did: no EXIF orientation (nor draft decoding)
         with Image.open(p) as img:
             return img.convert("RGB")
 
