@@ -78,7 +78,7 @@ lint: install ## ruff over src/ and tests/ (settings in pyproject.toml); CI runs
 test: install browser ## Run the whole test suite (CPU, offline, a few minutes; installs chromium when missing, as root)
 	$(OFFLINE) $(PYTEST) -q -n $(TEST_WORKERS)
 
-test-fast: install ## The test suite without the slow end-to-end tests (about 2.5 minutes on 2 cores)
+test-fast: install ## The test suite without the slow end-to-end tests (the browser and load tests among them)
 	$(OFFLINE) $(PYTEST) -q -n $(TEST_WORKERS) -m "not slow"
 
 # mutmut puts mutants/src first on sys.path itself (PYTHONPATH emptied); one torch thread per test process.
