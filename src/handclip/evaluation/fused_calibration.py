@@ -27,18 +27,16 @@ import itertools
 import json
 import math
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from handclip import __version__
 from handclip.errors import HandCLIPError
+from handclip.evaluation.calibration import write_calibration
 from handclip.evaluation.cross_hand_protocol import eligible_persons
 from handclip.metrics.fusion import FUSIONS, fuse_scores
 from handclip.metrics.scores import identity_scores
 from handclip.metrics.verification import check_fmr, tar_at_fmrs
-from handclip.utils.files import atomic_write
 
 #: Bump when the meaning of a fused calibration file changes.
 FUSED_CALIBRATION_FORMAT = 1
@@ -141,11 +139,7 @@ def _restricted_to_subsets(scores, probe_has, gallery_has, mine, fusion: str, k:
 
 def write_fused_calibration(path: str | Path, calibration: dict, models: Mapping[str, dict]) -> Path:
     """Write the calibration with ``models`` (hand type -> ``{fingerprint, checkpoint, model_name}``)."""
-    record = {**calibration, "models": dict(models), "written": datetime.now(timezone.utc).isoformat(
-        timespec="seconds"), "handclip_version": __version__}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(path, json.dumps(record, indent=2) + "\n")
+    return write_calibration(path, {**calibration, "models": dict(models)})
 
 
 def load_fused_calibration(path: str | Path) -> dict:
