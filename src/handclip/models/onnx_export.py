@@ -20,6 +20,7 @@ import torch
 
 from handclip.errors import HandCLIPError
 from handclip.models.encoder import ImageEncoder
+from handclip.models.export_attention import export_ready
 from handclip.utils.files import write_file
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,8 @@ def export_onnx(encoder: ImageEncoder, out: str | Path, metadata: dict | None = 
     report = {"path": str(out), "opset": opset, "input_size": list(size)}
 
     def write(tmp: Path) -> None:
-        torch.onnx.export(encoder, (example,), str(tmp), dynamo=True, external_data=False, opset_version=opset,
-                          input_names=["images"], output_names=["embedding"],
+        torch.onnx.export(export_ready(encoder), (example,), str(tmp), dynamo=True, external_data=False,
+                          opset_version=opset, input_names=["images"], output_names=["embedding"],
                           dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
         model = onnx.load(str(tmp))
         props = {"producer": "handclip", "input": "uint8 (batch, 3, H, W) resized + center-cropped crops",
