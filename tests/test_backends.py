@@ -85,6 +85,17 @@ def test_int8_meets_its_goal_or_refuses_in_one_line(encoder, cache, monkeypatch)
         make_embedder(encoder, "onnx-int8", "cpu", cache_dir=cache)
 
 
+def test_int8_quantises_the_matrix_products_per_channel_and_keeps_the_convolution(encoder, cache):
+    import onnx
+
+    graph = onnx.load(str(make_embedder(encoder, "onnx-int8", "cpu", cache_dir=cache).path))
+    ops = [node.op_type for node in graph.graph.node]
+    assert "MatMulInteger" in ops and "Conv" in ops and "ConvInteger" not in ops
+    scales = {init.name: init for init in graph.graph.initializer if init.name.endswith("_scale")}
+    weight_scales = [s for s in scales.values() if s.dims and s.dims[0] > 1]  # one scale per output channel
+    assert weight_scales and all(len(s.dims) == 1 for s in weight_scales)
+
+
 def test_bf16_on_a_cpu_with_bf16_or_one_line_without(encoder, monkeypatch):
     if backends.cpu_has_bf16():
         embedder = make_embedder(encoder, "torch-bf16", "cpu")

@@ -3,9 +3,11 @@
 ``torch``: PyTorch, fp32 on the CPU (bf16 autocast on CUDA, as evaluation has always run). ``torch-bf16``: bf16
 autocast on a CPU that computes in bf16 natively (AVX-512 BF16 or AMX). ``onnx``: onnxruntime fp32 on the CPU, from
 the image tower exported by :mod:`handclip.models.onnx_export`. ``onnx-int8``: that graph with onnxruntime's dynamic
-int8 quantisation (int8 weights, activations quantised per batch). ``auto``: the fastest backend this machine has
-whose agreement meets its goal, timed on this model on this CPU once (:func:`time_backend`) and the choice kept
-in ``cache_dir`` per (CPU model and flags, threads, library versions, goals, model fingerprint); torch on CUDA.
+int8 quantisation of its matrix products (int8 weights per output channel, activations quantised per batch; the
+patch-embedding convolution stays fp32: onnxruntime's int8 convolution was slower than its fp32 one). ``auto``:
+the fastest backend this machine has whose agreement meets its goal, timed on this model on this CPU once
+(:func:`time_backend`) and the choice kept in ``cache_dir`` per (CPU model and flags, threads, library versions,
+goals, model fingerprint); torch on CUDA.
 
 The exported and quantised graphs are built once per model and kept under ``cache_dir`` by the model's fingerprint
 (its weights and preprocessing) and the onnxruntime version, so a cached graph is never stale. Every backend but
@@ -43,7 +45,9 @@ AGREEMENT_GOAL = {"torch": 0.99999, "torch-bf16": 0.99, "onnx": 0.9999, "onnx-in
 #: ``backend=auto`` times each backend on this many check images at one batch, fastest of ``repeats`` passes.
 AUTO_TIMING = {"images": 16, "repeats": 3}
 #: Bumped when the way cached graphs are built changes (they are then rebuilt).
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+#: The ONNX operators ``onnx-int8`` quantises.
+QUANTISED_OPS = ["MatMul", "Gemm"]
 #: Images the agreement is measured on.
 CHECK_IMAGES = 16
 
@@ -162,7 +166,8 @@ def _build_onnx(encoder: ImageEncoder, backend: str, target: Path, fingerprint: 
     source = _graph(encoder, "onnx", fingerprint, cache_dir)[0]  # the fp32 graph, under the lock already held
     tmp = temp_path(target.parent, target.name)
     try:
-        quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=QUANTISED_OPS)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
