@@ -59,6 +59,8 @@ INDEX_FORMAT = 2
 _CHECKED = ("entries.json", "embeddings.npy")
 _TEMPLATES = "templates.npy"
 _MARK = "handclip_gallery_index"
+#: Keys of the model key that name how the same model ran (backend, decoding), not which model it is.
+INFERENCE_SETTINGS = {"backend", "decode", "draft_margin"}
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
@@ -166,8 +168,11 @@ def _is_index(path: Path) -> bool:
 def _why_rebuild(meta: dict, model: ModelInfo, gallery: Path, dtype: str, overwrite: bool, path: Path) -> str | None:
     """None when the index may be updated in place; a reason to rebuild it; or an error when it is foreign."""
     if meta["model"]["key"] != model.key or meta["gallery"] != str(gallery):
-        what = (f"by another model ({json.dumps(meta['model']['key'])}; this run uses {json.dumps(model.key)})"
-                if meta["model"]["key"] != model.key else f"for another gallery ({meta['gallery']})")
+        old, new = meta["model"]["key"], model.key
+        differs = {k for k in {*old, *new} if old.get(k) != new.get(k)}
+        how = "with other inference settings" if differs <= INFERENCE_SETTINGS else "by another model"
+        what = (f"{how} ({json.dumps(old)}; this run uses {json.dumps(new)})" if differs
+                else f"for another gallery ({meta['gallery']})")
         if not overwrite:
             raise HandCLIPError(f"index {str(path)!r} was made {what}; pass index=ANOTHER_PATH, or overwrite=true to "
                                 "replace it")
