@@ -19,6 +19,7 @@ from handclip.evaluation.calibration import sidecar_path
 from handclip.export import export
 from handclip.identify import identify
 from handclip.identify.embeddings_export import load_embeddings
+from handclip.identify.images import default_workers
 from handclip.train import train
 
 HAND_DIR = "train_val_test_split_dorsal_r"
@@ -297,3 +298,16 @@ def test_a_gallery_photo_changed_without_changing_size_is_embedded_again(world, 
     scores = lambda result: {t["file"]: t["score"] for r in result["queries"] for t in r["top"]}  # noqa: E731
     changed = {f for f in scores(first).keys() & scores(second).keys() if scores(first)[f] != scores(second)[f]}
     assert changed == {str(photo)}  # only the rewritten photo scores differently
+
+
+def test_decoding_processes_only_beside_a_device_and_for_enough_files(monkeypatch):
+    import torch
+
+    from handclip.identify import images
+
+    monkeypatch.setattr(images, "usable_cpus", lambda: 16)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert default_workers(10_000, 64, cpu) == 0  # the forward pass already uses every core
+    assert default_workers(128, 64, cuda) == 4 and default_workers(127, 64, cuda) == 0  # at 2 batches exactly
+    monkeypatch.setattr(images, "usable_cpus", lambda: 2)
+    assert default_workers(128, 64, cuda) == 2
