@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_image
+from conftest import tiny_checkpoint, write_image
 
 from handclip.bench import gallery as bench_gallery
+from handclip.bench.agreement import on_photos, on_trained_model, top1_margins
 from handclip.bench.gallery import PREFIX, identify_gallery
 from handclip.bench.inference import fp32_peak_gflops
 from handclip.bench.report import evaluate_goals
@@ -26,10 +27,12 @@ from handclip.models.encoder import zero_shot_encoder
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench_inference")
+    trained = tiny_checkpoint(tmp / "trained.ckpt", "dorsal_right", seed=3)
     cfg = compose("bench", ["bench.quick=true", "bench.threads=1", "bench.parts=[inference]", "bench.device=cpu",
                             f"bench.out_dir={tmp / 'out'}", f"bench.scratch_dir={tmp / 'scratch'}",
                             "bench.quick_settings.inference.images=16",
-                            "bench.quick_settings.inference.gallery_size=30"])
+                            "bench.quick_settings.inference.gallery_size=30",
+                            f"bench.inference.trained_ckpt={trained}"])
     result = run_benchmark(cfg, say=lambda _: None)
     result["scratch"] = tmp / "scratch"
     return result
@@ -62,7 +65,7 @@ def test_every_backend_is_measured_or_says_why_not(result):
 def test_draft_decoding_is_measured_on_the_demo_photos(result):
     decode = result["inference"]["decode"]
     assert decode["photo_size"] == [640, 480] and decode["photos"] == 13
-    assert decode["draft_min_side"] == 128 and decode["draft_size"] == [320, 240]  # 1/2 keeps 240 >= 128
+    assert decode["draft_min_side"] == 64 and decode["draft_size"] == [160, 120]  # 1/4 keeps 120 >= 64, 1/8 not
     assert decode["full_ms_per_photo"] > 0 and decode["draft_ms_per_photo"] > 0
 
 
@@ -108,11 +111,59 @@ def test_ratios_peak_fraction_and_goals_come_from_the_measured_figures(result):
     assert goals["inference.best_latency_b1_p50_ms"]["met"] == (inf["best_latency_b1_p50_ms"] <= 40.0)
 
 
+def test_top1_figures_on_the_benchmarks_model_and_on_a_trained_one(result):
+    inf = result["inference"]
+    meets = [e for e in inf["backends"].values() if e.get("meets_agreement")]
+    assert inf["top1_same_min"] == min(e["agreement"]["top1_same_share"] for e in meets)
+    assert inf["top1_margin"]["min"] <= inf["top1_margin"]["p05"] <= inf["top1_margin"]["median"]
+    assert inf["backends"]["torch"]["agreement"]["score_change_max"] == 0.0
+    trained = inf["trained"]
+    assert trained["model_name"] == "HandCLIP-Tiny" and trained["checkpoint"].endswith("trained.ckpt")
+    measured = {k: v for k, v in trained["backends"].items() if "full" in v}
+    assert {"torch", "onnx", "onnx-int8"} <= set(measured)
+    assert measured["torch"]["full"]["top1_same_share"] == 1.0 and measured["torch"]["full"]["score_change_max"] == 0
+    assert trained["top1_same_min"] == min(v["full"]["top1_same_share"] for v in measured.values())
+    assert result["goals"]["inference.trained.top1_same_min"]["met"] == (trained["top1_same_min"] >= 0.99)
+    assert on_trained_model(str(Path(trained["checkpoint"]).with_name("missing.ckpt")), ["torch"], {}, Path("."),
+                            4, print) == {"skipped": f"no trained model at {Path(trained['checkpoint']).parent}"
+                                                     f"/missing.ckpt (run `make demo` first)"}
+
+
+def test_top1_agreement_and_margins_against_plain_loops():
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(5):
+        queries, gallery = 6, 5
+        reference = torch.randn(queries + gallery, 8, generator=gen)
+        other = reference + 0.3 * trial * torch.randn(reference.shape, generator=gen)
+        identities = ["a", "b", "a", "c", "b"]
+
+        def scores(e):
+            unit = [[x / sum(v * v for v in row) ** 0.5 for x in row] for row in e.double().tolist()]
+            return [[sum(a * b for a, b in zip(unit[q], unit[queries + g])) for g in range(gallery)]
+                    for q in range(queries)]
+
+        want, got = scores(reference), scores(other)
+        best = [max(range(gallery), key=lambda g, row=row: row[g]) for row in want]
+        same = sum(identities[best[q]] == identities[max(range(gallery), key=lambda g: got[q][g])]
+                   for q in range(queries)) / queries
+        figures = on_photos(reference, other, queries, identities)
+        assert figures["top1_same_share"] == same
+        assert figures["score_change_max"] == pytest.approx(max(abs(got[q][g] - want[q][g]) for q in range(queries)
+                                                                for g in range(gallery)), abs=1e-12)
+        gaps = sorted(sorted(row)[-1] - sorted(row)[-2] for row in want)
+        assert top1_margins(reference, queries)["min"] == pytest.approx(gaps[0], abs=1e-12)
+
+
 def test_inference_goals_at_their_boundaries():
-    for figure, value, met in (("best_vs_torch_b64", 2.0, True), ("best_vs_torch_b64", 1.99, False),
+    for figure, value, met in (("top1_same_min", 0.99, True), ("top1_same_min", 0.9899, False),
+                               ("trained.top1_same_min", 0.99, True), ("trained.top1_same_min", 0.98, False),
+                               ("best_vs_torch_b64", 2.0, True), ("best_vs_torch_b64", 1.99, False),
                                ("best_latency_b1_p50_ms", 40.0, True), ("best_latency_b1_p50_ms", 40.01, False),
                                ("identify_photos_per_s", 40.0, True), ("identify_photos_per_s", 39.9, False)):
-        assert evaluate_goals({"inference": {figure: value}}, None)[f"inference.{figure}"]["met"] is met
+        node = value
+        for part in reversed(f"inference.{figure}".split(".")):
+            node = {part: node}
+        assert evaluate_goals(node, None)[f"inference.{figure}"]["met"] is met
 
 
 def test_peak_formula_states_how(monkeypatch):

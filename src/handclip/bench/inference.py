@@ -5,7 +5,8 @@ end on a new gallery of 1600x1200 JPEGs (:mod:`handclip.bench.gallery`), and wha
 Agreement is measured on the check images (cosine) and on ``make demo``'s identify photos (its synthetic hands at
 the demo's settings rendered at ``photo_size``, generated here): cosine of each photo's embedding with torch fp32's
 and the share of the demo's queries whose top-1 identity is unchanged, with full decoding and with draft decoding
-(JPEGs at a reduced scale, :class:`handclip.data.images.ImageLoader`) against torch fp32 with full decoding.
+(JPEGs at a reduced scale, :class:`handclip.data.images.ImageLoader`) against torch fp32 with full decoding; with
+torch's own top-1 gaps and, on ``make demo``'s trained model too, when it is there (:mod:`handclip.bench.agreement`).
 
 ``fp32_peak_fraction`` = images/s x GFLOPs per image / the cores' fp32 peak, the peak being cores x clock x fp32
 FLOPs per cycle: vector lanes (16 with AVX-512, 8 with AVX2) x 2 (fused multiply-add) x 2 FMA units per core (the
@@ -22,8 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from handclip.bench.agreement import embed_all, on_photos, on_trained_model, top1_margins
 from handclip.bench.data import demo_photos
 from handclip.bench.gallery import identify_gallery
 from handclip.bench.machine import cpu_info
@@ -96,29 +97,10 @@ def _throughput(embedder, images: torch.Tensor, batch: int, repeats: int, latenc
             "latency_b1_p50_ms": 1000 * statistics.median(latencies), "latency_b1_p95_ms": 1000 * p95}
 
 
-def _agreement(reference: torch.Tensor, other: torch.Tensor, queries: int, identities: list[str]) -> dict:
-    """Cosine of ``other``'s embeddings of the demo's photos (queries first, then the gallery) with ``reference``'s,
-    and the share of queries whose top-1 identity (identify's: the identity of the best gallery photo) is the same."""
-    cosine = F.cosine_similarity(other.double(), reference.double(), dim=1)
-
-    def top1(e):
-        e = F.normalize(e.double(), dim=1)
-        return (e[:queries] @ e[queries:].T).argmax(dim=1).tolist()
-
-    same = [identities[a] == identities[b] for a, b in zip(top1(reference), top1(other))]
-    return {"photos_cosine_min": float(cosine.min()), "photos_cosine_mean": float(cosine.mean()),
-            "top1_same_share": sum(same) / len(same), "queries": queries, "gallery": len(identities)}
-
-
 def _decode(loader: ImageLoader, paths: list[Path]) -> tuple[torch.Tensor, float]:
     start = time.perf_counter()
     crops = torch.stack([loader(p) for p in paths])
     return crops, 1000 * (time.perf_counter() - start) / len(paths)
-
-
-@torch.inference_mode()
-def _embed(embedder, crops: torch.Tensor, batch: int) -> torch.Tensor:
-    return torch.cat([embedder.embed(chunk) for chunk in crops.split(batch)])
 
 
 def bench_inference(s: dict, scratch: Path, seed: int, say: Say) -> tuple[dict, dict]:
@@ -164,12 +146,12 @@ def bench_inference(s: dict, scratch: Path, seed: int, say: Say) -> tuple[dict, 
         with PeakMemory(torch.device("cpu")) as mem:
             entry.update(_throughput(embedder, images, batch, int(s["repeats"]), int(s["latency_calls"])))
         memory[name] = mem.result
-        on_photos = _embed(embedder, crops, batch)
-        reference = on_photos if name == "torch" else reference
+        embedded = embed_all(embedder, crops, batch)
+        reference = embedded if name == "torch" else reference
         entry["agreement"] = embedder.agreement or agreement(embedder, encoder, check_images(encoder))
         if reference is not None:  # the demo's photos, full and draft decoding, against torch fp32 with full decoding
-            entry["agreement"].update(_agreement(reference, on_photos, queries, identities))
-            entry["draft_agreement"] = _agreement(reference, _embed(embedder, drafts, batch), queries, identities)
+            entry["agreement"].update(on_photos(reference, embedded, queries, identities))
+            entry["draft_agreement"] = on_photos(reference, embed_all(embedder, drafts, batch), queries, identities)
         entry["meets_agreement"] = entry["agreement"]["cosine_min"] >= AGREEMENT_GOAL[name]
         peak = result["fp32_peak"]["gflops"]
         entry["fp32_peak_fraction"] = (entry["images_per_s_b64"] * result["gflops_per_image"] / peak) if peak else None
@@ -180,6 +162,9 @@ def bench_inference(s: dict, scratch: Path, seed: int, say: Say) -> tuple[dict, 
     measured = {k: v for k, v in backends.items() if "images_per_s_b64" in v and v["meets_agreement"]}
     if "torch" not in measured:
         return result, memory
+    result["top1_margin"] = top1_margins(reference, queries)
+    result["top1_same_min"] = min(v["agreement"]["top1_same_share"] for v in measured.values())
+    result["trained"] = on_trained_model(s.get("trained_ckpt"), list(s["backends"]), demo, cache, batch, say)
     best = max(measured, key=lambda k: measured[k]["images_per_s_b64"])
     result["best_backend"] = best
     result["best_vs_torch_b64"] = ratio(measured[best]["images_per_s_b64"], measured["torch"]["images_per_s_b64"])
@@ -188,7 +173,8 @@ def bench_inference(s: dict, scratch: Path, seed: int, say: Say) -> tuple[dict, 
     result["auto_picks"] = auto.name
     result["auto"] = {k: auto.auto[k] for k in ("seconds_per_image", "refused", "reused")}
     if int(s["gallery_size"]) > 0:
-        runs = {f"{name}-{decode}": (embedders[name], decode) for name in dict.fromkeys(("torch", best))
+        chosen = [best if name == "best" else name for name in s.get("identify_backends", ["torch", "best"])]
+        runs = {f"{name}-{decode}": (embedders[name], decode) for name in dict.fromkeys(chosen)
                 for decode in ("full", "draft")}
         model = ModelInfo(key={"zero_shot": s["model_name"], "pretrained": None}, fingerprint=fingerprint)
         gallery = identify_gallery(runs, model, photos, demo["queries"], scratch, s, say)
