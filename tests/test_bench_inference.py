@@ -65,7 +65,7 @@ def test_every_backend_is_measured_or_says_why_not(result):
 def test_draft_decoding_is_measured_on_the_demo_photos(result):
     decode = result["inference"]["decode"]
     assert decode["photo_size"] == [640, 480] and decode["photos"] == 13
-    assert decode["draft_min_side"] == 64 and decode["draft_size"] == [160, 120]  # 1/4 keeps 120 >= 64, 1/8 not
+    assert decode["draft_min_side"] == 128 and decode["draft_size"] == [320, 240]  # 1/2 keeps 240 >= 128
     assert decode["full_ms_per_photo"] > 0 and decode["draft_ms_per_photo"] > 0
 
 
@@ -77,12 +77,9 @@ def test_identify_end_to_end_on_a_temporary_gallery(result):
     for label, run in gallery["runs"].items():
         assert run["photos_decoded"] == 30 + 9 and run["seconds"] == pytest.approx(39 / run["photos_per_s"], abs=0.006)
         assert f"{run['backend']}-{run['decode']}" == label
-    best = inf["backends"][inf["best_backend"]]["draft_agreement"]
-    trained = inf["trained"]["backends"][inf["best_backend"]]["draft"]  # the top-1 share is the trained model's
-    cosine = min(best["photos_cosine_min"], trained["photos_cosine_min"])
-    draft_ok = cosine >= 0.99 and trained["top1_same_share"] >= 0.99
+    decoding = inf["backends"]["torch"]["draft_agreement"]  # the decoding alone: torch draft against torch full
+    draft_ok = decoding["photos_cosine_min"] >= 0.99 and decoding["top1_same_share"] >= 0.99
     assert gallery["draft_meets_goal"] == draft_ok == gallery["draft_verdict"]["met"]
-    assert gallery["draft_verdict"]["top1_from"] == "make demo's trained model"
     allowed = [f"{inf['best_backend']}-full"] + ([f"{inf['best_backend']}-draft"] if draft_ok else [])
     assert inf["identify_photos_per_s"] == max(gallery["runs"][label]["photos_per_s"] for label in allowed)
     assert inf["identify_photos_per_s"] == gallery["runs"][inf["identify_best"]]["photos_per_s"]
@@ -158,15 +155,9 @@ def test_top1_agreement_and_margins_against_plain_loops():
 
 
 def test_draft_verdict_at_its_boundaries():
-    bench_model = {"photos_cosine_min": 0.995, "top1_same_share": 0.5}  # random weights: near-ties
-    trained = {"backends": {"onnx-int8": {"draft": {"photos_cosine_min": 0.99, "top1_same_share": 0.99}}}}
-    assert draft_verdict(bench_model, trained, "onnx-int8")["met"] is True
-    assert draft_verdict(bench_model, {"skipped": "no trained model"}, "onnx-int8")["met"] is False
-    assert draft_verdict({**bench_model, "photos_cosine_min": 0.9899}, trained, "onnx-int8")["met"] is False
-    trained["backends"]["onnx-int8"]["draft"]["top1_same_share"] = 0.9899
-    verdict = draft_verdict({**bench_model, "top1_same_share": 1.0}, trained, "onnx-int8")
-    assert verdict == {"cosine_min": 0.99, "top1_same_share": 0.9899, "top1_from": "make demo's trained model",
-                       "met": False}
+    assert draft_verdict({"photos_cosine_min": 0.99, "top1_same_share": 0.99})["met"] is True
+    assert draft_verdict({"photos_cosine_min": 0.9899, "top1_same_share": 1.0})["met"] is False
+    assert draft_verdict({"photos_cosine_min": 1.0, "top1_same_share": 0.9899})["met"] is False
 
 
 def test_inference_goals_at_their_boundaries():

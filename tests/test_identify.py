@@ -307,7 +307,9 @@ def test_decoding_processes_only_beside_a_device_and_for_enough_files(monkeypatc
 
     monkeypatch.setattr(images, "usable_cpus", lambda: 16)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert default_workers(10_000, 64, cpu) == 0  # the forward pass already uses every core
+    assert default_workers(10_000, 64, cpu, "draft") == 0  # cheap decoding beside a forward on every core
+    assert default_workers(10_000, 64, cuda, "draft") == default_workers(10_000, 64, cpu) == 4
     assert default_workers(128, 64, cuda) == 4 and default_workers(127, 64, cuda) == 0  # at 2 batches exactly
+    assert default_workers(127, 64, cpu) == 0
     monkeypatch.setattr(images, "usable_cpus", lambda: 2)
-    assert default_workers(128, 64, cuda) == 2
+    assert default_workers(128, 64, cpu, "full") == 2

@@ -60,7 +60,7 @@ _CHECKED = ("entries.json", "embeddings.npy")
 _TEMPLATES = "templates.npy"
 _MARK = "handclip_gallery_index"
 #: Keys of the model key that name how the same model ran (backend, decoding), not which model it is.
-INFERENCE_SETTINGS = {"backend", "decode", "draft_margin"}
+INFERENCE_SETTINGS = {"backend", "decode"}
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 

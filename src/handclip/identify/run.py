@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from handclip.data.images import DRAFT_MARGIN, check_decode
+from handclip.data.images import check_decode
 from handclip.errors import HandCLIPError
 from handclip.evaluation.calibration import decision_mode, read_calibration, select_threshold, sidecar_path
 from handclip.identify.cases import readable_cases, resolve_cases
@@ -66,10 +66,8 @@ def load_embedder(cfg: DictConfig, device: torch.device) -> tuple[Embedder, Mode
 
 
 def with_settings(model: ModelInfo, backend: str, decode: str) -> ModelInfo:
-    """``model`` whose key also names a backend other than torch and a decoding other than full (draft: with its
-    margin, :data:`~handclip.data.images.DRAFT_MARGIN`)."""
-    draft = {"decode": decode, "draft_margin": DRAFT_MARGIN} if decode != "full" else {}
-    extra = {**({"backend": backend} if backend != "torch" else {}), **draft}
+    """``model`` whose key also names a backend other than torch and a decoding other than full."""
+    extra = {**({"backend": backend} if backend != "torch" else {}), **({"decode": decode} if decode != "full" else {})}
     return ModelInfo(key={**model.key, **extra}, fingerprint=model.fingerprint) if extra else model
 
 
