@@ -202,12 +202,17 @@ def run_module(module: str, *args: str, cwd: Path | None = None, timeout: int = 
 
 
 def pytest_configure(config) -> None:
-    """Under pytest-xdist, share the cores between workers instead of oversubscribing them."""
+    """Under pytest-xdist, share the cores between workers instead of oversubscribing them: the worker's own torch,
+    and every process a test starts (``OMP_NUM_THREADS``, unless already set: ``python -m handclip...``, the app's
+    server). A child with a thread per core while the other worker is busy ran ~2x slower on 2 cores (a `-m` sweep:
+    39-49 s against 19-28 s)."""
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture
