@@ -30,8 +30,9 @@ class ExportAttention(nn.Module):
     def fits(module: nn.Module) -> bool:
         """Whether ``module`` is a ``MultiheadAttention`` this class computes (batch-first, packed projection with
         biases, no added key/value bias, no zero attention)."""
-        return (isinstance(module, nn.MultiheadAttention) and module.batch_first and module._qkv_same_embed_dim
-                and module.in_proj_bias is not None and module.bias_k is None and not module.add_zero_attn)
+        return (isinstance(module, nn.MultiheadAttention) and module.batch_first and module.in_proj_weight is not None
+                and module.kdim == module.vdim == module.embed_dim and module.in_proj_bias is not None
+                and module.bias_k is None and not module.add_zero_attn)
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None, **kwargs):
         if (key is not query or value is not query or key_padding_mask is not None or attn_mask is not None
