@@ -15,10 +15,11 @@ from conftest import tiny_checkpoint, write_image
 from handclip.bench import gallery as bench_gallery
 from handclip.bench.agreement import on_photos, on_trained_model, top1_margins
 from handclip.bench.gallery import PREFIX, identify_gallery
-from handclip.bench.inference import draft_verdict, fp32_peak_gflops
+from handclip.bench.inference import draft_verdict, fp32_peak_gflops, identify_backends
 from handclip.bench.report import evaluate_goals
 from handclip.bench.run import run_benchmark
 from handclip.config import compose
+from handclip.errors import HandCLIPError
 from handclip.identify.index import ModelInfo
 from handclip.models.backends import TorchEmbedder
 from handclip.models.encoder import zero_shot_encoder
@@ -152,6 +153,20 @@ def test_top1_agreement_and_margins_against_plain_loops():
                                                                 for g in range(gallery)), abs=1e-12)
         gaps = sorted(sorted(row)[-1] - sorted(row)[-2] for row in want)
         assert top1_margins(reference, queries)["min"] == pytest.approx(gaps[0], abs=1e-12)
+
+
+def test_identify_backends_name_the_best_or_a_measured_one():
+    measured = {"torch": object(), "onnx-int8": object()}
+    assert identify_backends(["torch", "best"], "onnx-int8", measured) == ["torch", "onnx-int8"]
+    assert identify_backends(["best"], "onnx-int8", measured) == ["onnx-int8"]
+    with pytest.raises(HandCLIPError, match=r"^bench.inference.identify_backends: 'onnx' was not measured in this run; "
+                                            r"choose among best, torch, onnx-int8$"):
+        identify_backends(["best", "onnx"], "onnx-int8", measured)
+    # a name that is no backend at all is refused before anything is measured
+    cfg = compose("bench", ["bench.quick=true", "bench.parts=[inference]", "bench.device=cpu",
+                            "bench.inference.identify_backends=[best,fast]"])
+    with pytest.raises(HandCLIPError, match=r"^bench.inference.identify_backends: 'fast' was not measured"):
+        run_benchmark(cfg, say=lambda _: None)
 
 
 def test_draft_verdict_at_its_boundaries():

@@ -54,6 +54,16 @@ def draft_verdict(torch_draft: dict) -> dict:
             "met": cosine >= DRAFT_GOAL["cosine_min"] and top1 >= DRAFT_GOAL["top1_same_share"]}
 
 
+def identify_backends(names: list[str], best: str, measured: dict) -> list[str]:
+    """``bench.inference.identify_backends`` with ``best`` named; one error line for a backend not measured here."""
+    chosen = [best if name == "best" else str(name) for name in names]
+    for name in chosen:
+        if name not in measured:
+            raise HandCLIPError(f"bench.inference.identify_backends: {name!r} was not measured in this run; choose "
+                                f"among best, {', '.join(measured)}")
+    return chosen
+
+
 def fp32_peak_gflops(cores: int) -> dict:
     """The cores' fp32 peak from their clock and vector width (see the module), with how it was computed."""
     flags = cpu_flags()
@@ -114,6 +124,7 @@ def _decode(loader: ImageLoader, paths: list[Path]) -> tuple[torch.Tensor, float
 def bench_inference(s: dict, scratch: Path, seed: int, say: Say) -> tuple[dict, dict]:
     """Every backend of ``s['backends']`` on ``s['model_name']`` (random weights) on the CPU."""
     cores = min(usable_cpus(), torch.get_num_threads())  # bench.threads=1 measures one core
+    identify_backends(s.get("identify_backends", []), "best", {"best": None, **dict.fromkeys(s["backends"])})
     torch.manual_seed(seed)
     encoder = ImageEncoder(build_image_tower(s["model_name"]), preprocess_config(s["model_name"], None)).eval()
     fingerprint = encoder_fingerprint(encoder)
@@ -181,7 +192,7 @@ def bench_inference(s: dict, scratch: Path, seed: int, say: Say) -> tuple[dict, 
     result["auto_picks"] = auto.name
     result["auto"] = {k: auto.auto[k] for k in ("seconds_per_image", "refused", "reused")}
     if int(s["gallery_size"]) > 0:
-        chosen = [best if name == "best" else name for name in s.get("identify_backends", ["torch", "best"])]
+        chosen = identify_backends(s.get("identify_backends", ["torch", "best"]), best, embedders)
         runs = {f"{name}-{decode}": (embedders[name], decode) for name in dict.fromkeys(chosen)
                 for decode in ("full", "draft")}
         model = ModelInfo(key={"zero_shot": s["model_name"], "pretrained": None}, fingerprint=fingerprint)
