@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import platform
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from handclip.utils.devices import usable_cpus
+from handclip.utils.devices import cpu_model_name, usable_cpus
 from handclip.utils.files import slug
 
 
@@ -20,7 +19,7 @@ def slugify(text: str) -> str:
 
 def cpu_info() -> dict:
     """Model name (and, on Linux, family/model/vector extensions) of the CPU."""
-    info: dict[str, Any] = {"model_name": platform.processor() or platform.machine() or "unknown CPU"}
+    info: dict[str, Any] = {"model_name": cpu_model_name()}
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -31,8 +30,6 @@ def cpu_info() -> dict:
             break  # first processor only
         key, _, value = line.partition(":")
         fields[key.strip()] = value.strip()
-    if fields.get("model name"):
-        info["model_name"] = fields["model name"]
     for key in ("vendor_id", "cpu family", "model", "stepping"):
         if key in fields:
             info[key.replace(" ", "_")] = fields[key]

@@ -21,31 +21,29 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1  # pragma: no cover - not Linux
 
 
-def cpu_flags() -> set[str]:
-    """The instruction-set flags of the CPU (``/proc/cpuinfo``: avx2, avx512_vnni, avx512_bf16, amx_bf16...);
-    empty where the OS does not list them."""
+def _cpuinfo(field: str) -> str | None:
+    """The first processor's ``field`` in ``/proc/cpuinfo``; None where the OS does not list it."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.partition(":")[2].split())
+                if line.startswith(field):
+                    return line.partition(":")[2].strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of the CPU (``/proc/cpuinfo``: avx2, avx512_vnni, avx512_bf16, amx_bf16...);
+    empty where the OS does not list them."""
+    return set((_cpuinfo("flags") or "").split())
 
 
 def cpu_model_name() -> str:
     """The CPU's model name (``/proc/cpuinfo``), or the platform's processor string where the OS does not list it."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
     import platform
 
-    return platform.processor() or platform.machine() or "unknown CPU"
+    return _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown CPU"
 
 
 def cpu_has_bf16() -> bool:
