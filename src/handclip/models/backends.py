@@ -218,6 +218,15 @@ def _check_agreement(backend: str, measured: dict, fingerprint: str) -> None:
             f"{AGREEMENT_GOAL[backend]}; use backend=torch (or onnx)")
 
 
+def _fingerprint(encoder: ImageEncoder, fingerprint: str | None) -> str:
+    """``fingerprint`` when the caller has it, else the encoder's (hashing its weights: once per load)."""
+    if fingerprint is not None:
+        return fingerprint
+    from handclip.models.fingerprint import encoder_fingerprint
+
+    return encoder_fingerprint(encoder)
+
+
 def make_embedder(encoder: ImageEncoder, backend: str = "torch", device: torch.device | str = "cpu",
                   fingerprint: str | None = None, cache_dir: str | Path | None = None) -> Embedder:
     """The embedder of ``backend`` (one of :data:`CHOICES`) for ``encoder`` on ``device``, its agreement checked."""
@@ -229,10 +238,7 @@ def make_embedder(encoder: ImageEncoder, backend: str = "torch", device: torch.d
         return TorchEmbedder(encoder, device)
     if device.type != "cpu":
         raise HandCLIPError(f"backend={backend} runs on the CPU; pass device=cpu (or backend=torch on {device})")
-    if fingerprint is None:
-        from handclip.models.fingerprint import encoder_fingerprint
-
-        fingerprint = encoder_fingerprint(encoder)
+    fingerprint = _fingerprint(encoder, fingerprint)
     if backend == "torch-bf16":
         if not cpu_has_bf16():
             raise HandCLIPError("backend=torch-bf16: this CPU has no native bf16 (avx512_bf16 or amx_bf16 flags); "
@@ -290,10 +296,7 @@ def _auto(encoder: ImageEncoder, device: torch.device, fingerprint: str | None, 
     """The fastest backend that meets its agreement, as measured here once (the choice kept, see the module)."""
     if device.type != "cpu":
         return TorchEmbedder(encoder, device)
-    if fingerprint is None:
-        from handclip.models.fingerprint import encoder_fingerprint
-
-        fingerprint = encoder_fingerprint(encoder)
+    fingerprint = _fingerprint(encoder, fingerprint)
     cache_dir = Path(cache_dir or default_cache_dir())
     machine = machine_key()
     folder = cache_dir / fingerprint
