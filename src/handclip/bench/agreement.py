@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from handclip.data.images import ImageLoader
 from handclip.errors import HandCLIPError
+from handclip.evaluation.embed import embed_batches
 from handclip.models.backends import available, make_embedder
 from handclip.models.checkpoint import load_encoder
 from handclip.models.fingerprint import encoder_fingerprint
@@ -49,9 +50,9 @@ def top1_margins(reference: torch.Tensor, queries: int) -> dict:
     return {"min": float(gap.min()), "p05": float(gap.quantile(0.05)), "median": float(gap.median())}
 
 
-@torch.inference_mode()
 def embed_all(embedder, crops: torch.Tensor, batch: int) -> torch.Tensor:
-    return torch.cat([embedder.embed(chunk) for chunk in crops.split(batch)])
+    """``crops`` embedded by ``embedder`` on the CPU through the project's one embedding loop."""
+    return torch.cat(embed_batches(embedder, crops.split(batch), torch.device("cpu")))
 
 
 def on_trained_model(ckpt: str | None, backends: list[str], demo: dict, cache: Path, batch: int, say: Say) -> dict:
